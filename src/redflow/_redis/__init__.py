@@ -1,0 +1,1 @@
+"""Redis access: a pipelined connection, a client with reconnects, and pub/sub."""

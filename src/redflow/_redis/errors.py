@@ -1,0 +1,23 @@
+"""Errors raised by the Redis connection layer."""
+
+from __future__ import annotations
+
+from ..errors import RedflowError
+
+
+class RedisError(RedflowError):
+    """The Redis server could not be reached or refused a command."""
+
+    kind = "redis"
+
+
+class ConnectionClosedError(RedisError, ConnectionError):
+    """The connection to the server is closed or could not be opened."""
+
+
+class ResponseError(RedisError):
+    """The server answered a command with an error reply."""
+
+
+class NoScriptError(ResponseError):
+    """EVALSHA named a script the server does not hold (it restarted or was flushed)."""

@@ -1,0 +1,116 @@
+"""Channel subscriptions over one dedicated connection, shared by every waiter of a process.
+
+A handler receives the message payload, or ``None`` after the connection was re-established: messages
+may have been missed while it was down, so the handler must re-read whatever state it waits on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .client import RedisClient
+from .connection import Connection
+from .errors import RedisError
+
+Handler = Callable[[bytes | None], None]
+
+log = logging.getLogger("redflow.pubsub")
+
+
+class Subscriber:
+    def __init__(self, client: RedisClient) -> None:
+        self._client = client
+        self._conn: Connection | None = None
+        self._connecting: asyncio.Task[Connection] | None = None
+        self._handlers: dict[bytes, set[Handler]] = {}
+        self._closed = False
+
+    async def subscribe(self, channel: bytes, handler: Handler) -> None:
+        """Register ``handler``; returns once the server confirmed the subscription."""
+        handlers = self._handlers.get(channel)
+        if handlers is not None:
+            handlers.add(handler)
+            return
+        self._handlers[channel] = {handler}
+        try:
+            conn = await self._connection()
+            await conn.execute("SUBSCRIBE", channel)
+        except BaseException:
+            self._discard(channel, handler)
+            raise
+
+    def unsubscribe(self, channel: bytes, handler: Handler) -> None:
+        if self._discard(channel, handler) and self._conn is not None and not self._conn.closed:
+            fut = self._conn.send(("UNSUBSCRIBE", channel))
+            fut.add_done_callback(_ignore_result)
+
+    def _discard(self, channel: bytes, handler: Handler) -> bool:
+        handlers = self._handlers.get(channel)
+        if handlers is None:
+            return False
+        handlers.discard(handler)
+        if handlers:
+            return False
+        del self._handlers[channel]
+        return True
+
+    async def _connection(self) -> Connection:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(
+                self._client.open_connection(on_push=self._on_push, on_lost=self._on_lost)
+            )
+        try:
+            self._conn = await asyncio.shield(self._connecting)
+        finally:
+            self._connecting = None
+        return self._conn
+
+    def _on_push(self, message: list[Any]) -> None:
+        channel, payload = message[-2], message[-1]
+        for handler in list(self._handlers.get(channel, ())):
+            handler(payload)
+
+    def _on_lost(self, conn: Connection) -> None:
+        if self._closed or conn is not self._conn:
+            return
+        self._conn = None
+        if self._handlers:
+            asyncio.get_running_loop().create_task(self._resubscribe())
+
+    async def _resubscribe(self) -> None:
+        delay = 0.05
+        while self._handlers and not self._closed:
+            try:
+                conn = await self._connection()
+                channels = list(self._handlers)
+                await asyncio.gather(*(conn.execute("SUBSCRIBE", ch) for ch in channels))
+            except RedisError as exc:
+                log.warning("pub/sub reconnect failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            for channel in channels:
+                for handler in list(self._handlers.get(channel, ())):
+                    handler(None)
+            return
+
+    async def close(self) -> None:
+        self._closed = True
+        self._handlers.clear()
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await self._connecting
+        if self._conn is not None:
+            self._conn.close()
+
+
+def _ignore_result(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()

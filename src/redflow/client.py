@@ -1,0 +1,357 @@
+"""The client: start runs, read their state, wait for results."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+from datetime import datetime
+from typing import Any
+
+from ._redis.client import RedisClient, ServerAddress
+from ._redis.pubsub import Subscriber
+from .durations import datetime_ms
+from .encoding import decode, encode_payload, max_payload_bytes
+from .errors import (
+    CanceledError,
+    ConfigurationError,
+    RunFailedError,
+    RunNotFoundError,
+    TimeoutError,
+    UnknownWorkflowError,
+)
+from .ids import new_run_id
+from .registry import WorkflowRegistry, get_default_registry
+from .storage.keys import DEFAULT_PARTITION, PartitionKeys
+from .storage.records import RunHeader
+from .storage.store import Store
+from .types import IDEMPOTENCY_TTL_SEC, TERMINAL_STATUSES, RunState, StepState
+from .workflow import WorkflowDefinition
+
+DEFAULT_URL = "redis://localhost:6379"
+DEFAULT_PREFIX = "redflow:v1"
+DEFAULT_RETENTION_DAYS = 30.0
+DEFAULT_RESULT_TIMEOUT_MS = 30_000
+
+
+def default_prefix() -> str:
+    return os.environ.get("REDFLOW_PREFIX") or DEFAULT_PREFIX
+
+
+def retention_ms_from_env() -> int:
+    raw = os.environ.get("REDFLOW_RUN_RETENTION_DAYS")
+    if not raw:
+        return int(DEFAULT_RETENTION_DAYS * 86_400_000)
+    try:
+        days = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"REDFLOW_RUN_RETENTION_DAYS must be a number of days, got {raw!r}") from None
+    if days <= 0:
+        raise ConfigurationError(f"REDFLOW_RUN_RETENTION_DAYS must be positive, got {raw!r}")
+    return int(days * 86_400_000)
+
+
+class RunHandle:
+    """A started run: its ``id``, its state, and its result once it ends."""
+
+    __slots__ = ("_client", "id")
+
+    def __init__(self, client: RedflowClient, run_id: str) -> None:
+        self._client = client
+        self.id = run_id
+
+    async def get_state(self) -> RunState | None:
+        return await self._client.get_run(self.id)
+
+    async def result(self, *, timeout_ms: int = DEFAULT_RESULT_TIMEOUT_MS) -> Any:
+        """The run's output; raises RunFailedError, CanceledError or TimeoutError."""
+        return await self._client.wait_for_result(self.id, timeout_ms=timeout_ms)
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.id!r})"
+
+
+class RedflowClient:
+    """Access to one redflow deployment (a Redis server and a key prefix)."""
+
+    def __init__(
+        self,
+        redis: RedisClient,
+        prefix: str = DEFAULT_PREFIX,
+        app: str | None = None,
+        run_history_retention_ms: int | None = None,
+        registry: WorkflowRegistry | None = None,
+    ) -> None:
+        self.redis = redis
+        self.app = app or ""
+        self.keys = PartitionKeys(prefix, DEFAULT_PARTITION)
+        self.store = Store(redis, self.keys)
+        self.registry = registry
+        self.retention_ms = run_history_retention_ms or retention_ms_from_env()
+        self.max_payload_bytes = max_payload_bytes()
+        self._subscriber: Subscriber | None = None
+        self._remote_meta: dict[str, dict[str, Any]] = {}
+
+    @property
+    def prefix(self) -> str:
+        return self.keys.prefix
+
+    def _registry(self) -> WorkflowRegistry:
+        return self.registry if self.registry is not None else get_default_registry()
+
+    # --- starting runs ----------------------------------------------------------------------------
+    async def enqueue_definition(
+        self,
+        definition: WorkflowDefinition[Any],
+        input: Any,
+        *,
+        idempotency_key: str | None = None,
+        idempotency_ttl: int | None = None,
+        run_at: datetime | None = None,
+        queue_override: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> RunHandle:
+        return await self._enqueue(
+            definition.name,
+            queue_override or definition.options.queue,
+            definition.max_attempts,
+            input,
+            idempotency_key=idempotency_key,
+            idempotency_ttl=idempotency_ttl,
+            run_at=run_at,
+            parent_run_id=parent_run_id,
+        )
+
+    async def run_by_name(
+        self,
+        workflow_name: str,
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        idempotency_ttl: int | None = None,
+        run_at: datetime | None = None,
+        queue_override: str | None = None,
+        max_attempts_override: int | None = None,
+        parent_run_id: str | None = None,
+    ) -> RunHandle:
+        """Start a run of a workflow known by name, locally or from a worker's registration."""
+        definition = self._registry().get(workflow_name)
+        if definition is not None:
+            queue, max_attempts = definition.options.queue, definition.max_attempts
+        else:
+            meta = await self._workflow_meta(workflow_name)
+            if meta is None:
+                if queue_override is None:
+                    raise UnknownWorkflowError(workflow_name)
+                meta = {}
+            queue, max_attempts = meta.get("queue", "default"), int(meta.get("max_attempts", 3))
+        return await self._enqueue(
+            workflow_name,
+            queue_override or queue,
+            max_attempts_override or max_attempts,
+            input,
+            idempotency_key=idempotency_key,
+            idempotency_ttl=idempotency_ttl,
+            run_at=run_at,
+            parent_run_id=parent_run_id,
+        )
+
+    async def emit_workflow(
+        self,
+        workflow_name: str,
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        idempotency_ttl: int | None = None,
+        run_at: datetime | None = None,
+        parent_run_id: str | None = None,
+    ) -> RunHandle:
+        """Start a run by workflow name (``run_by_name`` without overrides)."""
+        return await self.run_by_name(
+            workflow_name,
+            input,
+            idempotency_key=idempotency_key,
+            idempotency_ttl=idempotency_ttl,
+            run_at=run_at,
+            parent_run_id=parent_run_id,
+        )
+
+    async def _workflow_meta(self, name: str) -> dict[str, Any] | None:
+        meta = self._remote_meta.get(name)
+        if meta is None:
+            await self.store.ensure_ready()
+            raw = await self.store.read_workflow(name)
+            if raw is None:
+                return None
+            meta = decode(raw)
+            self._remote_meta[name] = meta
+        return meta
+
+    async def _enqueue(
+        self,
+        workflow: str,
+        queue: str,
+        max_attempts: int,
+        input: Any,
+        *,
+        idempotency_key: str | None,
+        idempotency_ttl: int | None,
+        run_at: datetime | None,
+        parent_run_id: str | None,
+    ) -> RunHandle:
+        what = f"input of workflow {workflow!r}"
+        data = encode_payload(input, what, self.max_payload_bytes)
+        run_at_ms = 0
+        if run_at is not None:
+            if not isinstance(run_at, datetime):
+                raise ConfigurationError(f"run_at for workflow {workflow!r} must be a datetime, got {run_at!r}")
+            run_at_ms = datetime_ms(run_at)
+        if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key):
+            raise ConfigurationError(
+                f"idempotency_key for workflow {workflow!r} must be a non-empty string, got {idempotency_key!r}"
+            )
+        ttl = IDEMPOTENCY_TTL_SEC if idempotency_ttl is None else int(idempotency_ttl)
+        if idempotency_key is not None and ttl <= 0:
+            raise ConfigurationError(f"idempotency_ttl for workflow {workflow!r} must be positive, got {ttl}")
+        await self.store.ensure_ready()
+        run_id = new_run_id(self.keys.partition)
+        _, bound_id, _ = await self.store.enqueue(
+            run_id, workflow, queue, data, max_attempts, run_at_ms, idempotency_key, ttl, parent_run_id
+        )
+        return RunHandle(self, bound_id)
+
+    # --- reading ------------------------------------------------------------------------------------
+    def make_run_handle(self, run_id: str) -> RunHandle:
+        return RunHandle(self, run_id)
+
+    async def get_run(self, run_id: str) -> RunState | None:
+        await self.store.ensure_ready()
+        found = await self.store.read_run(run_id)
+        if found is None:
+            return None
+        header, inp, out, err = found
+        return run_state(run_id, header, inp, out, err)
+
+    async def get_run_steps(self, run_id: str) -> list[StepState]:
+        await self.store.ensure_ready()
+        return [
+            StepState(
+                name=r.n,
+                seq=r.q,
+                attempt=r.a,
+                status="succeeded",
+                started_at=r.t0,
+                finished_at=r.t1,
+                output=decode(r.o),
+            )
+            for r in await self.store.read_steps(run_id)
+        ]
+
+    async def wait_for_result(self, run_id: str, *, timeout_ms: int = DEFAULT_RESULT_TIMEOUT_MS) -> Any:
+        """Wait until the run ends; woken by the run's completion message, never by polling."""
+        await self.store.ensure_ready()
+        if self._subscriber is None:
+            self._subscriber = Subscriber(self.redis)
+        subscriber = self._subscriber
+        channel = self.keys.done_channel(run_id)
+        changed = asyncio.Event()
+
+        def on_message(_payload: bytes | None) -> None:
+            changed.set()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_ms / 1000
+        await subscriber.subscribe(channel, on_message)
+        try:
+            while True:
+                changed.clear()
+                outcome = await self.store.read_outcome(run_id)
+                if outcome is None:
+                    raise RunNotFoundError(f"run {run_id} not found (never created, or removed by retention)")
+                status, out, err = outcome
+                if status in TERMINAL_STATUSES:
+                    return _result_of(run_id, status, out, err)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TimeoutError(f"run {run_id} did not finish within {timeout_ms} ms (status {status})")
+                try:
+                    async with asyncio.timeout(remaining):
+                        await changed.wait()
+                except builtins.TimeoutError:
+                    continue
+        finally:
+            subscriber.unsubscribe(channel, on_message)
+
+    async def close(self) -> None:
+        if self._subscriber is not None:
+            await self._subscriber.close()
+        await self.redis.close()
+
+
+def _result_of(run_id: str, status: str, out: bytes | None, err: bytes | None) -> Any:
+    if status == "succeeded":
+        return None if out is None else decode(out)
+    error = decode(err) if err else {"name": "Error", "message": "unknown error", "kind": "error"}
+    if status == "canceled":
+        raise CanceledError(f"Run canceled: run {run_id}: {error.get('message', '')}")
+    raise RunFailedError(run_id, error)
+
+
+def run_state(
+    run_id: str, h: RunHeader, inp: bytes | None, out: bytes | None, err: bytes | None
+) -> RunState:
+    return RunState(
+        id=run_id,
+        workflow=h.w,
+        queue=h.q,
+        status=h.s,  # type: ignore[typeddict-item]
+        input=None if inp is None else decode(inp),
+        output=None if out is None else decode(out),
+        error=None if err is None else decode(err),
+        attempt=h.a,
+        max_attempts=h.m,
+        created_at=h.c,
+        available_at=h.av,
+        started_at=h.sa,
+        finished_at=h.f,
+        parent_run_id=h.p,
+    )
+
+
+def create_client(
+    *,
+    app: str | None = None,
+    redis: Any = None,
+    url: str | None = None,
+    prefix: str | None = None,
+) -> RedflowClient:
+    """A client for ``url`` (else ``REDIS_URL``, else redis://localhost:6379) and ``prefix``.
+
+    ``redis`` may be a redis-py client: redflow reads its address and credentials and opens its own
+    pipelined connections. Never starts a server.
+    """
+    if redis is not None:
+        address = ServerAddress.from_redis_py(redis) if not isinstance(redis, RedisClient) else redis.address
+    else:
+        address = ServerAddress.from_url(url or os.environ.get("REDIS_URL") or DEFAULT_URL)
+    return RedflowClient(
+        RedisClient(address),
+        prefix=prefix or default_prefix(),
+        app=app or os.environ.get("REDFLOW_APP"),
+    )
+
+
+_default_client: RedflowClient | None = None
+
+
+def get_default_client() -> RedflowClient:
+    """The process-wide client; created from the environment on first use."""
+    global _default_client
+    if _default_client is None:
+        _default_client = create_client()
+    return _default_client
+
+
+def set_default_client(client: RedflowClient | None) -> None:
+    global _default_client
+    _default_client = client

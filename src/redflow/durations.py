@@ -1,0 +1,50 @@
+"""Durations and points in time given as milliseconds, duration strings or datetimes."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime
+from typing import Any
+
+from .errors import ConfigurationError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def duration_ms(value: Any, what: str) -> int:
+    """Milliseconds from an int/float of ms or a string like "500ms", "30s", "5m", "2h", "1d"."""
+    if isinstance(value, bool):
+        raise ConfigurationError(f"{what}: expected milliseconds or a duration string, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0 or value != value:
+            raise ConfigurationError(f"{what}: a duration must be a non-negative number, got {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return int(float(match.group(1)) * _UNIT_MS[match.group(2)])
+    raise ConfigurationError(
+        f"{what}: expected milliseconds or a duration string such as '500ms', '30s', '5m', '2h' or "
+        f"'1d', got {value!r}"
+    )
+
+
+def datetime_ms(value: datetime) -> int:
+    """Epoch ms of a datetime; a naive datetime is taken as local time."""
+    return int(value.timestamp() * 1000)
+
+
+def target_ms(value: Any, what: str) -> int:
+    """An absolute point in epoch ms: a datetime, or a duration from now."""
+    if isinstance(value, datetime):
+        return datetime_ms(value)
+    return int(time.time() * 1000) + duration_ms(value, what)
+
+
+def delay_ms(value: Any, what: str) -> int:
+    """A relative delay in ms: a duration, or the time left until a datetime (never negative)."""
+    if isinstance(value, datetime):
+        return max(0, datetime_ms(value) - int(time.time() * 1000))
+    return duration_ms(value, what)

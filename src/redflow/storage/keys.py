@@ -1,0 +1,112 @@
+"""Every Redis key and channel name redflow uses is built here, and nowhere else.
+
+Layout: ``<prefix>:{<partition>}:<name>``. The braces make the partition the hash tag, so all keys of
+one partition live in one cluster slot and any script may touch any of them. Run ids end with their
+partition (``<ulid>-<partition>``), so a run's keys are found from its id alone. Today there is one
+partition, ``p0``.
+
+Per-run data lives in partition-wide hashes keyed by run id (``runs``, ``inputs`` …) rather than in
+one key per run: scripts then only touch keys named in KEYS, never keys derived from ids.
+
+Key (type) — contents — lifetime:
+  version (string)        storage layout version                          permanent
+  runs (hash)             run id -> run header (JSON)                     until retention
+  inputs (hash)           run id -> input JSON                            until retention
+  results (hash)          run id -> output JSON (succeeded)               until retention
+  errors (hash)           run id -> last error JSON                       until retention
+  steps (hash)            run id -> step records, one JSON per line       until retention
+  leases (hash)           run id -> fencing token of the current attempt  while running
+  index (zset, lex)       s:<status>:<id>, w:<wf>:<id>, ws:<wf>:<status>:<id>  until retention
+  expiry (zset)           run id -> retention deadline (ms)               until retention
+  workflows (hash)        workflow name -> metadata JSON                  permanent
+  workers (zset)          worker id -> liveness deadline (ms)             until reaped
+  owned:<wid> (set)       runs a worker holds (running, or failure hook)  until reaped
+  leader (string)         "<wid>:<epoch>" of the elected leader           PX leader lease
+  epoch, seq (string)     leader-epoch and fencing-token counters         permanent
+  q:<queue>:ready (list)  runs to claim: LPUSH to enqueue, RPOP to claim  drained by workers
+  q:<queue>:sched (zset)  run id -> due time (ms)                         until due
+  q:<queue>:bell (list)   at most one token: wakes a worker blocked on it  popped by workers
+  idem:<wf>:<key> (str)   run id for an idempotency key                   EX idempotency TTL
+Channels: done:<run id> (a run reached a terminal status; payload = status).
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigurationError
+
+STORAGE_VERSION = "redflow-storage-2"
+DEFAULT_PARTITION = "p0"
+
+# Keys the 0.1.x reference layout creates at the top of its prefix; finding one means another layout.
+FOREIGN_LAYOUT_MARKERS = ("workflows", "runs:created", "cron:next", "events:names", "cron:def")
+
+
+def validate_prefix(prefix: str) -> str:
+    if not prefix:
+        raise ConfigurationError("the key prefix must not be empty")
+    if "{" in prefix or "}" in prefix:
+        raise ConfigurationError(
+            f"the key prefix {prefix!r} must not contain '{{' or '}}': redflow adds its own hash tags"
+        )
+    return prefix
+
+
+def partition_of(run_id: str) -> str:
+    """The partition a run id names (the part after the last '-')."""
+    _, sep, part = run_id.rpartition("-")
+    if not sep or not part:
+        raise ValueError(f"malformed run id {run_id!r}")
+    return part
+
+
+class PartitionKeys:
+    """Key names of one partition under one prefix, computed once."""
+
+    __slots__ = (
+        "base", "epoch", "errors", "expiry", "index", "inputs", "leader", "leases", "partition",
+        "prefix", "results", "runs", "seq", "steps", "version", "workers", "workflows",
+    )
+
+    def __init__(self, prefix: str, partition: str = DEFAULT_PARTITION) -> None:
+        self.prefix = validate_prefix(prefix)
+        self.partition = partition
+        base = f"{prefix}:{{{partition}}}"
+        self.base = base
+        self.version = f"{base}:version"
+        self.runs = f"{base}:runs"
+        self.inputs = f"{base}:inputs"
+        self.results = f"{base}:results"
+        self.errors = f"{base}:errors"
+        self.steps = f"{base}:steps"
+        self.leases = f"{base}:leases"
+        self.index = f"{base}:index"
+        self.expiry = f"{base}:expiry"
+        self.workflows = f"{base}:workflows"
+        self.workers = f"{base}:workers"
+        self.leader = f"{base}:leader"
+        self.epoch = f"{base}:epoch"
+        self.seq = f"{base}:seq"
+
+    def owned(self, worker_id: str) -> str:
+        return f"{self.base}:owned:{worker_id}"
+
+    def ready(self, queue: str) -> str:
+        return f"{self.base}:q:{queue}:ready"
+
+    def scheduled(self, queue: str) -> str:
+        return f"{self.base}:q:{queue}:sched"
+
+    def bell(self, queue: str) -> str:
+        return f"{self.base}:q:{queue}:bell"
+
+    def idempotency(self, workflow: str, key: str) -> str:
+        return f"{self.base}:idem:{len(workflow)}:{workflow}:{key}"
+
+    def done_channel(self, run_id: str) -> bytes:
+        return f"{self.base}:done:{run_id}".encode()
+
+    def done_channel_prefix(self) -> str:
+        return f"{self.base}:done:"
+
+    def foreign_markers(self) -> list[str]:
+        return [f"{self.prefix}:{name}" for name in FOREIGN_LAYOUT_MARKERS]

@@ -1,0 +1,98 @@
+-- claim: promote due scheduled runs, then hand up to ARGV[2] runs of the worker's queues to
+-- worker ARGV[1], each under a new fencing token. A queued run starts a new attempt unless it was
+-- handed back or recovered (h.rc); a failed run with a pending hook (h.h) is claimed to run on_failure.
+-- KEYS[1] runs
+-- KEYS[2] inputs
+-- KEYS[3] steps
+-- KEYS[4] errors
+-- KEYS[5] leases
+-- KEYS[6] index
+-- KEYS[7] workers
+-- KEYS[8] seq
+-- KEYS[9] owned        owned:<worker id>
+-- KEYS[10..] ready, scheduled, bell of each queue, in that order (3 keys per queue)
+-- ARGV[1] worker id
+-- ARGV[2] max runs to claim
+-- ARGV[3] max scheduled runs to promote per queue
+-- RETURNS {C.STALE_WORKER} when the worker's liveness lease lapsed
+--       | {C.OK, ms until the next scheduled run (-1: none), then 7 fields per run:
+--          id, kind ('run'|'hook'), token, header JSON, input JSON, steps, error JSON or ''}
+--!include common
+
+local now = now_ms()
+local alive = redis.call('ZSCORE', KEYS[7], ARGV[1])
+if not alive or tonumber(alive) < now then
+  return {C.STALE_WORKER}
+end
+
+local want = tonumber(ARGV[2])
+local promote = tonumber(ARGV[3])
+local out = {C.OK, -1}
+local next_due = nil
+local got = 0
+
+for k = 10, #KEYS, 3 do
+  local ready, sched, bell = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, promote)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', sched, id)
+    local raw = redis.call('HGET', KEYS[1], id)
+    if raw then
+      local h = cjson.decode(raw)
+      if h.s == 'scheduled' then
+        set_status(KEYS[6], id, h, 'queued')
+        redis.call('HSET', KEYS[1], id, cjson.encode(h))
+        redis.call('RPUSH', ready, id)
+      end
+    end
+  end
+  while got < want do
+    local id = redis.call('RPOP', ready)
+    if not id then break end
+    local raw = redis.call('HGET', KEYS[1], id)
+    if raw then
+      local h = cjson.decode(raw)
+      local kind = nil
+      if h.s == 'queued' then
+        kind = 'run'
+        if h.rc then
+          h.rc = nil
+        else
+          h.a = h.a + 1
+          h.x = nil
+        end
+        h.st = now
+        if not h.sa then h.sa = now end
+        set_status(KEYS[6], id, h, 'running')
+      elseif h.s == 'failed' and h.h then
+        kind = 'hook'
+      end
+      if kind then
+        local token = redis.call('INCR', KEYS[8])
+        h.o = ARGV[1]
+        local encoded = cjson.encode(h)
+        redis.call('HSET', KEYS[1], id, encoded)
+        redis.call('HSET', KEYS[5], id, token)
+        redis.call('SADD', KEYS[9], id)
+        out[#out + 1] = id
+        out[#out + 1] = kind
+        out[#out + 1] = token
+        out[#out + 1] = encoded
+        out[#out + 1] = redis.call('HGET', KEYS[2], id) or 'null'
+        out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
+        out[#out + 1] = redis.call('HGET', KEYS[4], id) or ''
+        got = got + 1
+      end
+    end
+  end
+  if redis.call('LLEN', ready) > 0 then ring(bell) end
+  local head = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
+  if head[2] then
+    local at = tonumber(head[2])
+    if not next_due or at < next_due then next_due = at end
+  end
+end
+if next_due then
+  out[2] = math.max(0, next_due - now)
+end
+return out

@@ -1,0 +1,240 @@
+"""Typed wrappers of the Lua transitions and the reads: the only place that orders KEYS and ARGV."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from .._redis.client import RedisClient
+from ..errors import StorageLayoutError
+from .codes import Code
+from .keys import STORAGE_VERSION, PartitionKeys
+from .records import ClaimedRun, RunHeader, StepRecord, decode_header, decode_steps, parse_claim
+from .scripts import ScriptRunner
+
+log = logging.getLogger("redflow.storage")
+
+
+class Store:
+    def __init__(self, redis: RedisClient, keys: PartitionKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = ScriptRunner(redis)
+        self._ready: asyncio.Future[None] | None = None
+
+    async def ensure_ready(self) -> None:
+        """Check the storage layout and load the scripts, once per store."""
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self._prepare())
+        try:
+            await asyncio.shield(self._ready)
+        except BaseException:
+            self._ready = None
+            raise
+
+    async def _prepare(self) -> None:
+        k = self.keys
+        version, foreign = await asyncio.gather(
+            self.redis.execute("GET", k.version),
+            self.redis.execute("EXISTS", *k.foreign_markers()),
+        )
+        if version is None:
+            if foreign:
+                raise StorageLayoutError(
+                    f"the key prefix {k.prefix!r} holds data of another storage layout (for example "
+                    "from redflow 0.1.x); use another prefix (REDFLOW_PREFIX) or remove that data"
+                )
+            await self.redis.execute("SET", k.version, STORAGE_VERSION, "NX")
+            version = await self.redis.execute("GET", k.version)
+        if version.decode() != STORAGE_VERSION:
+            raise StorageLayoutError(
+                f"the key prefix {k.prefix!r} holds storage layout {version.decode()!r}; this version "
+                f"of redflow uses {STORAGE_VERSION!r}. Use another prefix or migrate the data"
+            )
+        await self.scripts.load_all()
+
+    # --- runs ------------------------------------------------------------------------------------
+    async def enqueue(
+        self,
+        run_id: str,
+        workflow: str,
+        queue: str,
+        input_json: bytes,
+        max_attempts: int,
+        run_at_ms: int,
+        idempotency_key: str | None,
+        idempotency_ttl_s: int,
+        parent_run_id: str | None,
+    ) -> tuple[Code, str, str]:
+        k = self.keys
+        keys = [k.runs, k.inputs, k.index, k.ready(queue), k.scheduled(queue), k.bell(queue)]
+        ttl = 0
+        if idempotency_key is not None:
+            keys.append(k.idempotency(workflow, idempotency_key))
+            ttl = idempotency_ttl_s
+        reply = await self.scripts.call(
+            "enqueue",
+            keys,
+            (run_id, workflow, queue, input_json, max_attempts, run_at_ms, ttl, parent_run_id or ""),
+        )
+        return Code(reply[0]), reply[1].decode(), reply[2].decode()
+
+    async def claim(
+        self, worker_id: str, queues: Sequence[str], max_runs: int, promote: int
+    ) -> tuple[Code, int, list[ClaimedRun]]:
+        k = self.keys
+        keys = [k.runs, k.inputs, k.steps, k.errors, k.leases, k.index, k.workers, k.seq, k.owned(worker_id)]
+        for queue in queues:
+            keys += (k.ready(queue), k.scheduled(queue), k.bell(queue))
+        reply = await self.scripts.call("claim", keys, (worker_id, max_runs, promote))
+        code = Code(reply[0])
+        if code is not Code.OK:
+            return code, -1, []
+        next_due, runs = parse_claim(reply)
+        return code, next_due, runs
+
+    async def record_step(self, run_id: str, token: bytes, line: bytes) -> Code:
+        k = self.keys
+        return Code(await self.scripts.call("step", (k.leases, k.steps), (run_id, token, line)))
+
+    async def finish(
+        self, run_id: str, token: bytes, worker_id: str, status: str, payload: bytes, hook: bool,
+        retention_ms: int,
+    ) -> Code:
+        k = self.keys
+        return Code(
+            await self.scripts.call(
+                "finish",
+                (k.runs, k.leases, k.results, k.errors, k.index, k.expiry, k.owned(worker_id)),
+                (run_id, token, status, payload, 1 if hook else 0, retention_ms, k.done_channel(run_id)),
+            )
+        )
+
+    async def hook_done(self, run_id: str, token: bytes, worker_id: str) -> Code:
+        k = self.keys
+        return Code(await self.scripts.call("hook_done", (k.runs, k.leases, k.owned(worker_id)), (run_id, token)))
+
+    async def retry(
+        self, run_id: str, token: bytes, worker_id: str, queue: str, delay_ms: int, error: bytes,
+        keep_attempt: bool = False,
+    ) -> Code:
+        k = self.keys
+        return Code(
+            await self.scripts.call(
+                "retry",
+                (k.runs, k.leases, k.errors, k.index, k.owned(worker_id), k.scheduled(queue), k.bell(queue)),
+                (run_id, token, delay_ms, error, 1 if keep_attempt else 0),
+            )
+        )
+
+    async def release(self, run_id: str, token: bytes, worker_id: str, queue: str) -> Code:
+        k = self.keys
+        return Code(
+            await self.scripts.call(
+                "release",
+                (k.runs, k.leases, k.index, k.owned(worker_id), k.ready(queue), k.bell(queue)),
+                (run_id, token),
+            )
+        )
+
+    # --- workers and leadership ---------------------------------------------------------------------
+    async def heartbeat(
+        self, worker_id: str, lease_ms: int, leader_lease_ms: int, stand: bool
+    ) -> tuple[int, str, int]:
+        """(state, leader value or '', number of workers whose lease lapsed)."""
+        k = self.keys
+        reply = await self.scripts.call(
+            "heartbeat", (k.workers, k.leader, k.epoch), (worker_id, lease_ms, leader_lease_ms, 1 if stand else 0)
+        )
+        return int(reply[1]), reply[2].decode(), int(reply[3])
+
+    async def resign(self, worker_id: str) -> None:
+        k = self.keys
+        await self.scripts.call("resign", (k.workers, k.leader, k.owned(worker_id)), (worker_id,))
+
+    async def lapsed_workers(self, limit: int) -> list[str]:
+        k = self.keys
+        time_reply = await self.redis.execute("TIME")
+        now_ms = int(time_reply[0]) * 1000 + int(time_reply[1]) // 1000
+        ids = await self.redis.execute("ZRANGEBYSCORE", k.workers, "-inf", f"({now_ms}", "LIMIT", 0, limit)
+        return [i.decode() for i in ids]
+
+    async def reap(
+        self, leader: str, worker_id: str, max_lapses: int, retention_ms: int, batch: int
+    ) -> tuple[Code, int, int, int]:
+        """Take back the runs of a lapsed worker: (code, taken back, failed as crashed, left)."""
+        k = self.keys
+        owned_key = k.owned(worker_id)
+        ids = await self.redis.execute("SRANDMEMBER", owned_key, batch)
+        queues: list[str] = []
+        if ids:
+            headers = await self.redis.execute("HMGET", k.runs, *ids)
+            queues = sorted({decode_header(h).q for h in headers if h is not None})
+        keys = [k.workers, k.leader, k.runs, k.leases, k.index, k.errors, k.expiry, owned_key]
+        for queue in queues:
+            keys += (k.ready(queue), k.bell(queue))
+        reply = await self.scripts.call(
+            "reap",
+            keys,
+            (leader, worker_id, max_lapses, retention_ms, k.done_channel_prefix(), batch, *queues),
+        )
+        code = Code(reply[0])
+        if code is not Code.OK:
+            return code, 0, 0, 0
+        return code, int(reply[1]), int(reply[2]), int(reply[3])
+
+    async def cleanup(self, limit: int, cutoff_ms: int = 0) -> int:
+        k = self.keys
+        reply = await self.scripts.call(
+            "cleanup",
+            (k.runs, k.inputs, k.results, k.errors, k.steps, k.leases, k.index, k.expiry),
+            (limit, cutoff_ms),
+        )
+        return int(reply[1])
+
+    # --- reads ---------------------------------------------------------------------------------------
+    async def read_header(self, run_id: str) -> RunHeader | None:
+        raw = await self.redis.execute("HGET", self.keys.runs, run_id)
+        return None if raw is None else decode_header(raw)
+
+    async def read_run(self, run_id: str) -> tuple[RunHeader, bytes | None, bytes | None, bytes | None] | None:
+        """(header, input, output, error) of a run, read in one pipelined batch."""
+        k = self.keys
+        raw, inp, out, err = await asyncio.gather(
+            self.redis.execute("HGET", k.runs, run_id),
+            self.redis.execute("HGET", k.inputs, run_id),
+            self.redis.execute("HGET", k.results, run_id),
+            self.redis.execute("HGET", k.errors, run_id),
+        )
+        if raw is None:
+            return None
+        return decode_header(raw), inp, out, err
+
+    async def read_steps(self, run_id: str) -> list[StepRecord]:
+        raw = await self.redis.execute("HGET", self.keys.steps, run_id)
+        return decode_steps(raw or b"")
+
+    async def read_outcome(self, run_id: str) -> tuple[str, bytes | None, bytes | None] | None:
+        """(status, output, error) of a run."""
+        k = self.keys
+        raw, out, err = await asyncio.gather(
+            self.redis.execute("HGET", k.runs, run_id),
+            self.redis.execute("HGET", k.results, run_id),
+            self.redis.execute("HGET", k.errors, run_id),
+        )
+        if raw is None:
+            return None
+        return decode_header(raw).s, out, err
+
+    async def write_workflows(self, metas: dict[str, bytes]) -> None:
+        if metas:
+            flat: list[Any] = []
+            for name, meta in metas.items():
+                flat += (name, meta)
+            await self.redis.execute("HSET", self.keys.workflows, *flat)
+
+    async def read_workflow(self, name: str) -> bytes | None:
+        result: bytes | None = await self.redis.execute("HGET", self.keys.workflows, name)
+        return result

@@ -1,0 +1,170 @@
+"""Public value types: options, policies, contexts and the records queries return."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar
+
+if TYPE_CHECKING:
+    from .registry import WorkflowRegistry
+    from .step import StepApi
+
+RunStatus = Literal["scheduled", "queued", "running", "succeeded", "failed", "canceled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+
+DEFAULT_MAX_ATTEMPTS = 3
+IDEMPOTENCY_TTL_SEC = 7 * 24 * 3600
+
+InputT = TypeVar("InputT")
+
+
+def is_terminal_status(status: str | None) -> bool:
+    return status in TERMINAL_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class RunContext:
+    """What a handler, hook or policy knows about its run."""
+
+    id: str
+    workflow: str
+    queue: str
+    attempt: int
+    max_attempts: int
+
+
+@dataclass(slots=True)
+class WorkflowHandlerContext(Generic[InputT]):
+    """The single argument of a workflow handler."""
+
+    input: InputT
+    run: RunContext
+    signal: asyncio.Event
+    step: StepApi
+
+
+@dataclass(frozen=True, slots=True)
+class OnFailureContext:
+    error: BaseException
+    input: Any
+    run: RunContext
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicyRunContext:
+    id: str
+    workflow: str
+    queue: str
+    attempt: int
+    max_attempts: int
+    next_attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicyContext:
+    error: BaseException
+    input: Any
+    run: RetryPolicyRunContext
+
+
+DelayValue = int | float | str
+RetryDelay = DelayValue | Callable[[RetryPolicyContext], DelayValue | Awaitable[DelayValue]]
+ShouldRetry = Callable[[RetryPolicyContext], bool | Awaitable[bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowRetryPolicy:
+    """How failed attempts are retried. ``max_attempts`` counts the first attempt."""
+
+    max_attempts: int | None = None
+    delay: RetryDelay | None = None
+    should_retry: ShouldRetry | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CronTrigger:
+    expression: str
+    timezone: str | None = None
+    input: Any = None
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventTrigger:
+    name: str
+    id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDebounceOptions:
+    key: Callable[[Any], str]
+    period: int | str
+    timeout: int | str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowRateLimitOptions:
+    key: Callable[[Any], str]
+    limit: int
+    period: int | str
+
+
+class ReceivedEvent(TypedDict):
+    id: str
+    name: str
+    data: Any
+    ts: int
+
+
+class RunState(TypedDict, total=False):
+    id: str
+    workflow: str
+    queue: str
+    status: RunStatus
+    input: Any
+    output: Any
+    error: dict[str, Any] | None
+    attempt: int
+    max_attempts: int
+    created_at: int
+    available_at: int | None
+    started_at: int | None
+    finished_at: int | None
+    parent_run_id: str | None
+
+
+class StepState(TypedDict, total=False):
+    name: str
+    seq: int
+    attempt: int
+    status: str
+    started_at: int
+    finished_at: int
+    output: Any
+
+
+@dataclass(slots=True)
+class StartWorkerOptions:
+    """Options of :func:`redflow.start_worker`. Times carry their unit in the name."""
+
+    app: str = ""
+    redis: Any = None
+    url: str | None = None
+    prefix: str | None = None
+    registry: WorkflowRegistry | None = None
+    queues: list[str] | None = None
+    concurrency: int = 1
+    lease_ms: int = 5000
+    blmove_timeout_sec: float = 5.0
+    reaper_interval_ms: int | None = None
+    reaper_batch_size: int = 100
+    watchdog_enabled: bool = True
+    watchdog_interval_ms: int | None = None
+    watchdog_stalled_for_ms: int = 15000
+    run_history_cleanup_interval_ms: int = 60000
+    registry_recovery_interval_ms: int | None = None
+    grace_period_ms: int = 10000
+    max_recoveries: int = 3
+    claim_batch_size: int = 64

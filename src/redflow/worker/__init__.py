@@ -1,0 +1,1 @@
+"""Worker process internals: claim loop, executor, settings."""

@@ -1,0 +1,271 @@
+"""The worker: claims runs in batches, executes them concurrently, keeps its liveness lease.
+
+One claim loop per worker blocks on the queues' bell lists when there is nothing to do (no polling);
+one heartbeat per interval renews the lease that covers every run the worker holds, and elects the
+leader. A worker that cannot renew in time cancels its local runs before the lease lapses, because
+after that the reaper may hand them to another worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+
+from .._redis.client import RedisClient
+from .._redis.connection import Connection
+from .._redis.errors import RedisError
+from ..client import RedflowClient, create_client
+from ..encoding import encode
+from ..registry import WorkflowRegistry, get_default_registry
+from ..storage.codes import Code
+from ..types import StartWorkerOptions
+from .executor import Execution, execute
+from .options import WorkerSettings, resolve_settings
+
+log = logging.getLogger("redflow.worker")
+
+
+class Worker:
+    def __init__(self, client: RedflowClient, registry: WorkflowRegistry, settings: WorkerSettings) -> None:
+        self.client = client
+        self.store = client.store
+        self.registry = registry
+        self.settings = settings
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.retention_ms = client.retention_ms
+        self.max_payload_bytes = client.max_payload_bytes
+        self.queues = settings.queues
+        self.active: dict[str, Execution] = {}
+        self.is_leader = False
+        self.leader_value = ""
+        self._stopping = False
+        self._slot_freed = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._block_conn: Connection | None = None
+        self._last_renewal = 0.0
+        self._registered = False
+        self._to_release: list[Execution] = []
+        self._leader: Any = None
+        self.stopped = asyncio.Event()
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        from ..leader.duties import LeaderDuties
+
+        await self.store.ensure_ready()
+        await self._warn_on_eviction()
+        metas = {d.name: encode({**d.meta(), "app": self.client.app}) for d in self.registry.definitions()}
+        await self.store.write_workflows(metas)
+        await self._heartbeat_once()
+        self._leader = LeaderDuties(self)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._claim_loop(), name=f"redflow-claim:{self.id}"),
+            loop.create_task(self._heartbeat_loop(), name=f"redflow-heartbeat:{self.id}"),
+        ]
+        log.info("worker %s started on queues %s (concurrency %d)", self.id, self.queues, self.settings.concurrency)
+
+    async def stop(self, grace_period_ms: int | None = None) -> None:
+        """Stop claiming, let runs in flight finish within the grace period, hand back the rest."""
+        if self._stopping:
+            await self.stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.grace_period_ms if grace_period_ms is None else grace_period_ms
+        if self._block_conn is not None:
+            self._block_conn.close()
+        pending = [ex.task for ex in self.active.values() if ex.task is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=grace / 1000)
+        leftovers = list(self.active.values())
+        for ex in leftovers:
+            ex.signal.set()
+            if ex.task is not None:
+                ex.task.cancel()
+        for ex in leftovers:
+            if ex.task is not None:
+                with contextlib.suppress(BaseException):
+                    await ex.task
+        await self._release(leftovers)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        try:
+            await self.store.resign(self.id)
+        except RedisError as exc:
+            log.warning("worker %s could not resign cleanly: %s", self.id, exc)
+        await self.client.close()
+        self.stopped.set()
+
+    async def _release(self, executions: list[Execution]) -> None:
+        results = await asyncio.gather(
+            *(
+                self.store.release(ex.claimed.id, ex.claimed.token, self.id, ex.claimed.header.q)
+                for ex in executions
+                if not ex.settled
+            ),
+            return_exceptions=True,
+        )
+        for ex, result in zip([e for e in executions if not e.settled], results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("could not hand back run %s: %s", ex.claimed.id, result)
+            else:
+                log.info("handed back run %s (%s)", ex.claimed.id, Code(result).name)
+
+    # --- claiming ----------------------------------------------------------------------------------
+    async def _claim_loop(self) -> None:
+        s = self.settings
+        backoff = 0.05
+        while not self._stopping:
+            try:
+                free = s.concurrency - len(self.active)
+                if free < s.claim_threshold and (free <= 0 or self.active):
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                    continue
+                want = min(free, s.claim_batch_size)
+                code, next_due_ms, runs = await self.store.claim(self.id, self.queues, want, s.promote_batch)
+                if code is Code.STALE_WORKER:
+                    await self._heartbeat_once()
+                    continue
+                for claimed in runs:
+                    self._spawn(Execution(claimed=claimed, signal=asyncio.Event()))
+                if len(runs) == want:
+                    continue
+                if next_due_ms == 0:
+                    continue
+                timeout = s.block_timeout_s
+                if next_due_ms > 0:
+                    timeout = min(timeout, next_due_ms / 1000)
+                await self._block(max(timeout, 0.01))
+                backoff = 0.05
+            except RedisError as exc:
+                if self._stopping:
+                    return
+                log.warning("worker %s: Redis error in claim loop (%s); retrying in %.2fs", self.id, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _block(self, timeout_s: float) -> None:
+        """Wait for a bell on any of our queues (or the next due time)."""
+        conn = self._block_conn
+        if conn is None or conn.closed:
+            conn = self._block_conn = await self.store.redis.dedicated()
+            if self._stopping:
+                conn.close()
+                return
+        bells = [self.store.keys.bell(q) for q in self.queues]
+        watchdog = timeout_s + self.settings.watchdog_slack_s
+        try:
+            async with asyncio.timeout(watchdog):
+                await conn.execute("BRPOP", *bells, f"{timeout_s:.3f}")
+        except TimeoutError:
+            log.warning("worker %s: blocking wait exceeded %.1fs; reopening its connection", self.id, watchdog)
+            conn.close()
+
+    def _spawn(self, ex: Execution) -> None:
+        self.active[ex.claimed.id] = ex
+        ex.task = asyncio.get_running_loop().create_task(self._execute(ex))
+
+    async def _execute(self, ex: Execution) -> None:
+        try:
+            await execute(self, ex)
+        except asyncio.CancelledError:
+            pass
+        except RedisError as exc:
+            # The outcome could not be written; the run stays owned and is recovered via the lease.
+            log.warning("run %s: Redis error while recording its outcome: %s", ex.claimed.id, exc)
+            if not ex.settled:
+                self._to_release.append(ex)
+        except Exception:
+            log.exception("run %s: internal error in the executor", ex.claimed.id)
+        finally:
+            self.active.pop(ex.claimed.id, None)
+            self._slot_freed.set()
+
+    # --- liveness and leadership -------------------------------------------------------------------------
+    async def _heartbeat_once(self) -> None:
+        s = self.settings
+        state, leader, lapsed = await self.store.heartbeat(
+            self.id, s.lease_ms, s.leader_lease_ms, not self._stopping
+        )
+        self._last_renewal = asyncio.get_running_loop().time()
+        if state == 0 and self._registered:
+            log.error("worker %s: its lease lapsed and its runs were taken over; canceling local runs", self.id)
+            self._abandon_local_runs(release=False)
+        elif self._to_release:
+            releasing, self._to_release = self._to_release, []
+            await self._release(releasing)
+        self._registered = True
+        was_leader = self.is_leader
+        self.is_leader = leader.startswith(self.id + ":")
+        self.leader_value = leader if self.is_leader else ""
+        if self.is_leader != was_leader:
+            log.info("worker %s %s leader (%s)", self.id, "became" if self.is_leader else "is no longer", leader)
+        if self.is_leader and self._leader is not None:
+            await self._leader.tick(lapsed)
+
+    async def _heartbeat_loop(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            await asyncio.sleep(s.heartbeat_interval_s)
+            try:
+                await self._heartbeat_once()
+            except RedisError as exc:
+                silent_for = loop.time() - self._last_renewal
+                log.warning("worker %s: heartbeat failed (%s), %.1fs since the last renewal", self.id, exc, silent_for)
+                if silent_for * 1000 >= s.lease_ms * 0.8 and self.active:
+                    log.error("worker %s: lease about to lapse; canceling local runs", self.id)
+                    self._abandon_local_runs(release=True)
+
+    def _abandon_local_runs(self, *, release: bool) -> None:
+        for ex in list(self.active.values()):
+            ex.signal.set()
+            if ex.steps is not None:
+                ex.steps.cancel_active()
+            if ex.task is not None:
+                ex.task.cancel()
+            if release and not ex.settled:
+                self._to_release.append(ex)
+
+    async def _warn_on_eviction(self) -> None:
+        try:
+            reply = await self.store.redis.execute("CONFIG", "GET", "maxmemory-policy")
+        except RedisError:
+            return
+        if len(reply) >= 2 and reply[1] != b"noeviction":
+            log.warning(
+                "!!! Redis maxmemory-policy is %r: the server may evict redflow's keys under memory "
+                "pressure and lose runs. Set maxmemory-policy to noeviction. !!!",
+                reply[1].decode(),
+            )
+
+
+async def start_worker(options: StartWorkerOptions) -> Worker:
+    """Start a worker in this event loop; ``await worker.stop()`` drains it."""
+    settings = resolve_settings(options)
+    registry = options.registry or get_default_registry()
+    if not settings.queues:
+        settings.queues = registry.queues() or ["default"]
+    if isinstance(options.redis, RedisClient):
+        client = RedflowClient(options.redis, prefix=options.prefix or _env_prefix(), app=options.app)
+    else:
+        client = create_client(app=options.app, redis=options.redis, url=options.url, prefix=options.prefix)
+    client.registry = registry
+    worker = Worker(client, registry, settings)
+    await worker.start()
+    return worker
+
+
+def _env_prefix() -> str:
+    from ..client import default_prefix
+
+    return default_prefix()

@@ -1,0 +1,184 @@
+"""Workflow definitions: ``define_workflow`` and the ``@workflow`` decorator."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .errors import ConfigurationError
+from .registry import WorkflowRegistry, get_default_registry
+from .types import (
+    DEFAULT_MAX_ATTEMPTS,
+    CronTrigger,
+    EventTrigger,
+    OnFailureContext,
+    WorkflowDebounceOptions,
+    WorkflowHandlerContext,
+    WorkflowRateLimitOptions,
+    WorkflowRetryPolicy,
+)
+
+if TYPE_CHECKING:
+    from .client import RunHandle
+
+OutputT = TypeVar("OutputT")
+Handler = Callable[[WorkflowHandlerContext[Any]], Awaitable[OutputT]]
+OnFailure = Callable[[OnFailureContext], Any]
+
+
+@dataclass(slots=True)
+class DefineWorkflowOptions:
+    name: str
+    queue: str = "default"
+    max_concurrency: int | None = None
+    max_attempts: int | None = None
+    cron: list[CronTrigger] | None = None
+    event: list[EventTrigger] | None = None
+    debounce: WorkflowDebounceOptions | None = None
+    on_failure: OnFailure | None = None
+    mutex: Callable[[Any], str] | None = None
+    rate_limit: WorkflowRateLimitOptions | None = None
+    retries: WorkflowRetryPolicy | None = None
+    stream: bool = False
+    throttle: WorkflowRateLimitOptions | None = None
+    input_schema: Any = None
+
+    def resolved_max_attempts(self) -> int:
+        if self.retries is not None and self.retries.max_attempts is not None:
+            return self.retries.max_attempts
+        if self.max_attempts is not None:
+            return self.max_attempts
+        return DEFAULT_MAX_ATTEMPTS
+
+
+# Options the API accepts whose machinery is not part of this release yet; naming one is an error
+# rather than a silent no-op.
+_NOT_YET = ("cron", "event", "debounce", "mutex", "rate_limit", "throttle", "input_schema")
+
+
+class WorkflowDefinition(Generic[OutputT]):
+    """A named workflow: its handler and options. Call :meth:`run` to start a run."""
+
+    def __init__(self, options: DefineWorkflowOptions, handler: Handler[OutputT]) -> None:
+        _validate(options, handler)
+        self.options = options
+        self.handler = handler
+
+    @property
+    def name(self) -> str:
+        return self.options.name
+
+    @property
+    def max_attempts(self) -> int:
+        return self.options.resolved_max_attempts()
+
+    def meta(self) -> dict[str, Any]:
+        """The metadata workers publish, so clients without the definition can enqueue it."""
+        return {
+            "name": self.name,
+            "queue": self.options.queue,
+            "max_attempts": self.max_attempts,
+            "max_concurrency": self.options.max_concurrency,
+            "stream_enabled": self.options.stream,
+        }
+
+    async def run(
+        self,
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        idempotency_ttl: int | None = None,
+        run_at: datetime | None = None,
+        queue_override: str | None = None,
+    ) -> RunHandle:
+        """Start a run through the default client (one Redis command)."""
+        from .client import get_default_client
+
+        return await get_default_client().enqueue_definition(
+            self,
+            input,
+            idempotency_key=idempotency_key,
+            idempotency_ttl=idempotency_ttl,
+            run_at=run_at,
+            queue_override=queue_override,
+        )
+
+    def __repr__(self) -> str:
+        return f"WorkflowDefinition({self.name!r}, queue={self.options.queue!r})"
+
+
+def _validate(options: DefineWorkflowOptions, handler: Any) -> None:
+    name = options.name
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError(f"workflow name must be a non-empty string, got {name!r}")
+    if not callable(handler):
+        raise ConfigurationError(f"workflow {name!r}: handler must be an async function, got {handler!r}")
+    if not isinstance(options.queue, str) or not options.queue.strip():
+        raise ConfigurationError(f"workflow {name!r}: queue must be a non-empty string, got {options.queue!r}")
+    attempts = options.resolved_max_attempts()
+    if not isinstance(attempts, int) or attempts < 1:
+        raise ConfigurationError(f"workflow {name!r}: max_attempts must be an integer >= 1, got {attempts!r}")
+    if options.max_concurrency is not None:
+        raise ConfigurationError(
+            f"workflow {name!r}: max_concurrency is not supported by this release yet; runs of a "
+            "workflow are limited only by worker concurrency"
+        )
+    for option in _NOT_YET:
+        if getattr(options, option) not in (None, [], ()):
+            raise ConfigurationError(f"workflow {name!r}: the {option!r} option is not supported by this release yet")
+    if options.stream:
+        raise ConfigurationError(f"workflow {name!r}: run streams are not supported by this release yet")
+
+
+def define_workflow(
+    name: str,
+    *,
+    handler: Handler[OutputT],
+    queue: str = "default",
+    max_concurrency: int | None = None,
+    max_attempts: int | None = None,
+    cron: list[CronTrigger] | None = None,
+    event: list[EventTrigger] | None = None,
+    debounce: WorkflowDebounceOptions | None = None,
+    mutex: Callable[[Any], str] | None = None,
+    rate_limit: WorkflowRateLimitOptions | None = None,
+    retries: WorkflowRetryPolicy | None = None,
+    throttle: WorkflowRateLimitOptions | None = None,
+    on_failure: OnFailure | None = None,
+    input_schema: Any = None,
+    stream: bool = False,
+    registry: WorkflowRegistry | None = None,
+) -> WorkflowDefinition[OutputT]:
+    """Define a workflow and register it (in ``registry`` or the process-wide default)."""
+    options = DefineWorkflowOptions(
+        name=name,
+        queue=queue,
+        max_concurrency=max_concurrency,
+        max_attempts=max_attempts,
+        cron=cron,
+        event=event,
+        debounce=debounce,
+        on_failure=on_failure,
+        mutex=mutex,
+        rate_limit=rate_limit,
+        retries=retries,
+        stream=stream,
+        throttle=throttle,
+        input_schema=input_schema,
+    )
+    definition = WorkflowDefinition(options, handler)
+    (registry or get_default_registry()).register(definition)
+    return definition
+
+
+def workflow(
+    name: str, **options: Any
+) -> Callable[[Handler[OutputT]], WorkflowDefinition[OutputT]]:
+    """Decorator form of :func:`define_workflow`; returns the definition."""
+
+    def decorate(handler: Handler[OutputT]) -> WorkflowDefinition[OutputT]:
+        return define_workflow(name, handler=handler, **options)
+
+    return decorate
