@@ -169,7 +169,7 @@ def define_workflow(
         input_schema=input_schema,
     )
     definition = WorkflowDefinition(options, handler)
-    (registry or get_default_registry()).register(definition)
+    (registry if registry is not None else get_default_registry()).register(definition)
     return definition
 
 

@@ -252,7 +252,7 @@ class Worker:
 async def start_worker(options: StartWorkerOptions) -> Worker:
     """Start a worker in this event loop; ``await worker.stop()`` drains it."""
     settings = resolve_settings(options)
-    registry = options.registry or get_default_registry()
+    registry = options.registry if options.registry is not None else get_default_registry()
     if not settings.queues:
         settings.queues = registry.queues() or ["default"]
     if isinstance(options.redis, RedisClient):

@@ -1,0 +1,101 @@
+"""The hot-path budget, counted in our connection layer and cross-checked against the server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
+
+from ..conftest import wait_until
+
+
+async def _evalsha_calls(client: RedflowClient) -> int:
+    info = await client.redis.execute("INFO", "commandstats")
+    for line in info.decode().splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+async def echo_step(x: int) -> int:
+    return x
+
+
+async def test_one_step_run_costs_at_most_three_worker_commands(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
+    async def handler(ctx: WorkflowHandlerContext) -> int:
+        return await ctx.step.run("echo", echo_step, ctx.input)
+
+    wf = define_workflow("hot-one-step", handler=handler, registry=registry)
+    await client.store.ensure_ready()
+    n = 1000
+    evalsha_before = await _evalsha_calls(client)
+    before_client = client.redis.counters.commands
+    handles = [await client.enqueue_definition(wf, i) for i in range(n)]
+    enqueue_cost = (client.redis.counters.commands - before_client) / n
+    assert enqueue_cost <= 1.0, f"enqueue cost {enqueue_cost} commands"
+
+    worker = await make_worker(concurrency=100)
+    counters = worker.store.redis.counters
+    await wait_until(lambda: not worker.active and _all_done(client, handles), timeout_s=60, what="drain")
+    per_run = counters.commands / n
+    evalsha_server = await _evalsha_calls(client) - evalsha_before
+    assert evalsha_server == n + counters.by_name["EVALSHA"], "server and client counts disagree"
+    assert per_run <= 3.0, f"{per_run:.3f} worker commands per run ({dict(counters.by_name)})"
+    assert counters.writes <= counters.commands / 5, (
+        f"{counters.writes} socket writes for {counters.commands} commands: not pipelined"
+    )
+    assert [await h.result(timeout_ms=1000) for h in handles[:5]] == [0, 1, 2, 3, 4]
+
+
+async def _all_done(client: RedflowClient, handles: list) -> bool:
+    last = await client.get_run(handles[-1].id)
+    if not last or last["status"] != "succeeded":
+        return False
+    states = await asyncio.gather(*(client.store.read_header(h.id) for h in handles))
+    return all(s is not None and s.s == "succeeded" for s in states)
+
+
+async def test_concurrent_runs_share_socket_writes(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
+    gate = asyncio.Event()
+
+    async def wait_gate() -> int:
+        await gate.wait()
+        return 1
+
+    async def handler(ctx: WorkflowHandlerContext) -> int:
+        return await ctx.step.run("gate", wait_gate)
+
+    wf = define_workflow("hot-shared-writes", handler=handler, registry=registry)
+    handles = [await client.enqueue_definition(wf, i) for i in range(100)]
+    worker = await make_worker(concurrency=100)
+    await wait_until(lambda: len(worker.active) == 100, what="100 runs in flight")
+    counters = worker.store.redis.counters
+    commands, writes = counters.commands, counters.writes
+    gate.set()
+    await wait_until(lambda: not worker.active, what="100 runs finished")
+    sent = counters.commands - commands
+    written = counters.writes - writes
+    assert sent >= 200  # a step record and a finish per run
+    assert written <= 10, f"{sent} commands went out in {written} socket writes"
+    assert all([await h.result(timeout_ms=2000) == 1 for h in handles])
+
+
+@pytest.mark.timeout(90)
+async def test_idle_leader_worker_sends_at_most_two_commands_per_second(make_worker, registry) -> None:
+    async def handler(ctx: WorkflowHandlerContext) -> None:
+        return None
+
+    define_workflow("hot-idle", handler=handler, registry=registry)
+    worker = await make_worker(concurrency=10)
+    await wait_until(lambda: worker.is_leader, what="leadership")
+    counters = worker.store.redis.counters
+    start = counters.commands
+    await asyncio.sleep(30)  # the measurement window itself: idle traffic over 30 s
+    sent = counters.commands - start
+    assert sent <= 60, f"idle worker sent {sent} commands in 30 s ({dict(counters.by_name)})"

@@ -1,0 +1,64 @@
+"""Workflows run by worker subprocesses in the process tests.
+
+Step bodies count their executions in Redis (``<prefix>:test:count:<name>``) so a test can prove that a
+recorded step never ran twice, whichever process ran it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from redflow import WorkflowHandlerContext, WorkflowRegistry, define_workflow
+from redflow.client import get_default_client
+
+registry = WorkflowRegistry()
+
+
+async def _count(name: str) -> int:
+    client = get_default_client()
+    return int(await client.redis.execute("INCR", f"{client.prefix}:test:count:{name}"))
+
+
+async def _mark(key: str, value: str) -> None:
+    client = get_default_client()
+    await client.redis.execute("SET", f"{client.prefix}:test:{key}", value)
+
+
+async def kill_after_first_step(ctx: WorkflowHandlerContext[Any]) -> dict[str, Any]:
+    async def first() -> int:
+        return await _count(f"first:{ctx.run.id}")
+
+    async def second() -> int:
+        return await _count(f"second:{ctx.run.id}")
+
+    await ctx.step.run("first", first)
+    if await _count(f"attempt-body:{ctx.run.id}") == 1:
+        # First execution: the step is recorded; die before finishing the run.
+        os.kill(os.getpid(), signal.SIGKILL)
+    await ctx.step.run("second", second)
+    return {"pid": os.getpid()}
+
+
+async def kill_always(ctx: WorkflowHandlerContext[Any]) -> None:
+    await _count(f"kill-always:{ctx.run.id}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def crash_hook(ctx: Any) -> None:
+    await _count(f"on-failure:{ctx.run.id}")
+    await _mark(f"on-failure-kind:{ctx.run.id}", str(getattr(ctx.error, "kind", "")))
+
+
+async def record_pid(ctx: WorkflowHandlerContext[Any]) -> dict[str, Any]:
+    async def body() -> int:
+        return await _count(f"body:{ctx.run.id}")
+
+    await ctx.step.run("body", body)
+    return {"pid": os.getpid()}
+
+
+define_workflow("kill-after-first-step", handler=kill_after_first_step, registry=registry)
+define_workflow("kill-always", handler=kill_always, on_failure=crash_hook, max_attempts=5, registry=registry)
+define_workflow("record-pid", handler=record_pid, registry=registry)
