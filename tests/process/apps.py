@@ -6,6 +6,7 @@ recorded step never ran twice, whichever process ran it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from typing import Any
@@ -62,3 +63,17 @@ async def record_pid(ctx: WorkflowHandlerContext[Any]) -> dict[str, Any]:
 define_workflow("kill-after-first-step", handler=kill_after_first_step, registry=registry)
 define_workflow("kill-always", handler=kill_always, on_failure=crash_hook, max_attempts=5, registry=registry)
 define_workflow("record-pid", handler=record_pid, registry=registry)
+
+
+async def slow_step(ctx: WorkflowHandlerContext[Any]) -> dict[str, Any]:
+    async def body() -> int:
+        await _count(f"slow-body:{ctx.run.id}")
+        await _mark(f"slow-started:{ctx.run.id}:{os.getpid()}", "1")
+        await asyncio.sleep(ctx.input.get("sleep", 1.0))
+        return os.getpid()
+
+    pid = await ctx.step.run("slow", body)
+    return {"step_pid": pid, "pid": os.getpid()}
+
+
+define_workflow("slow-step", handler=slow_step, registry=registry)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 
 import pytest
@@ -81,4 +80,3 @@ async def test_thousand_runs_drained_by_two_worker_processes_exactly_once(
     a.send_signal(signal.SIGTERM)
     b.send_signal(signal.SIGTERM)
     assert a.wait(timeout=20) == 0 and b.wait(timeout=20) == 0
-    _ = os

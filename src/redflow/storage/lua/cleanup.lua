@@ -24,9 +24,12 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', KEYS[7], 's:' .. h.s .. ':' .. id, 'ws:' .. wf .. ':' .. h.s .. ':' .. id,
       'w:' .. wf .. ':' .. id)
   end
-  for k = 1, 6 do
-    redis.call('HDEL', KEYS[k], id)
-  end
+  redis.call('HDEL', KEYS[1], id)
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('HDEL', KEYS[4], id)
+  redis.call('HDEL', KEYS[5], id)
+  redis.call('HDEL', KEYS[6], id)
   redis.call('ZREM', KEYS[8], id)
 end
 return {C.OK, #ids}

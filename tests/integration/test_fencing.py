@@ -1,0 +1,83 @@
+"""Fencing and reaping at the storage level: exact transitions, driven step by step."""
+
+from __future__ import annotations
+
+from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
+from redflow.storage.codes import Code
+from redflow.storage.records import StepRecord, encode_step
+
+
+async def _noop(ctx: WorkflowHandlerContext) -> None:
+    return None
+
+
+async def test_stale_token_writes_are_rejected_after_reap(client: RedflowClient, registry: WorkflowRegistry) -> None:
+    wf = define_workflow("fence", handler=_noop, registry=registry)
+    store = client.store
+    handle = await client.enqueue_definition(wf, {"a": 1})
+    # Worker "old" registers with a lease that is already over, claims, then lapses.
+    await store.heartbeat("old", 60_000, 60_000, False)
+    code, _, runs = await store.claim("old", ["default"], 10, 10)
+    assert code is Code.OK and [r.id for r in runs] == [handle.id]
+    old_token = runs[0].token
+    line = encode_step(StepRecord(n="s", q=1, a=1))
+    assert await store.record_step(handle.id, old_token, line) is Code.OK
+    await client.redis.execute("ZADD", client.keys.workers, 0, "old")  # its lease lapsed
+
+    _, leader, lapsed = await store.heartbeat("leader", 60_000, 60_000, True)
+    assert leader.startswith("leader:") and lapsed == 1
+    code, taken, crashed, left = await store.reap(leader, "old", 3, 60_000, 100)
+    assert (code, taken, crashed, left) == (Code.OK, 1, 0, 0)
+    assert await client.redis.execute("ZSCORE", client.keys.workers, "old") is None
+
+    code, _, runs = await store.claim("leader", ["default"], 10, 10)
+    assert [r.id for r in runs] == [handle.id]
+    assert runs[0].header.a == 1 and runs[0].header.x == 1  # same attempt, one lapse counted
+    assert [s.n for s in runs[0].steps] == ["s"]  # the recorded step survives
+    assert await store.record_step(handle.id, old_token, line) is Code.STALE
+    assert await store.finish(handle.id, old_token, "old", "succeeded", b"1", False, 1000) is Code.STALE
+    assert await store.retry(handle.id, old_token, "old", "default", 0, b"{}") is Code.STALE
+    assert await store.release(handle.id, old_token, "old", "default") is Code.STALE
+    state = await client.get_run(handle.id)
+    assert state is not None and state["status"] == "running"
+    assert await store.finish(handle.id, runs[0].token, "leader", "succeeded", b"2", False, 1000) is Code.OK
+    state = await client.get_run(handle.id)
+    assert state is not None and state["status"] == "succeeded" and state["output"] == 2
+
+
+async def test_reap_requires_current_leader_and_lapsed_worker(
+    client: RedflowClient, registry: WorkflowRegistry
+) -> None:
+    store = client.store
+    await store.ensure_ready()
+    await store.heartbeat("alive", 60_000, 60_000, False)
+    _, leader, _ = await store.heartbeat("boss", 60_000, 60_000, True)
+    assert (await store.reap(leader, "alive", 3, 1000, 10))[0] is Code.ALIVE
+    assert (await store.reap("boss:999", "alive", 3, 1000, 10))[0] is Code.NOT_LEADER
+    # a second candidate cannot take a held leadership
+    _, seen, _ = await store.heartbeat("other", 60_000, 60_000, True)
+    assert seen == leader
+
+
+async def test_third_lapse_fails_run_as_crashed_and_queues_its_hook(
+    client: RedflowClient, registry: WorkflowRegistry
+) -> None:
+    wf = define_workflow("lapses", handler=_noop, registry=registry)
+    store = client.store
+    handle = await client.enqueue_definition(wf, None)
+    _, leader, _ = await store.heartbeat("boss", 60_000, 60_000, True)
+    for lapse in range(1, 4):
+        wid = f"w{lapse}"
+        await store.heartbeat(wid, 60_000, 60_000, False)
+        _, _, runs = await store.claim(wid, ["default"], 1, 10)
+        assert [r.kind for r in runs] == ["run"] and runs[0].header.a == 1
+        await client.redis.execute("ZADD", client.keys.workers, 0, wid)
+        code, taken, crashed, _ = await store.reap(leader, wid, 3, 60_000, 10)
+        assert (code, taken, crashed) == (Code.OK, 1, 1 if lapse == 3 else 0)
+    state = await client.get_run(handle.id)
+    assert state is not None and state["status"] == "failed" and state["error"]["kind"] == "crashed"
+    _, _, runs = await store.claim("boss", ["default"], 1, 10)
+    assert [r.kind for r in runs] == ["hook"]
+    assert await store.hook_done(handle.id, runs[0].token, "boss") is Code.OK
+    assert await client.redis.execute("HGET", client.keys.leases, handle.id) is None
+    assert await client.redis.execute("SCARD", client.keys.owned("boss")) == 0
