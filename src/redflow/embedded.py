@@ -81,13 +81,15 @@ class EmbeddedServer:
             "--maxmemory-policy", "noeviction",
             *self.extra_args,
         ]
-        self.process = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
-        )
+        log_path = self.data_dir / "server.log"
+        with open(log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                err = log_path.read_text(errors="replace")[-2000:]
                 raise RedflowError(f"{self.binary.name} exited at start (code {self.process.returncode}): {err}")
             if _ping(self.port):
                 return self
@@ -108,8 +110,6 @@ class EmbeddedServer:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if self.process is not None and self.process.stderr is not None:
-            self.process.stderr.close()
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

@@ -49,7 +49,8 @@ class Worker:
         self._block_conn: Connection | None = None
         self._last_renewal = 0.0
         self._registered = False
-        self._to_release: list[Execution] = []
+        self._to_release: dict[str, Execution] = {}
+        self._lease_guard: asyncio.TimerHandle | None = None
         self._leader: Any = None
         self.stopped = asyncio.Event()
 
@@ -92,6 +93,8 @@ class Worker:
                 with contextlib.suppress(BaseException):
                     await ex.task
         await self._release(leftovers)
+        if self._lease_guard is not None:
+            self._lease_guard.cancel()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -183,7 +186,7 @@ class Worker:
             # The outcome could not be written; the run stays owned and is recovered via the lease.
             log.warning("run %s: Redis error while recording its outcome: %s", ex.claimed.id, exc)
             if not ex.settled:
-                self._to_release.append(ex)
+                self._to_release[ex.claimed.id] = ex
         except Exception:
             log.exception("run %s: internal error in the executor", ex.claimed.id)
         finally:
@@ -196,12 +199,19 @@ class Worker:
         state, leader, lapsed = await self.store.heartbeat(
             self.id, s.lease_ms, s.leader_lease_ms, not self._stopping
         )
-        self._last_renewal = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self._last_renewal = loop.time()
+        if self._lease_guard is not None:
+            self._lease_guard.cancel()
+        # Runs must stop before the lease can lapse: after that the reaper may hand them to another worker.
+        self._lease_guard = loop.call_at(self._last_renewal + s.lease_ms * 0.7 / 1000, self._on_lease_guard)
         if state == 0 and self._registered:
             log.error("worker %s: its lease lapsed and its runs were taken over; canceling local runs", self.id)
+            self._to_release.clear()
             self._abandon_local_runs(release=False)
         elif self._to_release:
-            releasing, self._to_release = self._to_release, []
+            releasing = list(self._to_release.values())
+            self._to_release.clear()
             await self._release(releasing)
         self._registered = True
         was_leader = self.is_leader
@@ -222,9 +232,11 @@ class Worker:
             except RedisError as exc:
                 silent_for = loop.time() - self._last_renewal
                 log.warning("worker %s: heartbeat failed (%s), %.1fs since the last renewal", self.id, exc, silent_for)
-                if silent_for * 1000 >= s.lease_ms * 0.8 and self.active:
-                    log.error("worker %s: lease about to lapse; canceling local runs", self.id)
-                    self._abandon_local_runs(release=True)
+
+    def _on_lease_guard(self) -> None:
+        if self.active and not self._stopping:
+            log.error("worker %s: cannot renew its lease in time; canceling %d local run(s)", self.id, len(self.active))
+            self._abandon_local_runs(release=True)
 
     def _abandon_local_runs(self, *, release: bool) -> None:
         for ex in list(self.active.values()):
@@ -234,7 +246,7 @@ class Worker:
             if ex.task is not None:
                 ex.task.cancel()
             if release and not ex.settled:
-                self._to_release.append(ex)
+                self._to_release[ex.claimed.id] = ex
 
     async def _warn_on_eviction(self) -> None:
         try:
