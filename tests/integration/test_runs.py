@@ -25,8 +25,6 @@ from redflow import (
 )
 from redflow.errors import ConfigurationError
 
-from ..conftest import wait_until
-
 
 async def test_decorated_workflow_run_through_default_client(redis_url: str, prefix: str, make_worker) -> None:
     @workflow("decorated-default-client", queue="dflt-q")

@@ -83,7 +83,7 @@ async def test_every_call_keeps_its_keys_in_one_slot(client) -> None:
 
     ScriptRunner.call = recording  # type: ignore[method-assign]
     try:
-        from redflow import StartWorkerOptions, WorkflowRegistry, define_workflow, start_worker
+        from redflow import RunFailedError, StartWorkerOptions, WorkflowRegistry, define_workflow, start_worker
 
         reg = WorkflowRegistry()
 
@@ -109,7 +109,7 @@ async def test_every_call_keeps_its_keys_in_one_slot(client) -> None:
         )
         try:
             await (await client.enqueue_definition(wf, None, idempotency_key="x")).result(timeout_ms=10_000)
-            with pytest.raises(Exception):
+            with pytest.raises(RunFailedError):
                 await (await client.enqueue_definition(wf2, None)).result(timeout_ms=10_000)
         finally:
             await worker.stop()
