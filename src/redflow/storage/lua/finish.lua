@@ -28,6 +28,7 @@ h.f = now
 set_status(KEYS[5], id, h, ARGV[3])
 if ARGV[3] == 'succeeded' then
   redis.call('HSET', KEYS[3], id, ARGV[4])
+  redis.call('HDEL', KEYS[4], id)
 else
   redis.call('HSET', KEYS[4], id, ARGV[4])
 end
