@@ -180,3 +180,22 @@ async def test_server_clock_sets_timestamps(client: RedflowClient, registry: Wor
     server_ms = int(sec) * 1000 + int(usec) // 1000
     state = await client.get_run(handle.id)
     assert state is not None and abs(state["created_at"] - server_ms) < 1000
+
+
+async def test_create_client_accepts_a_redis_py_client(redis_url: str, prefix: str, registry, make_worker) -> None:
+    import redis.asyncio as redis_py
+
+    async def handler(ctx: WorkflowHandlerContext) -> str:
+        return "via redis-py settings"
+
+    wf = define_workflow("redis-py-client", handler=handler, registry=registry)
+    await make_worker()
+    rp = redis_py.Redis.from_url(redis_url)
+    client = create_client(redis=rp, prefix=prefix)
+    client.registry = registry
+    try:
+        handle = await client.enqueue_definition(wf, None)
+        assert await handle.result(timeout_ms=10_000) == "via redis-py settings"
+    finally:
+        await client.close()
+        await rp.aclose()
