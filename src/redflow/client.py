@@ -10,6 +10,7 @@ from typing import Any
 
 from ._redis.client import RedisClient, ServerAddress
 from ._redis.pubsub import Subscriber
+from .client_events import EventsMixin
 from .durations import datetime_ms
 from .encoding import decode, encode_payload, max_payload_bytes
 from .errors import (
@@ -22,6 +23,7 @@ from .errors import (
 )
 from .ids import new_run_id
 from .registry import WorkflowRegistry, get_default_registry
+from .storage.event_store import EventStore
 from .storage.keys import DEFAULT_PARTITION, PartitionKeys
 from .storage.records import RunHeader
 from .storage.store import Store
@@ -71,7 +73,7 @@ class RunHandle:
         return f"RunHandle({self.id!r})"
 
 
-class RedflowClient:
+class RedflowClient(EventsMixin):
     """Access to one redflow deployment (a Redis server and a key prefix)."""
 
     def __init__(
@@ -90,6 +92,7 @@ class RedflowClient:
         self.retention_ms = run_history_retention_ms or retention_ms_from_env()
         self.max_payload_bytes = max_payload_bytes()
         self._subscriber: Subscriber | None = None
+        self._events: EventStore | None = None
         self._remote_meta: dict[str, dict[str, Any]] = {}
 
     @property
@@ -133,8 +136,12 @@ class RedflowClient:
         queue_override: str | None = None,
         max_attempts_override: int | None = None,
         parent_run_id: str | None = None,
+        parent_queue: str | None = None,
     ) -> RunHandle:
-        """Start a run of a workflow known by name, locally or from a worker's registration."""
+        """Start a run of a workflow known by name, locally or from a worker's registration.
+
+        ``parent_queue`` is internal: set when the parent run will wait for this run to end.
+        """
         definition = self._registry().get(workflow_name)
         if definition is not None:
             queue, max_attempts = definition.options.queue, definition.max_attempts
@@ -154,6 +161,7 @@ class RedflowClient:
             idempotency_ttl=idempotency_ttl,
             run_at=run_at,
             parent_run_id=parent_run_id,
+            parent_queue=parent_queue,
         )
 
     async def emit_workflow(
@@ -198,6 +206,7 @@ class RedflowClient:
         idempotency_ttl: int | None,
         run_at: datetime | None,
         parent_run_id: str | None,
+        parent_queue: str | None = None,
     ) -> RunHandle:
         what = f"input of workflow {workflow!r}"
         data = encode_payload(input, what, self.max_payload_bytes)
@@ -216,7 +225,8 @@ class RedflowClient:
         await self.store.ensure_ready()
         run_id = new_run_id(self.keys.partition)
         _, bound_id, _ = await self.store.enqueue(
-            run_id, workflow, queue, data, max_attempts, run_at_ms, idempotency_key, ttl, parent_run_id
+            run_id, workflow, queue, data, max_attempts, run_at_ms, idempotency_key, ttl, parent_run_id,
+            parent_queue,
         )
         return RunHandle(self, bound_id)
 

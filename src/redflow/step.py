@@ -1,7 +1,10 @@
 """The durable step API handed to handlers as ``ctx.step``.
 
-A step's output is recorded once, through the recorder, and returned decoded from its JSON so the
-first run and every replay see the same value. A recorded step is never run again.
+Durable execution by replay: each call names a step; its position in the handler's sequence and its
+outcome are recorded once, and a replay gets the recorded outcome back (decoded from JSON, also on the
+first run, so both see the same types). A replay that asks for a different step at a recorded position
+fails with NonDeterminismError. Waits (sleep, event, child) suspend the run through the backend, which
+raises :class:`Suspended`; the run leaves its worker and replays when the wait is resolved.
 """
 
 from __future__ import annotations
@@ -11,24 +14,52 @@ import builtins
 import inspect
 import time
 from collections.abc import Callable
+from datetime import datetime
 from functools import lru_cache
 from typing import Any, Protocol
 
 import msgspec
 
+from .durations import datetime_ms, duration_ms
 from .encoding import decode, encode_output
-from .errors import RedflowError, TimeoutError
+from .errors import CanceledError, NonDeterminismError, RedflowError, TimeoutError
 from .storage.records import StepRecord
-from .types import RunContext
+from .types import ReceivedEvent, RunContext
 
 
-class StepRecorder(Protocol):
-    async def record(self, record: StepRecord) -> None:
-        """Persist a step record; raises LeaseLostError when the run is no longer ours."""
+class Suspended(BaseException):
+    """The run is now durably waiting; the handler must unwind. Not meant to be caught."""
 
 
 class LeaseLostError(BaseException):
     """The run's fencing token is no longer current: another worker owns it. Not user-catchable."""
+
+
+class StepBackend(Protocol):
+    async def record(self, record: StepRecord) -> None:
+        """Persist a step record; raises LeaseLostError when the run is no longer ours."""
+
+    async def suspend(
+        self, name: str, position: int, kind: str, *, delay_ms: int = -1, due_ms: int = 0,
+        event: tuple[str, str] | None = None, child_id: str = "", consumed: tuple[str, ...] = (),
+    ) -> tuple[str, bytes]:
+        """Start a durable wait. Returns (resolution, output JSON) when it is satisfied at once;
+        otherwise raises Suspended."""
+
+    async def start_child(
+        self, name: str, workflow: Any, input: Any, *, wait: bool, run_at: datetime | None,
+        queue_override: str | None, idempotency_key: str, idempotency_ttl: int | None,
+    ) -> str:
+        """Start (idempotently) a child run of this run and return its id."""
+
+    async def emit_event(
+        self, event_name: str, input: Any, *, correlation_key: str | None, event_id: str,
+        idempotency_key: str | None, idempotency_ttl: int | None, emit_at: datetime | None,
+    ) -> list[str]:
+        """Emit an event on behalf of this run; returns the subscriber run ids."""
+
+    async def cancel_child(self, child_id: str, reason: str) -> None:
+        """Cancel a child run (and its descendants)."""
 
 
 @lru_cache(maxsize=2048)
@@ -47,24 +78,33 @@ def accepts_signal(fn: Callable[..., Any]) -> bool:
         return _accepts_signal.__wrapped__(fn)
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class StepApi:
     def __init__(
         self,
         run: RunContext,
         run_signal: asyncio.Event,
-        cached: dict[str, StepRecord],
-        recorder: StepRecorder,
+        history: list[StepRecord],
+        backend: StepBackend,
         max_payload_bytes: int,
     ) -> None:
         self._run = run
         self._run_signal = run_signal
-        self._cached = cached
-        self._recorder = recorder
+        self._backend = backend
         self._max_payload = max_payload_bytes
+        self._latest: dict[str, StepRecord] = {}
+        self._names_at: dict[int, str] = {}
+        for record in history:
+            self._latest[record.n] = record
+            self._names_at.setdefault(record.q, record.n)
         self._seen: set[str] = set()
-        self._next_seq = max((r.q for r in cached.values()), default=0) + 1
+        self._position = 0
         self._active_signals: set[asyncio.Event] = set()
 
+    # --- bookkeeping ----------------------------------------------------------------------------------
     def cancel_active(self) -> None:
         """Set the ``signal`` of every step in flight (the run is being canceled)."""
         for signal in self._active_signals:
@@ -73,7 +113,11 @@ class StepApi:
     def was_called(self, name: str) -> bool:
         return name in self._seen
 
-    def _claim_name(self, name: str) -> None:
+    def _where(self, name: str) -> str:
+        return f"step {name!r} in run {self._run.id} of workflow {self._run.workflow!r}"
+
+    def _enter(self, name: str) -> tuple[int, StepRecord | None]:
+        """Claim the next position for ``name``; returns it and the step's recorded state, if any."""
         if not isinstance(name, str) or not name:
             raise RedflowError(f"run {self._run.id}: step name must be a non-empty string, got {name!r}")
         if name in self._seen:
@@ -82,7 +126,31 @@ class StepApi:
                 "step names must be unique within a run"
             )
         self._seen.add(name)
+        self._position += 1
+        position = self._position
+        recorded = self._names_at.get(position)
+        record = self._latest.get(name)
+        if (recorded is not None and recorded != name) or (record is not None and record.q != position):
+            raise NonDeterminismError(
+                f"run {self._run.id} of workflow {self._run.workflow!r}: the handler asked for step {name!r} "
+                f"as step #{position}, but the run's history has "
+                + (f"{recorded!r} there" if recorded is not None and recorded != name else
+                   f"{name!r} as step #{record.q if record else '?'}")
+                + "; the handler code changed in a way that cannot replay this run"
+            )
+        return position, record
 
+    def _encode(self, value: Any, name: str) -> bytes:
+        return encode_output(value, f"output of {self._where(name)}", self._max_payload)
+
+    async def _record(self, name: str, position: int, data: bytes, kind: str, started: int, **extra: Any) -> None:
+        record = StepRecord(
+            n=name, q=position, a=self._run.attempt, o=msgspec.Raw(data), t0=started, t1=_now_ms(), k=kind, **extra
+        )
+        await self._backend.record(record)
+        self._latest[name] = record
+
+    # --- steps ------------------------------------------------------------------------------------------
     async def run(
         self,
         name: str,
@@ -92,16 +160,15 @@ class StepApi:
         **kwargs: Any,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` once for this run and return its recorded output."""
-        self._claim_name(name)
-        cached = self._cached.get(name)
-        if cached is not None:
-            return decode(cached.o)
+        position, record = self._enter(name)
+        if record is not None and record.s == "ok":
+            return decode(record.o)
         signal = asyncio.Event()
         if self._run_signal.is_set():
             signal.set()
         if accepts_signal(fn):
             kwargs["signal"] = signal
-        started = int(time.time() * 1000)
+        started = _now_ms()
         self._active_signals.add(signal)
         try:
             result = fn(*args, **kwargs)
@@ -114,20 +181,148 @@ class StepApi:
                             result = await result
                     except builtins.TimeoutError:
                         signal.set()
-                        raise TimeoutError(
-                            f"step {name!r} of run {self._run.id} timed out after {timeout_ms} ms"
-                        ) from None
+                        raise TimeoutError(f"{self._where(name)} timed out after {timeout_ms} ms") from None
         finally:
             self._active_signals.discard(signal)
-        data = encode_output(
-            result, f"output of step {name!r} in run {self._run.id} of workflow {self._run.workflow!r}",
-            self._max_payload,
-        )
-        record = StepRecord(
-            n=name, q=self._next_seq, a=self._run.attempt, o=msgspec.Raw(data), t0=started,
-            t1=int(time.time() * 1000),
-        )
-        self._next_seq += 1
-        await self._recorder.record(record)
-        self._cached[name] = record
+        data = self._encode(result, name)
+        await self._record(name, position, data, "run", started)
         return decode(data)
+
+    async def wait_for(self, name: str, target: Any, timeout_ms: int | None = None) -> None:
+        """Sleep durably until ``target`` (ms, a duration string, or a datetime); frees the worker slot.
+
+        ``timeout_ms`` is accepted for API compatibility; a sleep ends at its target.
+        """
+        position, record = self._enter(name)
+        if record is not None and record.s in ("ok", "done"):
+            return None
+        if record is not None and record.u is not None:
+            await self._backend.suspend(name, position, "sleep", due_ms=record.u)
+            return None
+        if isinstance(target, datetime):
+            due = datetime_ms(target)
+            if due <= _now_ms():
+                await self._record(name, position, b"null", "sleep", _now_ms())
+                return None
+            await self._backend.suspend(name, position, "sleep", due_ms=due)
+        else:
+            delay = duration_ms(target, f"wait_for target of {self._where(name)}")
+            if delay == 0:
+                await self._record(name, position, b"null", "sleep", _now_ms())
+                return None
+            await self._backend.suspend(name, position, "sleep", delay_ms=delay)
+        return None
+
+    async def wait_for_event(
+        self, name: str, event_name: str, correlation_key: str, timeout: Any  # noqa: ASYNC109 (public API)
+    ) -> ReceivedEvent | None:
+        """Wait durably for an event with this name and correlation key; None when ``timeout`` passes."""
+        for label, value in (("event_name", event_name), ("correlation_key", correlation_key)):
+            if not isinstance(value, str) or not value.strip():
+                raise RedflowError(f"{self._where(name)}: {label} must be a non-empty string, got {value!r}")
+        position, record = self._enter(name)
+        if record is not None and record.s == "done":
+            return decode(record.o) if record.r == "event" else None
+        consumed = tuple(
+            decode(r.o)["id"] for r in self._latest.values() if r.k == "event" and r.r == "event" and r.n != name
+        )
+        kwargs: dict[str, Any] = {"event": (event_name, correlation_key), "consumed": consumed}
+        if record is not None and record.u is not None:
+            kwargs["due_ms"] = record.u
+        elif isinstance(timeout, datetime):
+            kwargs["due_ms"] = datetime_ms(timeout)
+        else:
+            kwargs["delay_ms"] = duration_ms(timeout, f"timeout of {self._where(name)}")
+        resolution, raw = await self._backend.suspend(name, position, "event", **kwargs)
+        return decode(raw) if resolution == "event" else None
+
+    async def run_workflow(
+        self,
+        name: str,
+        workflow: Any,
+        input: Any = None,
+        *,
+        timeout_ms: int | None = None,
+        run_at: datetime | None = None,
+        queue_override: str | None = None,
+        idempotency_key: str | None = None,
+        idempotency_ttl: int | None = None,
+    ) -> Any:
+        """Start a child run and return its output; the parent waits durably (slot freed)."""
+        position, record = self._enter(name)
+        attempt = self._run.attempt
+        if record is not None and record.s == "done" and (record.r == "succeeded" or record.a == attempt):
+            return await self._child_outcome(name, record.r or "", record.o, record.ch or "")
+        child_id = record.ch if record is not None and record.s == "wait" and record.a == attempt else None
+        if child_id is None:
+            child_id = await self._backend.start_child(
+                name, workflow, input, wait=True, run_at=run_at, queue_override=queue_override,
+                idempotency_key=idempotency_key or f"step-child:{self._run.id}:{name}:{attempt}",
+                idempotency_ttl=idempotency_ttl,
+            )
+        delay = -1 if timeout_ms is None else duration_ms(timeout_ms, f"timeout_ms of {self._where(name)}")
+        resolution, raw = await self._backend.suspend(name, position, "child", delay_ms=delay, child_id=child_id)
+        return await self._child_outcome(name, resolution, raw, child_id)
+
+    async def _child_outcome(self, name: str, resolution: str, raw: bytes, child_id: str) -> Any:
+        if resolution == "succeeded":
+            return decode(raw)
+        if resolution == "timeout":
+            reason = f"parent run {self._run.id} stopped waiting ({name!r} timed out)"
+            await self._backend.cancel_child(child_id, reason)
+            raise TimeoutError(f"{self._where(name)}: child run {child_id} did not finish in time")
+        error = decode(raw) if raw else {}
+        message = error.get("message", "") if isinstance(error, dict) else ""
+        if resolution == "canceled":
+            raise CanceledError(f"{self._where(name)}: child run {child_id} was canceled: {message}")
+        raise RedflowError(f"{self._where(name)}: child run {child_id} failed: {message}")
+
+    async def emit_workflow(
+        self,
+        name: str,
+        workflow: Any,
+        input: Any = None,
+        *,
+        timeout_ms: int | None = None,
+        run_at: datetime | None = None,
+        queue_override: str | None = None,
+        idempotency_key: str | None = None,
+        idempotency_ttl: int | None = None,
+    ) -> str:
+        """Start a child run without waiting for it; returns its id (the same id on every replay)."""
+        position, record = self._enter(name)
+        if record is not None and record.s == "ok":
+            return str(decode(record.o))
+        started = _now_ms()
+        child_id = await self._backend.start_child(
+            name, workflow, input, wait=False, run_at=run_at, queue_override=queue_override,
+            idempotency_key=idempotency_key or f"step-child:{self._run.id}:{name}", idempotency_ttl=idempotency_ttl,
+        )
+        await self._record(name, position, self._encode(child_id, name), "emit", started, ch=child_id)
+        return child_id
+
+    async def emit_event(
+        self,
+        name: str,
+        event_name: str,
+        input: Any = None,
+        *,
+        correlation_key: str | None = None,
+        emit_at: datetime | None = None,
+        event_id: str | None = None,
+        timeout_ms: int | None = None,
+        idempotency_key: str | None = None,
+        idempotency_ttl: int | None = None,
+    ) -> list[str]:
+        """Emit an event from this run (once, whatever the replays); returns the subscriber run ids."""
+        position, record = self._enter(name)
+        if record is not None and record.s == "ok":
+            return list(decode(record.o))
+        started = _now_ms()
+        run_ids = await self._backend.emit_event(
+            event_name, input, correlation_key=correlation_key,
+            event_id=event_id or f"step-event:{self._run.id}:{name}", idempotency_key=idempotency_key,
+            idempotency_ttl=idempotency_ttl, emit_at=emit_at,
+        )
+        await self._record(name, position, self._encode(run_ids, name), "emit", started)
+        return run_ids

@@ -1,8 +1,14 @@
-"""``run_inline``: execute a workflow handler in-process, without Redis, for unit tests."""
+"""``run_inline``: execute a workflow handler in-process, without Redis, for unit tests.
+
+Steps run for real unless ``step_overrides`` gives their output. ``wait_for`` sleeps for real (keep
+targets short in tests); ``wait_for_event`` returns the override or, without one, a synthetic event at
+once; ``run_workflow`` needs an override; ``emit_workflow`` and ``emit_event`` return synthetic ids.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,12 +41,47 @@ class InlineRunResult:
         return self.error is None
 
 
-class _MemoryRecorder:
-    def __init__(self, steps: list[InlineStepResult]) -> None:
+class _InlineBackend:
+    def __init__(self, run_id: str, steps: list[InlineStepResult], overrides: dict[str, Any]) -> None:
+        self._run_id = run_id
         self._steps = steps
+        self._overrides = overrides
+        self._counter = 0
 
     async def record(self, record: StepRecord) -> None:
         self._steps.append(InlineStepResult(name=record.n, status="succeeded", output=decode(record.o)))
+
+    async def suspend(
+        self, name: str, position: int, kind: str, *, delay_ms: int = -1, due_ms: int = 0,
+        event: tuple[str, str] | None = None, child_id: str = "", consumed: tuple[str, ...] = (),
+    ) -> tuple[str, bytes]:
+        if kind == "sleep":
+            wait_ms = due_ms - int(time.time() * 1000) if due_ms else delay_ms
+            await asyncio.sleep(max(0, wait_ms) / 1000)
+            self._steps.append(InlineStepResult(name=name, status="succeeded"))
+            return "timeout", b"null"
+        if name in self._overrides:
+            value = self._overrides[name]
+            self._steps.append(InlineStepResult(name=name, status="overridden", output=value))
+            if kind == "event":
+                return ("event" if value is not None else "timeout"), encode(value)
+            return "succeeded", encode(value)
+        if kind == "event":
+            assert event is not None
+            fake = {"id": f"inline-event-{position}", "name": event[0], "data": None, "ts": int(time.time() * 1000)}
+            self._steps.append(InlineStepResult(name=name, status="succeeded", output=fake))
+            return "event", encode(fake)
+        raise RedflowError(f"run_inline: step {name!r} starts a child workflow; give its output in step_overrides")
+
+    async def start_child(self, name: str, workflow: Any, input: Any, **_: Any) -> str:
+        self._counter += 1
+        return f"{self._run_id}-child-{self._counter}"
+
+    async def emit_event(self, event_name: str, input: Any, **_: Any) -> list[str]:
+        return []
+
+    async def cancel_child(self, child_id: str, reason: str) -> None:
+        return None
 
 
 async def run_inline(
@@ -49,26 +90,27 @@ async def run_inline(
     *,
     run_id: str = "test-run-1",
     attempt: int = 1,
-    max_attempts: int = 3,
+    max_attempts: int | None = None,
     timeout_s: float = 30.0,
     step_overrides: dict[str, Any] | None = None,
 ) -> InlineRunResult:
-    """Run ``definition``'s handler once; step outputs come from ``step_overrides`` where given.
+    """Run ``definition``'s handler once; errors are captured in ``.error``, never raised.
 
-    Input and outputs go through JSON as they would on a worker. Errors are captured in ``.error``.
+    Input and outputs go through JSON as they would on a worker.
     """
     result = InlineRunResult()
-    limit = max_payload_bytes()
-    cached: dict[str, StepRecord] = {}
-    for seq, (name, value) in enumerate((step_overrides or {}).items(), start=1):
-        cached[name] = StepRecord(n=name, q=seq, a=attempt, o=msgspec.Raw(encode(value)))
+    overrides = dict(step_overrides or {})
+    history = [
+        StepRecord(n=name, q=0, a=attempt, o=msgspec.Raw(encode(value)))
+        for name, value in overrides.items()
+    ]
     run = RunContext(
         id=run_id, workflow=definition.name, queue=definition.options.queue, attempt=attempt,
-        max_attempts=max_attempts,
+        max_attempts=max_attempts if max_attempts is not None else definition.max_attempts,
     )
     signal = asyncio.Event()
-    recorder = _MemoryRecorder(result.steps)
-    steps = StepApi(run, signal, cached, recorder, limit)
+    backend = _InlineBackend(run_id, result.steps, overrides)
+    steps = _InlineSteps(run, signal, history, backend, max_payload_bytes())
     try:
         ctx = WorkflowHandlerContext(input=decode(encode(input)), run=run, signal=signal, step=steps)
         async with asyncio.timeout(timeout_s):
@@ -76,7 +118,22 @@ async def run_inline(
         result.output = decode(encode(output))
     except (Exception, asyncio.CancelledError) as error:
         result.error = error if isinstance(error, Exception) else RedflowError("canceled")
-    for name, record in cached.items():
-        if step_overrides and name in step_overrides and steps.was_called(name):
-            result.steps.append(InlineStepResult(name=name, status="overridden", output=decode(record.o)))
+    for name in overrides:
+        if steps.was_called(name) and not any(s.name == name for s in result.steps):
+            result.steps.append(InlineStepResult(name=name, status="overridden", output=overrides[name]))
     return result
+
+
+class _InlineSteps(StepApi):
+    """Overrides replace a step's outcome wherever the handler calls it (no replay positions)."""
+
+    def _enter(self, name: str) -> tuple[int, StepRecord | None]:
+        if name in self._seen:
+            return super()._enter(name)
+        self._seen.add(name)
+        self._position += 1
+        record = self._latest.get(name)
+        if record is not None and record.k == "run" and record.s == "ok":
+            return self._position, record
+        return self._position, None
+

@@ -146,6 +146,21 @@ class StepState(TypedDict, total=False):
 
 
 @dataclass(slots=True)
+class ListEventsParams:
+    name: str | None = None
+    cursor: str | None = None  # an event id: the page starts after it
+    fanout_status: str | None = None  # pending | completed | partial | failed | no-subscribers
+    limit: int = 50
+    sort: Literal["asc", "desc"] = "desc"
+
+
+class EmitEventResult(TypedDict):
+    event_id: str
+    handles: list[Any]
+    resumed_run_ids: list[str]
+
+
+@dataclass(slots=True)
 class StartWorkerOptions:
     """Options of :func:`redflow.start_worker`. Times carry their unit in the name."""
 

@@ -55,7 +55,7 @@ class DefineWorkflowOptions:
 
 # Options the API accepts whose machinery is not part of this release yet; naming one is an error
 # rather than a silent no-op.
-_NOT_YET = ("cron", "event", "debounce", "mutex", "rate_limit", "throttle", "input_schema")
+_NOT_YET = ("debounce", "mutex", "rate_limit", "throttle", "input_schema")
 
 
 class WorkflowDefinition(Generic[OutputT]):
@@ -125,6 +125,13 @@ def _validate(options: DefineWorkflowOptions, handler: Any) -> None:
             f"workflow {name!r}: max_concurrency is not supported by this release yet; runs of a "
             "workflow are limited only by worker concurrency"
         )
+    from .leader.cron import validate_trigger
+
+    for trigger in options.cron or []:
+        validate_trigger(name, trigger)
+    for event in options.event or []:
+        if not isinstance(event, EventTrigger) or not isinstance(event.name, str) or not event.name.strip():
+            raise ConfigurationError(f"workflow {name!r}: event triggers must be EventTrigger(name=...), got {event!r}")
     for option in _NOT_YET:
         if getattr(options, option) not in (None, [], ()):
             raise ConfigurationError(f"workflow {name!r}: the {option!r} option is not supported by this release yet")

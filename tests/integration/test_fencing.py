@@ -24,7 +24,8 @@ async def test_stale_token_writes_are_rejected_after_reap(client: RedflowClient,
     assert await store.record_step(handle.id, old_token, line) is Code.OK
     await client.redis.execute("ZADD", client.keys.workers, 0, "old")  # its lease lapsed
 
-    _, leader, lapsed = await store.heartbeat("leader", 60_000, 60_000, True)
+    beat = await store.heartbeat("leader", 60_000, 60_000, True)
+    leader, lapsed = beat.leader, beat.lapsed_workers
     assert leader.startswith("leader:") and lapsed == 1
     code, taken, crashed, left = await store.reap(leader, "old", 3, 60_000, 100)
     assert (code, taken, crashed, left) == (Code.OK, 1, 0, 0)
@@ -35,12 +36,14 @@ async def test_stale_token_writes_are_rejected_after_reap(client: RedflowClient,
     assert runs[0].header.a == 1 and runs[0].header.x == 1  # same attempt, one lapse counted
     assert [s.n for s in runs[0].steps] == ["s"]  # the recorded step survives
     assert await store.record_step(handle.id, old_token, line) is Code.STALE
-    assert await store.finish(handle.id, old_token, "old", "succeeded", b"1", False, 1000) is Code.STALE
+    assert (await store.finish(handle.id, old_token, "old", "succeeded", b"1", False, 1000))[0] is Code.STALE
     assert await store.retry(handle.id, old_token, "old", "default", 0, b"{}") is Code.STALE
     assert await store.release(handle.id, old_token, "old", "default") is Code.STALE
     state = await client.get_run(handle.id)
     assert state is not None and state["status"] == "running"
-    assert await store.finish(handle.id, runs[0].token, "leader", "succeeded", b"2", False, 1000) is Code.OK
+    assert await store.finish(handle.id, runs[0].token, "leader", "succeeded", b"2", False, 1000) == (
+        Code.OK, "succeeded"
+    )
     state = await client.get_run(handle.id)
     assert state is not None and state["status"] == "succeeded" and state["output"] == 2
 
@@ -51,11 +54,11 @@ async def test_reap_requires_current_leader_and_lapsed_worker(
     store = client.store
     await store.ensure_ready()
     await store.heartbeat("alive", 60_000, 60_000, False)
-    _, leader, _ = await store.heartbeat("boss", 60_000, 60_000, True)
+    leader = (await store.heartbeat("boss", 60_000, 60_000, True)).leader
     assert (await store.reap(leader, "alive", 3, 1000, 10))[0] is Code.ALIVE
     assert (await store.reap("boss:999", "alive", 3, 1000, 10))[0] is Code.NOT_LEADER
     # a second candidate cannot take a held leadership
-    _, seen, _ = await store.heartbeat("other", 60_000, 60_000, True)
+    seen = (await store.heartbeat("other", 60_000, 60_000, True)).leader
     assert seen == leader
 
 
@@ -65,7 +68,7 @@ async def test_third_lapse_fails_run_as_crashed_and_queues_its_hook(
     wf = define_workflow("lapses", handler=_noop, registry=registry)
     store = client.store
     handle = await client.enqueue_definition(wf, None)
-    _, leader, _ = await store.heartbeat("boss", 60_000, 60_000, True)
+    leader = (await store.heartbeat("boss", 60_000, 60_000, True)).leader
     for lapse in range(1, 4):
         wid = f"w{lapse}"
         await store.heartbeat(wid, 60_000, 60_000, False)

@@ -65,7 +65,11 @@ def test_no_script_builds_key_names() -> None:
             target = call[1].strip()
             if call[0] == "PUBLISH":  # a channel, not a key
                 continue
-            assert target.startswith(("KEYS[", "ready", "sched", "bell", "q[", "index_key", "bell_key")), (
+            # KEYS[i], or a local bound to KEYS entries (queue triples, a table of KEYS, a chosen key)
+            assert target.startswith(
+                ("KEYS[", "ready", "sched", "bell", "q[", "q.", "k.", "index_key", "bell_key", "steps_key",
+                 "waits_key", "waiters_key", "outcome_key")
+            ), (
                 f"{name}: {call[0]} on {target} is not a key from KEYS"
             )
 

@@ -1,4 +1,4 @@
-"""Duties of the elected leader, run from its heartbeat: reaping and retention.
+"""Duties of the elected leader, run from its heartbeat: reaping, cron, delayed events, retention.
 
 Every duty is idempotent and fenced by the leader value (``<worker id>:<epoch>``) inside Lua, so a
 deposed leader that still acts is refused, and two leaders can never double-apply a duty.
@@ -11,9 +11,12 @@ import logging
 from typing import TYPE_CHECKING
 
 from .._redis.errors import RedisError
+from ..ids import new_run_id
 from ..storage.codes import Code
+from .cron import CronScheduler
 
 if TYPE_CHECKING:
+    from ..storage.store import Heartbeat
     from ..worker.worker import Worker
 
 log = logging.getLogger("redflow.leader")
@@ -23,18 +26,59 @@ class LeaderDuties:
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
         self._next_cleanup = 0.0
+        self.cron = CronScheduler(worker)
+        self._event_timer: asyncio.TimerHandle | None = None
 
-    async def tick(self, lapsed_workers: int) -> None:
+    async def tick(self, beat: Heartbeat) -> None:
         worker = self._worker
         try:
-            if lapsed_workers:
+            if beat.lapsed_workers:
                 await self.reap()
+            await self.cron.on_beat(beat)
+            if beat.next_event_due_ms >= 0:
+                await self.deliver_due_events(beat.server_ms, beat.next_event_due_ms)
             now = asyncio.get_running_loop().time()
             if now >= self._next_cleanup:
                 self._next_cleanup = now + worker.settings.cleanup_interval_s
                 await self.cleanup()
         except RedisError as exc:
             log.warning("leader %s: duty failed (%s); retried next heartbeat", worker.id, exc)
+
+    def step_down(self) -> None:
+        self.cron.stop()
+        if self._event_timer is not None:
+            self._event_timer.cancel()
+            self._event_timer = None
+
+    async def deliver_due_events(self, server_ms: int, next_due_ms: int) -> None:
+        """Fan out delayed events that are due; set a timer for the next one."""
+        worker = self._worker
+        events = worker.client.events
+        if next_due_ms <= server_ms:
+            for event_id in await events.due_events(server_ms, 100):
+                await events.deliver(
+                    event_id, retention_ms=worker.retention_ms,
+                    run_id_prefix=new_run_id(worker.store.keys.partition)[:24],
+                    run_id_suffix="-" + worker.store.keys.partition,
+                )
+            upcoming = await events.next_due_event_ms()
+            if upcoming is None:
+                return
+            next_due_ms = upcoming
+        if self._event_timer is not None:
+            self._event_timer.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, (next_due_ms - server_ms) / 1000)
+        self._event_timer = loop.call_later(delay, lambda: loop.create_task(self._deliver_from_timer()))
+
+    async def _deliver_from_timer(self) -> None:
+        self._event_timer = None
+        try:
+            sec, usec = await self._worker.store.redis.execute("TIME")
+            now = int(sec) * 1000 + int(usec) // 1000
+            await self.deliver_due_events(now, now)
+        except RedisError as exc:
+            log.warning("leader: delayed event delivery failed (%s); retried at the next heartbeat", exc)
 
     async def reap(self) -> None:
         """Take back the runs of every worker whose liveness lease lapsed."""
@@ -63,11 +107,12 @@ class LeaderDuties:
         """Delete runs past their retention deadline, in bounded batches."""
         worker = self._worker
         batch = worker.settings.cleanup_batch_size
-        total = 0
+        runs = events = 0
         for _ in range(20):
-            deleted = await worker.store.cleanup(batch)
-            total += deleted
-            if deleted < batch:
+            deleted_runs, deleted_events = await worker.store.cleanup(batch)
+            runs += deleted_runs
+            events += deleted_events
+            if deleted_runs < batch and deleted_events < batch:
                 break
-        if total:
-            log.info("leader %s: retention removed %d run(s)", worker.id, total)
+        if runs or events:
+            log.info("leader %s: retention removed %d run(s) and %d event(s)", worker.id, runs, events)

@@ -18,6 +18,10 @@ class Code(IntEnum):
     NOT_LEADER = 5  # the caller's leader token is not the current one
     ALIVE = 6  # the worker to reap renewed its lease after all
     NOT_FOUND = 7
+    RESOLVED = 8  # a wait was satisfied at once (event already buffered, child already ended)
+    CANCELED = 9  # the run's cancellation was requested: it must end as canceled
+    RETRY = 10  # the caller's view of dynamic keys was stale: re-read and call again
+    TERMINAL = 11  # the run already ended
 
 
 def lua_prelude() -> str:

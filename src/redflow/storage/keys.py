@@ -27,7 +27,23 @@ Key (type) — contents — lifetime:
   q:<queue>:sched (zset)  run id -> due time (ms)                         until due
   q:<queue>:bell (list)   at most one token: wakes a worker blocked on it  popped by workers
   idem:<wf>:<key> (str)   run id for an idempotency key                   EX idempotency TTL
-Channels: done:<run id> (a run reached a terminal status; payload = status).
+  children (zset, lex)    <parent id>:<child id> for runs started by steps  until retention
+  waits (hash)            run id -> the durable wait it is suspended in    while waiting
+  waiters (zset, lex)     <len>:<event>:<len>:<key>:<run id> event waits   while waiting
+  events (hash)           event id -> event record (fan-out summary)      until retention
+  event_data (hash)       event id -> {id, name, data, ts} JSON           until retention
+  event_index (zset, lex) a:<ts>:<id>, n:<len>:<name>:<ts>:<id>           until retention
+  event_expiry (zset)     event id -> retention deadline (ms)             until retention
+  event_buffer (zset,lex) <len>:<event>:<len>:<key>:<ts>:<id>, newest 64 per key  until retention
+  events_due (zset)       event id -> emit time of a delayed event        until delivered
+  evidem:<ev>:<key> (str) event id for an event idempotency key           EX idempotency TTL
+  subscribers (hash)      <len>:<event>:<workflow> -> {workflow, queue, max_attempts}  permanent
+  subscriber_index (zset) the same members, lexicographic                 permanent
+  crons (hash)            trigger id -> cron trigger definition           permanent
+  cron_last (hash)        trigger id -> last slot fired or skipped (ms)   permanent
+  cron_version (string)   bumped when triggers change                     permanent
+Channels: done:<run id> (a run reached a terminal status; payload = status); ctl:<worker id>
+(cancellation requests for runs that worker holds; payload = run id).
 """
 
 from __future__ import annotations
@@ -63,8 +79,10 @@ class PartitionKeys:
     """Key names of one partition under one prefix, computed once."""
 
     __slots__ = (
-        "base", "epoch", "errors", "expiry", "index", "inputs", "leader", "leases", "partition",
-        "prefix", "results", "runs", "seq", "steps", "version", "workers", "workflows",
+        "base", "children", "cron_last", "cron_version", "crons", "epoch", "errors", "event_buffer",
+        "event_data", "event_expiry", "event_index", "events", "events_due", "expiry", "index", "inputs",
+        "leader", "leases", "partition", "prefix", "results", "runs", "seq", "steps", "subscriber_index",
+        "subscribers", "version", "waiters", "waits", "workers", "workflows",
     )
 
     def __init__(self, prefix: str, partition: str = DEFAULT_PARTITION) -> None:
@@ -86,6 +104,20 @@ class PartitionKeys:
         self.leader = f"{base}:leader"
         self.epoch = f"{base}:epoch"
         self.seq = f"{base}:seq"
+        self.children = f"{base}:children"
+        self.waits = f"{base}:waits"
+        self.waiters = f"{base}:waiters"
+        self.events = f"{base}:events"
+        self.event_data = f"{base}:event_data"
+        self.event_index = f"{base}:event_index"
+        self.event_expiry = f"{base}:event_expiry"
+        self.event_buffer = f"{base}:event_buffer"
+        self.events_due = f"{base}:events_due"
+        self.subscribers = f"{base}:subscribers"
+        self.subscriber_index = f"{base}:subscriber_index"
+        self.crons = f"{base}:crons"
+        self.cron_last = f"{base}:cron_last"
+        self.cron_version = f"{base}:cron_version"
 
     def owned(self, worker_id: str) -> str:
         return f"{self.base}:owned:{worker_id}"
@@ -102,6 +134,15 @@ class PartitionKeys:
     def idempotency(self, workflow: str, key: str) -> str:
         return f"{self.base}:idem:{len(workflow)}:{workflow}:{key}"
 
+    def event_idempotency(self, event: str, key: str) -> str:
+        return f"{self.base}:evidem:{len(event)}:{event}:{key}"
+
+    def control_channel_prefix(self) -> str:
+        return f"{self.base}:ctl:"
+
+    def control_channel(self, worker_id: str) -> bytes:
+        return f"{self.base}:ctl:{worker_id}".encode()
+
     def done_channel(self, run_id: str) -> bytes:
         return f"{self.base}:done:{run_id}".encode()
 
@@ -110,3 +151,13 @@ class PartitionKeys:
 
     def foreign_markers(self) -> list[str]:
         return [f"{self.prefix}:{name}" for name in FOREIGN_LAYOUT_MARKERS]
+
+
+def tag(value: str) -> str:
+    """A length-prefixed member fragment, so one name can never read as a prefix of another."""
+    return f"{len(value)}:{value}:"
+
+
+def event_member_prefix(event: str, correlation_key: str) -> str:
+    """Member prefix of waiters and of the event buffer for (event name, correlation key)."""
+    return tag(event) + tag(correlation_key)

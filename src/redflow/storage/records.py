@@ -27,15 +27,28 @@ class RunHeader(msgspec.Struct, omit_defaults=True):
     h: int | None = None  # 1 while the on_failure hook is pending
     rc: int | None = None  # 1 when requeued without ending the attempt
     p: str | None = None  # parent run id
+    pq: str | None = None  # parent's queue, when the parent waits for this run to end
+    cr: int | None = None  # cancel requested at, ms
 
 
 class StepRecord(msgspec.Struct, omit_defaults=True):
+    """One line of a run's step history. A later line for the same name supersedes earlier ones.
+
+    ``s`` is "ok" for a completed step, "wait" for a durable wait in progress, and "done" for the
+    resolution of a wait (``r``: "timeout", "event", or the child's final status).
+    """
+
     n: str  # name
-    q: int  # sequence number within the run, from 1
+    q: int  # position of the step in the handler's sequence of steps, from 1
     a: int  # attempt that recorded it
-    o: msgspec.Raw = msgspec.Raw(b"null")  # output JSON
+    o: msgspec.Raw = msgspec.Raw(b"null")  # output JSON (for a resolved wait: the event or child outcome)
     t0: int = 0  # started at, ms
     t1: int = 0  # finished at, ms
+    s: str = "ok"  # ok | wait | done
+    k: str = "run"  # run | sleep | event | child | emit
+    r: str | None = None  # how a wait was resolved
+    u: int | None = None  # a wait's deadline, ms (server clock)
+    ch: str | None = None  # child run id
 
 
 _header_decoder = msgspec.json.Decoder(RunHeader)

@@ -36,6 +36,10 @@ SCRIPT_NAMES = (
     "reap",
     "resign",
     "cleanup",
+    "suspend",
+    "cancel",
+    "emit",
+    "cron_fire",
 )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._redis.client import RedisClient
 from ..errors import StorageLayoutError
@@ -15,6 +15,15 @@ from .records import ClaimedRun, RunHeader, StepRecord, decode_header, decode_st
 from .scripts import ScriptRunner
 
 log = logging.getLogger("redflow.storage")
+
+
+class Heartbeat(NamedTuple):
+    state: int  # 0 no entry (new, or reaped), 1 renewed, 2 lapsed but not reaped
+    leader: str  # "<worker id>:<epoch>" or ""
+    lapsed_workers: int
+    server_ms: int
+    cron_version: int
+    next_event_due_ms: int  # -1 when no delayed event is pending
 
 
 class Store:
@@ -67,9 +76,11 @@ class Store:
         idempotency_key: str | None,
         idempotency_ttl_s: int,
         parent_run_id: str | None,
+        parent_queue: str | None = None,
     ) -> tuple[Code, str, str]:
+        """Create a run. ``parent_queue`` is given when the parent will wait for this run to end."""
         k = self.keys
-        keys = [k.runs, k.inputs, k.index, k.ready(queue), k.scheduled(queue), k.bell(queue)]
+        keys = [k.runs, k.inputs, k.index, k.ready(queue), k.scheduled(queue), k.bell(queue), k.children]
         ttl = 0
         if idempotency_key is not None:
             keys.append(k.idempotency(workflow, idempotency_key))
@@ -77,7 +88,8 @@ class Store:
         reply = await self.scripts.call(
             "enqueue",
             keys,
-            (run_id, workflow, queue, input_json, max_attempts, run_at_ms, ttl, parent_run_id or ""),
+            (run_id, workflow, queue, input_json, max_attempts, run_at_ms, ttl, parent_run_id or "",
+             parent_queue or ""),
         )
         return Code(reply[0]), reply[1].decode(), reply[2].decode()
 
@@ -85,7 +97,10 @@ class Store:
         self, worker_id: str, queues: Sequence[str], max_runs: int, promote: int
     ) -> tuple[Code, int, list[ClaimedRun]]:
         k = self.keys
-        keys = [k.runs, k.inputs, k.steps, k.errors, k.leases, k.index, k.workers, k.seq, k.owned(worker_id)]
+        keys = [
+            k.runs, k.inputs, k.steps, k.errors, k.leases, k.index, k.workers, k.seq, k.owned(worker_id),
+            k.waits, k.waiters,
+        ]
         for queue in queues:
             keys += (k.ready(queue), k.scheduled(queue), k.bell(queue))
         reply = await self.scripts.call("claim", keys, (worker_id, max_runs, promote))
@@ -99,22 +114,34 @@ class Store:
         k = self.keys
         return Code(await self.scripts.call("step", (k.leases, k.steps), (run_id, token, line)))
 
+    def _parent_keys(self, parent_queue: str | None) -> list[str]:
+        """Keys a transition needs to resume a parent waiting for the run to end."""
+        if not parent_queue:
+            return []
+        k = self.keys
+        return [k.waits, k.waiters, k.steps, k.ready(parent_queue), k.scheduled(parent_queue), k.bell(parent_queue)]
+
     async def finish(
         self, run_id: str, token: bytes, worker_id: str, status: str, payload: bytes, hook: bool,
-        retention_ms: int,
-    ) -> Code:
+        retention_ms: int, parent_queue: str | None = None,
+    ) -> tuple[Code, str]:
+        """End a running run; returns the final status (canceled when cancellation was requested)."""
         k = self.keys
-        return Code(
-            await self.scripts.call(
-                "finish",
-                (k.runs, k.leases, k.results, k.errors, k.index, k.expiry, k.owned(worker_id)),
-                (run_id, token, status, payload, 1 if hook else 0, retention_ms, k.done_channel(run_id)),
-            )
+        reply = await self.scripts.call(
+            "finish",
+            [k.runs, k.leases, k.results, k.errors, k.index, k.expiry, k.owned(worker_id),
+             *self._parent_keys(parent_queue)],
+            (run_id, token, status, payload, 1 if hook else 0, retention_ms, k.done_channel(run_id)),
         )
+        code = Code(reply[0])
+        return code, reply[1].decode() if code is Code.OK else ""
 
-    async def hook_done(self, run_id: str, token: bytes, worker_id: str) -> Code:
+    async def hook_done(self, run_id: str, token: bytes, worker_id: str, parent_queue: str | None = None) -> Code:
         k = self.keys
-        return Code(await self.scripts.call("hook_done", (k.runs, k.leases, k.owned(worker_id)), (run_id, token)))
+        keys = [k.runs, k.leases, k.owned(worker_id)]
+        if parent_queue:
+            keys += [k.index, k.errors, *self._parent_keys(parent_queue)]
+        return Code(await self.scripts.call("hook_done", keys, (run_id, token)))
 
     async def retry(
         self, run_id: str, token: bytes, worker_id: str, queue: str, delay_ms: int, error: bytes,
@@ -129,6 +156,60 @@ class Store:
             )
         )
 
+    async def suspend(
+        self,
+        run_id: str,
+        token: bytes,
+        worker_id: str,
+        queue: str,
+        step: str,
+        position: int,
+        kind: str,
+        *,
+        delay_ms: int = -1,
+        due_ms: int = 0,
+        waiter_member: str = "",
+        child_id: str = "",
+        buffer_prefix: str = "",
+        consumed_events: tuple[str, ...] = (),
+    ) -> tuple[Code, str, bytes]:
+        """Start a durable wait: (OK, '', b'') when suspended, (RESOLVED, resolution, output) when it
+        was satisfied at once, or (STALE | CANCELED, '', b'')."""
+        k = self.keys
+        reply = await self.scripts.call(
+            "suspend",
+            (k.runs, k.leases, k.index, k.owned(worker_id), k.steps, k.waits, k.waiters, k.scheduled(queue),
+             k.bell(queue), k.results, k.errors, k.event_buffer, k.event_data),
+            (run_id, token, step, position, kind, delay_ms, due_ms, waiter_member, child_id, buffer_prefix,
+             *consumed_events),
+        )
+        code = Code(reply[0])
+        if code is Code.RESOLVED:
+            return code, reply[1].decode(), reply[2]
+        return code, "", b""
+
+    async def cancel(self, run_id: str, reason: str, retention_ms: int) -> tuple[Code, str]:
+        """Cancel one run: (OK, 'canceled' | 'requested'), (TERMINAL, status) or (NOT_FOUND, '')."""
+        k = self.keys
+        header = await self.read_header(run_id)
+        if header is None:
+            return Code.NOT_FOUND, ""
+        keys = [k.runs, k.index, k.errors, k.expiry, k.waits, k.waiters, k.steps, k.scheduled(header.q)]
+        if header.pq:
+            keys += [k.ready(header.pq), k.scheduled(header.pq), k.bell(header.pq)]
+        reply = await self.scripts.call(
+            "cancel", keys,
+            (run_id, reason, retention_ms, k.done_channel(run_id), k.control_channel_prefix()),
+        )
+        code = Code(reply[0])
+        return code, reply[1].decode() if len(reply) > 1 else ""
+
+    async def children_of(self, run_id: str) -> list[str]:
+        """Runs started by steps of ``run_id`` (the parent-to-child index)."""
+        start = f"[{run_id}:".encode()
+        members = await self.redis.execute("ZRANGEBYLEX", self.keys.children, start, start + b"\xff")
+        return [m.decode().split(":", 1)[1] for m in members]
+
     async def release(self, run_id: str, token: bytes, worker_id: str, queue: str) -> Code:
         k = self.keys
         return Code(
@@ -142,13 +223,15 @@ class Store:
     # --- workers and leadership ---------------------------------------------------------------------
     async def heartbeat(
         self, worker_id: str, lease_ms: int, leader_lease_ms: int, stand: bool
-    ) -> tuple[int, str, int]:
-        """(state, leader value or '', number of workers whose lease lapsed)."""
+    ) -> Heartbeat:
         k = self.keys
         reply = await self.scripts.call(
-            "heartbeat", (k.workers, k.leader, k.epoch), (worker_id, lease_ms, leader_lease_ms, 1 if stand else 0)
+            "heartbeat", (k.workers, k.leader, k.epoch, k.cron_version, k.events_due),
+            (worker_id, lease_ms, leader_lease_ms, 1 if stand else 0),
         )
-        return int(reply[1]), reply[2].decode(), int(reply[3])
+        return Heartbeat(
+            int(reply[1]), reply[2].decode(), int(reply[3]), int(reply[4]), int(reply[5]), int(reply[6])
+        )
 
     async def resign(self, worker_id: str) -> None:
         k = self.keys
@@ -185,14 +268,16 @@ class Store:
             return code, 0, 0, 0
         return code, int(reply[1]), int(reply[2]), int(reply[3])
 
-    async def cleanup(self, limit: int, cutoff_ms: int = 0) -> int:
+    async def cleanup(self, limit: int, cutoff_ms: int = 0) -> tuple[int, int]:
+        """Delete runs and events past retention: (runs deleted, events deleted)."""
         k = self.keys
         reply = await self.scripts.call(
             "cleanup",
-            (k.runs, k.inputs, k.results, k.errors, k.steps, k.leases, k.index, k.expiry),
+            (k.runs, k.inputs, k.results, k.errors, k.steps, k.leases, k.index, k.expiry, k.children,
+             k.events, k.event_data, k.event_index, k.event_expiry, k.event_buffer),
             (limit, cutoff_ms),
         )
-        return int(reply[1])
+        return int(reply[1]), int(reply[2])
 
     # --- reads ---------------------------------------------------------------------------------------
     async def read_header(self, run_id: str) -> RunHeader | None:

@@ -4,7 +4,9 @@ Ordering invariants:
 - a step output is written (fenced) before the handler continues past the step;
 - a terminal failure is durable (finish.lua) before on_failure runs, and the run stays owned until
   hook_done, so a crash during the hook hands the hook to another worker;
-- a STALE reply means another worker owns the run now: this attempt stops without writing anything.
+- a STALE reply means another worker owns the run now: this attempt stops without writing anything;
+- a run whose cancellation was requested ends as canceled (finish.lua enforces it) and never calls
+  on_failure.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import asyncio
 import inspect
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ..encoding import decode, encode_output
-from ..errors import RedflowError, UnknownWorkflowError
+from ..encoding import decode, encode, encode_output
+from ..errors import CanceledError, RedflowError, UnknownWorkflowError
 from ..retries import retry_delay_ms, serialize_error
-from ..step import LeaseLostError, StepApi
+from ..step import LeaseLostError, StepApi, Suspended
 from ..storage.codes import Code
+from ..storage.keys import event_member_prefix
 from ..storage.records import ClaimedRun, StepRecord, encode_step
 from ..types import OnFailureContext, RunContext, WorkflowHandlerContext
 
@@ -31,19 +35,6 @@ log = logging.getLogger("redflow.worker")
 UNKNOWN_WORKFLOW_DEFER_MS = 5_000
 
 
-class _RedisRecorder:
-    __slots__ = ("_run", "_store")
-
-    def __init__(self, store: Any, run: ClaimedRun) -> None:
-        self._store = store
-        self._run = run
-
-    async def record(self, record: StepRecord) -> None:
-        code = await self._store.record_step(self._run.id, self._run.token, encode_step(record))
-        if code is Code.STALE:
-            raise LeaseLostError(self._run.id)
-
-
 @dataclass(slots=True)
 class Execution:
     """A run in flight on this worker."""
@@ -52,7 +43,79 @@ class Execution:
     signal: asyncio.Event
     task: asyncio.Task[None] | None = None
     steps: StepApi | None = None
-    settled: bool = False  # a terminal, retry or release write was sent: nothing to hand back
+    settled: bool = False  # its outcome (terminal, retry, suspend) is written: nothing to hand back
+    cancel_requested: bool = False
+
+
+class _RedisBackend:
+    """The step API's durable operations for one execution, on the worker's store and client."""
+
+    __slots__ = ("_ex", "_worker")
+
+    def __init__(self, worker: Worker, ex: Execution) -> None:
+        self._worker = worker
+        self._ex = ex
+
+    async def record(self, record: StepRecord) -> None:
+        run = self._ex.claimed
+        code = await self._worker.store.record_step(run.id, run.token, encode_step(record))
+        if code is Code.STALE:
+            raise LeaseLostError(run.id)
+
+    async def suspend(
+        self, name: str, position: int, kind: str, *, delay_ms: int = -1, due_ms: int = 0,
+        event: tuple[str, str] | None = None, child_id: str = "", consumed: tuple[str, ...] = (),
+    ) -> tuple[str, bytes]:
+        run = self._ex.claimed
+        member = buffer_prefix = ""
+        if event is not None:
+            buffer_prefix = event_member_prefix(*event)
+            member = buffer_prefix + run.id
+        code, resolution, raw = await self._worker.store.suspend(
+            run.id, run.token, self._worker.id, run.header.q, name, position, kind, delay_ms=delay_ms,
+            due_ms=due_ms, waiter_member=member, child_id=child_id, buffer_prefix=buffer_prefix,
+            consumed_events=consumed,
+        )
+        if code is Code.RESOLVED:
+            return resolution, raw
+        if code is Code.STALE:
+            raise LeaseLostError(run.id)
+        if code is Code.CANCELED:
+            self._ex.cancel_requested = True
+            raise CanceledError(f"run {run.id} was canceled")
+        self._ex.settled = True
+        raise Suspended(run.id)
+
+    async def start_child(
+        self, name: str, workflow: Any, input: Any, *, wait: bool, run_at: datetime | None,
+        queue_override: str | None, idempotency_key: str, idempotency_ttl: int | None,
+    ) -> str:
+        run = self._ex.claimed
+        workflow_name = workflow if isinstance(workflow, str) else getattr(workflow, "name", None)
+        if not isinstance(workflow_name, str):
+            raise RedflowError(
+                f"step {name!r} in run {run.id}: workflow must be a name or a definition, got {workflow!r}"
+            )
+        handle = await self._worker.client.run_by_name(
+            workflow_name, input, idempotency_key=idempotency_key, idempotency_ttl=idempotency_ttl,
+            run_at=run_at, queue_override=queue_override, parent_run_id=run.id,
+            parent_queue=run.header.q if wait else None,
+        )
+        return handle.id
+
+    async def emit_event(
+        self, event_name: str, input: Any, *, correlation_key: str | None, event_id: str,
+        idempotency_key: str | None, idempotency_ttl: int | None, emit_at: datetime | None,
+    ) -> list[str]:
+        handles = await self._worker.client.emit_event(
+            event_name, input, correlation_key=correlation_key, event_id=event_id,
+            idempotency_key=idempotency_key, idempotency_ttl=idempotency_ttl, emit_at=emit_at,
+            parent_run_id=self._ex.claimed.id,
+        )
+        return [h.id for h in handles]
+
+    async def cancel_child(self, child_id: str, reason: str) -> None:
+        await self._worker.client.cancel_run(child_id, reason=reason)
 
 
 async def execute(worker: Worker, ex: Execution) -> None:
@@ -76,27 +139,51 @@ async def _run(worker: Worker, ex: Execution) -> None:
         # Another worker may have the definition (rolling deploy): defer, keeping the attempt.
         log.warning("run %s: workflow %r is not defined in this worker; deferring it", claimed.id, h.w)
         error = serialize_error(UnknownWorkflowError(h.w))
-        ex.settled = True
         await store.retry(claimed.id, claimed.token, worker.id, h.q, UNKNOWN_WORKFLOW_DEFER_MS, error, True)
+        ex.settled = True
         return
     run = RunContext(id=claimed.id, workflow=h.w, queue=h.q, attempt=h.a, max_attempts=h.m)
     input_value = decode(claimed.input)
-    cached = {r.n: r for r in claimed.steps}
-    steps = StepApi(run, ex.signal, cached, _RedisRecorder(store, claimed), worker.max_payload_bytes)
+    steps = StepApi(run, ex.signal, claimed.steps, _RedisBackend(worker, ex), worker.max_payload_bytes)
     ex.steps = steps
+    if h.cr is not None:
+        ex.cancel_requested = True
     ctx = WorkflowHandlerContext(input=input_value, run=run, signal=ex.signal, step=steps)
     try:
+        if ex.cancel_requested:
+            raise CanceledError(f"run {claimed.id} was canceled")
         output = await definition.handler(ctx)
-        data = encode_output(
-            output, f"output of workflow {h.w!r} in run {claimed.id}", worker.max_payload_bytes
-        )
-    except (LeaseLostError, asyncio.CancelledError):
+        data = encode_output(output, f"output of workflow {h.w!r} in run {claimed.id}", worker.max_payload_bytes)
+    except Suspended:
+        return
+    except LeaseLostError:
         raise
+    except asyncio.CancelledError:
+        if not ex.cancel_requested:
+            raise
+        await _finish_canceled(worker, ex)
+        return
     except Exception as error:
+        if ex.cancel_requested:
+            await _finish_canceled(worker, ex)
+            return
         await _fail_attempt(worker, ex, run, input_value, error)
         return
+    code, _ = await store.finish(
+        claimed.id, claimed.token, worker.id, "succeeded", data, False, worker.retention_ms, h.pq
+    )
     ex.settled = True
-    code = await store.finish(claimed.id, claimed.token, worker.id, "succeeded", data, False, worker.retention_ms)
+    if code is Code.STALE:
+        raise LeaseLostError(claimed.id)
+
+
+async def _finish_canceled(worker: Worker, ex: Execution) -> None:
+    claimed = ex.claimed
+    payload = encode({"name": "CanceledError", "kind": "canceled", "message": f"run {claimed.id} was canceled"})
+    code, _ = await worker.store.finish(
+        claimed.id, claimed.token, worker.id, "canceled", payload, False, worker.retention_ms, claimed.header.pq
+    )
+    ex.settled = True
     if code is Code.STALE:
         raise LeaseLostError(claimed.id)
 
@@ -113,19 +200,21 @@ async def _fail_attempt(
         log.warning("run %s: retry policy raised %r; failing the run", claimed.id, policy_error)
         error, delay = policy_error, None
     payload = serialize_error(error)
-    ex.settled = True
     if delay is not None:
         code = await worker.store.retry(claimed.id, claimed.token, worker.id, run.queue, delay, payload)
+        ex.settled = code is not Code.CANCELED
         if code is Code.STALE:
             raise LeaseLostError(claimed.id)
-        return
+        if code is not Code.CANCELED:
+            return
     hook = definition.options.on_failure is not None
-    code = await worker.store.finish(
-        claimed.id, claimed.token, worker.id, "failed", payload, hook, worker.retention_ms
+    code, status = await worker.store.finish(
+        claimed.id, claimed.token, worker.id, "failed", payload, hook, worker.retention_ms, claimed.header.pq
     )
+    ex.settled = True
     if code is Code.STALE:
         raise LeaseLostError(claimed.id)
-    if hook:
+    if hook and status == "failed":
         await _call_hook(worker, claimed, run, input_value, error)
 
 
@@ -135,9 +224,7 @@ async def _run_hook(worker: Worker, ex: Execution) -> None:
     h = claimed.header
     run = RunContext(id=claimed.id, workflow=h.w, queue=h.q, attempt=h.a, max_attempts=h.m)
     stored = decode(claimed.error) if claimed.error else {}
-    error = StoredError(stored)
-    ex.settled = True
-    await _call_hook(worker, claimed, run, decode(claimed.input), error)
+    await _call_hook(worker, claimed, run, decode(claimed.input), StoredError(stored))
 
 
 async def _call_hook(
@@ -152,7 +239,7 @@ async def _call_hook(
                 await result
         except Exception:
             log.exception("on_failure of run %s (workflow %r) raised", claimed.id, run.workflow)
-    code = await worker.store.hook_done(claimed.id, claimed.token, worker.id)
+    code = await worker.store.hook_done(claimed.id, claimed.token, worker.id, claimed.header.pq)
     if code is Code.STALE:
         raise LeaseLostError(claimed.id)
 

@@ -19,6 +19,7 @@ from typing import Any
 from .._redis.client import RedisClient
 from .._redis.connection import Connection
 from .._redis.errors import RedisError
+from .._redis.pubsub import Subscriber
 from ..client import RedflowClient, create_client
 from ..encoding import encode
 from ..registry import WorkflowRegistry, get_default_registry
@@ -52,6 +53,7 @@ class Worker:
         self._to_release: dict[str, Execution] = {}
         self._lease_guard: asyncio.TimerHandle | None = None
         self._leader: Any = None
+        self._control: Subscriber | None = None
         self.stopped = asyncio.Event()
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -62,6 +64,9 @@ class Worker:
         await self._warn_on_eviction()
         metas = {d.name: encode({**d.meta(), "app": self.client.app}) for d in self.registry.definitions()}
         await self.store.write_workflows(metas)
+        await self._register_triggers()
+        self._control = Subscriber(self.store.redis)
+        await self._control.subscribe(self.store.keys.control_channel(self.id), self._on_control)
         await self._heartbeat_once()
         self._leader = LeaderDuties(self)
         loop = asyncio.get_running_loop()
@@ -104,6 +109,10 @@ class Worker:
             await self.store.resign(self.id)
         except RedisError as exc:
             log.warning("worker %s could not resign cleanly: %s", self.id, exc)
+        if self._leader is not None:
+            self._leader.step_down()
+        if self._control is not None:
+            await self._control.close()
         await self.client.close()
         self.stopped.set()
 
@@ -121,6 +130,44 @@ class Worker:
                 log.warning("could not hand back run %s: %s", ex.claimed.id, result)
             else:
                 log.info("handed back run %s (%s)", ex.claimed.id, Code(result).name)
+
+    async def _register_triggers(self) -> None:
+        from ..leader.cron import cron_records
+
+        definitions = self.registry.definitions()
+        metas = {d.name: d.meta() for d in definitions}
+        subscriptions = {d.name: [t.name for t in (d.options.event or [])] for d in definitions}
+        crons = cron_records(definitions)
+        sec, usec = await self.store.redis.execute("TIME")
+        await self.client.events.register(metas, subscriptions, crons, int(sec) * 1000 + int(usec) // 1000)
+
+    # --- cancellation ----------------------------------------------------------------------------------
+    def _on_control(self, payload: bytes | None) -> None:
+        """A cancellation request for a run this worker holds (None: re-check all after a reconnect)."""
+        if payload is None:
+            asyncio.get_running_loop().create_task(self._recheck_cancellations())
+            return
+        self.cancel_local(payload.decode())
+
+    def cancel_local(self, run_id: str) -> None:
+        ex = self.active.get(run_id)
+        if ex is None or ex.cancel_requested or ex.claimed.kind != "run":
+            return
+        ex.cancel_requested = True
+        ex.signal.set()
+        if ex.steps is not None:
+            ex.steps.cancel_active()
+        if ex.task is not None:
+            ex.task.cancel()
+
+    async def _recheck_cancellations(self) -> None:
+        for run_id in list(self.active):
+            try:
+                header = await self.store.read_header(run_id)
+            except RedisError:
+                return
+            if header is not None and header.cr is not None:
+                self.cancel_local(run_id)
 
     # --- claiming ----------------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
@@ -196,9 +243,8 @@ class Worker:
     # --- liveness and leadership -------------------------------------------------------------------------
     async def _heartbeat_once(self) -> None:
         s = self.settings
-        state, leader, lapsed = await self.store.heartbeat(
-            self.id, s.lease_ms, s.leader_lease_ms, not self._stopping
-        )
+        beat = await self.store.heartbeat(self.id, s.lease_ms, s.leader_lease_ms, not self._stopping)
+        state, leader = beat.state, beat.leader
         loop = asyncio.get_running_loop()
         self._last_renewal = loop.time()
         if self._lease_guard is not None:
@@ -219,8 +265,11 @@ class Worker:
         self.leader_value = leader if self.is_leader else ""
         if self.is_leader != was_leader:
             log.info("worker %s %s leader (%s)", self.id, "became" if self.is_leader else "is no longer", leader)
-        if self.is_leader and self._leader is not None:
-            await self._leader.tick(lapsed)
+        if self._leader is not None:
+            if self.is_leader:
+                await self._leader.tick(beat)
+            elif was_leader:
+                self._leader.step_down()
 
     async def _heartbeat_loop(self) -> None:
         s = self.settings

@@ -1,5 +1,6 @@
 -- claim: promote due scheduled runs, then hand up to ARGV[2] runs of the worker's queues to
--- worker ARGV[1], each under a new fencing token. A queued run starts a new attempt unless it was
+-- worker ARGV[1], each under a new fencing token. A due run that was waiting durably has its wait
+-- resolved as 'timeout' (the end of a sleep, or a wait's deadline) and resumes on its own attempt. A queued run starts a new attempt unless it was
 -- handed back or recovered (h.rc); a failed run with a pending hook (h.h) is claimed to run on_failure.
 -- KEYS[1] runs
 -- KEYS[2] inputs
@@ -10,7 +11,9 @@
 -- KEYS[7] workers
 -- KEYS[8] seq
 -- KEYS[9] owned        owned:<worker id>
--- KEYS[10..] ready, scheduled, bell of each queue, in that order (3 keys per queue)
+-- KEYS[10] waits
+-- KEYS[11] waiters
+-- KEYS[12..] ready, scheduled, bell of each queue, in that order (3 keys per queue)
 -- ARGV[1] worker id
 -- ARGV[2] max runs to claim
 -- ARGV[3] max scheduled runs to promote per queue
@@ -31,7 +34,7 @@ local out = {C.OK, -1}
 local next_due = nil
 local got = 0
 
-for k = 10, #KEYS, 3 do
+for k = 12, #KEYS, 3 do
   local ready, sched, bell = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, promote)
   for _, id in ipairs(due) do
@@ -40,6 +43,14 @@ for k = 10, #KEYS, 3 do
     if raw then
       local h = cjson.decode(raw)
       if h.s == 'scheduled' then
+        local wraw = redis.call('HGET', KEYS[10], id)
+        if wraw then
+          local w = cjson.decode(wraw)
+          append_step(KEYS[3], id, resolution_line(w, h.a, 'timeout', 'null', now))
+          if w.m then redis.call('ZREM', KEYS[11], w.m) end
+          redis.call('HDEL', KEYS[10], id)
+          h.rc = 1
+        end
         set_status(KEYS[6], id, h, 'queued')
         redis.call('HSET', KEYS[1], id, cjson.encode(h))
         redis.call('RPUSH', ready, id)

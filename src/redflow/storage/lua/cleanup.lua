@@ -1,5 +1,5 @@
--- cleanup: delete up to ARGV[1] runs whose retention deadline has passed, with every index entry
--- and record they own.
+-- cleanup: delete up to ARGV[1] runs and up to ARGV[1] events whose retention deadline has passed,
+-- with every index entry and record they own.
 -- KEYS[1] runs
 -- KEYS[2] inputs
 -- KEYS[3] results
@@ -8,14 +8,21 @@
 -- KEYS[6] leases
 -- KEYS[7] index
 -- KEYS[8] expiry
--- ARGV[1] max runs to delete
+-- KEYS[9] children
+-- KEYS[10] events
+-- KEYS[11] event data
+-- KEYS[12] event index
+-- KEYS[13] event expiry
+-- KEYS[14] event buffer
+-- ARGV[1] max runs (and max events) to delete
 -- ARGV[2] cut-off in epoch ms (0 = server time now)
--- RETURNS {C.OK, runs deleted}
+-- RETURNS {C.OK, runs deleted, events deleted}
 --!include common
 
 local cutoff = tonumber(ARGV[2])
 if cutoff == 0 then cutoff = now_ms() end
-local ids = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[1]))
+local limit = tonumber(ARGV[1])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', cutoff, 'LIMIT', 0, limit)
 for _, id in ipairs(ids) do
   local raw = redis.call('HGET', KEYS[1], id)
   if raw then
@@ -23,6 +30,7 @@ for _, id in ipairs(ids) do
     local wf = wf_tag(h)
     redis.call('ZREM', KEYS[7], 's:' .. h.s .. ':' .. id, 'ws:' .. wf .. ':' .. h.s .. ':' .. id,
       'w:' .. wf .. ':' .. id)
+    if h.p then redis.call('ZREM', KEYS[9], h.p .. ':' .. id) end
   end
   redis.call('HDEL', KEYS[1], id)
   redis.call('HDEL', KEYS[2], id)
@@ -32,4 +40,18 @@ for _, id in ipairs(ids) do
   redis.call('HDEL', KEYS[6], id)
   redis.call('ZREM', KEYS[8], id)
 end
-return {C.OK, #ids}
+local events = redis.call('ZRANGEBYSCORE', KEYS[13], '-inf', cutoff, 'LIMIT', 0, limit)
+for _, id in ipairs(events) do
+  local raw = redis.call('HGET', KEYS[10], id)
+  if raw then
+    local rec = cjson.decode(raw)
+    local ts = string.format('%013d', rec.ts)
+    redis.call('ZREM', KEYS[12], 'a:' .. ts .. ':' .. id,
+      'n:' .. string.len(rec.name) .. ':' .. rec.name .. ':' .. ts .. ':' .. id)
+    if rec.buffer_member then redis.call('ZREM', KEYS[14], rec.buffer_member) end
+  end
+  redis.call('HDEL', KEYS[10], id)
+  redis.call('HDEL', KEYS[11], id)
+  redis.call('ZREM', KEYS[13], id)
+end
+return {C.OK, #ids, #events}

@@ -7,7 +7,8 @@
 -- KEYS[4] ready        q:<queue>:ready
 -- KEYS[5] scheduled    q:<queue>:sched
 -- KEYS[6] bell         q:<queue>:bell
--- KEYS[7] idempotency  idem:<wf>:<key> (present only when ARGV[7] > 0)
+-- KEYS[7] children
+-- KEYS[8] idempotency  idem:<wf>:<key> (present only when ARGV[7] > 0)
 -- ARGV[1] run id
 -- ARGV[2] workflow name
 -- ARGV[3] queue name
@@ -16,8 +17,10 @@
 -- ARGV[6] run_at, epoch ms (0 = now)
 -- ARGV[7] idempotency TTL in seconds (0 = no idempotency key)
 -- ARGV[8] parent run id ('' = none)
+-- ARGV[9] queue of the parent when it will wait for this run to end ('' = it will not)
 -- RETURNS {C.CREATED, run id, status} | {C.EXISTING, run id, status}
 --!include common
+--!include runs
 
 local id = ARGV[1]
 local existing = redis.call('HGET', KEYS[1], id)
@@ -27,7 +30,7 @@ end
 
 local ttl = tonumber(ARGV[7])
 if ttl > 0 then
-  local bound = redis.call('GET', KEYS[7])
+  local bound = redis.call('GET', KEYS[8])
   if bound then
     local raw = redis.call('HGET', KEYS[1], bound)
     if raw then
@@ -37,26 +40,11 @@ if ttl > 0 then
       end
     end
   end
-  redis.call('SET', KEYS[7], id, 'EX', ttl)
+  redis.call('SET', KEYS[8], id, 'EX', ttl)
 end
 
-local now = now_ms()
-local run_at = tonumber(ARGV[6])
-local h = {w = ARGV[2], q = ARGV[3], a = 0, m = tonumber(ARGV[5]), c = now}
-if ARGV[8] ~= '' then h.p = ARGV[8] end
-redis.call('ZADD', KEYS[3], 0, 'w:' .. wf_tag(h) .. ':' .. id)
-if run_at > now then
-  h.av = run_at
-  set_status(KEYS[3], id, h, 'scheduled')
-  local head = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
-  redis.call('ZADD', KEYS[5], run_at, id)
-  if not head[2] or run_at < tonumber(head[2]) then ring(KEYS[6]) end
-else
-  h.av = now
-  set_status(KEYS[3], id, h, 'queued')
-  redis.call('LPUSH', KEYS[4], id)
-  ring(KEYS[6])
-end
-redis.call('HSET', KEYS[1], id, cjson.encode(h))
-redis.call('HSET', KEYS[2], id, ARGV[4])
+local k = {runs = KEYS[1], inputs = KEYS[2], index = KEYS[3], ready = KEYS[4], sched = KEYS[5],
+  bell = KEYS[6], children = KEYS[7]}
+local h = create_run(k, id, ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8],
+  ARGV[9], now_ms())
 return {C.CREATED, id, h.s}

@@ -1,6 +1,8 @@
--- finish: end a running run as succeeded or failed, if the caller holds the current token.
--- With ARGV[5] = 1 the failure keeps the run owned (token and owned set) until its on_failure hook
--- has run; hook_done releases it. The terminal status is durable before any hook runs.
+-- finish: end a running run as succeeded, failed or canceled, if the caller holds the current token.
+-- A run whose cancellation was requested ends as canceled whatever the handler returned. With
+-- ARGV[5] = 1 a failure keeps the run owned (token and owned set) until its on_failure hook has run;
+-- hook_done releases it: the terminal status is durable before any hook runs. When a parent waits
+-- for this run (h.pq), the parent's wait is resolved and the parent queued again.
 -- KEYS[1] runs
 -- KEYS[2] leases
 -- KEYS[3] results
@@ -8,31 +10,41 @@
 -- KEYS[5] index
 -- KEYS[6] expiry
 -- KEYS[7] owned        owned:<worker id>
+-- KEYS[8] waits        (KEYS[8..13] only when the run has a waiting parent)
+-- KEYS[9] waiters
+-- KEYS[10] steps
+-- KEYS[11] parent ready   q:<parent queue>:ready
+-- KEYS[12] parent sched   q:<parent queue>:sched
+-- KEYS[13] parent bell    q:<parent queue>:bell
 -- ARGV[1] run id
 -- ARGV[2] fencing token
--- ARGV[3] status ('succeeded' | 'failed')
--- ARGV[4] output JSON (succeeded) or error JSON (failed)
+-- ARGV[3] status ('succeeded' | 'failed' | 'canceled')
+-- ARGV[4] output JSON (succeeded) or error JSON (failed, canceled)
 -- ARGV[5] 1 when an on_failure hook must run, else 0
 -- ARGV[6] retention in ms
 -- ARGV[7] done channel of the run
--- RETURNS C.OK | C.STALE
+-- RETURNS {C.OK, final status} | {C.STALE}
 --!include common
 
 local id = ARGV[1]
 if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then
-  return C.STALE
+  return {C.STALE}
 end
 local h = cjson.decode(redis.call('HGET', KEYS[1], id))
 local now = now_ms()
+local status, payload, hook = ARGV[3], ARGV[4], ARGV[5]
+if h.cr and status ~= 'canceled' then
+  status, payload, hook = 'canceled', canceled_error(id, h, h.cx or ''), '0'
+end
 h.f = now
-set_status(KEYS[5], id, h, ARGV[3])
-if ARGV[3] == 'succeeded' then
-  redis.call('HSET', KEYS[3], id, ARGV[4])
+set_status(KEYS[5], id, h, status)
+if status == 'succeeded' then
+  redis.call('HSET', KEYS[3], id, payload)
   redis.call('HDEL', KEYS[4], id)
 else
-  redis.call('HSET', KEYS[4], id, ARGV[4])
+  redis.call('HSET', KEYS[4], id, payload)
 end
-if ARGV[5] == '1' then
+if hook == '1' then
   h.h = 1
 else
   h.o = nil
@@ -41,5 +53,9 @@ else
 end
 redis.call('HSET', KEYS[1], id, cjson.encode(h))
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[6]), id)
-redis.call('PUBLISH', ARGV[7], ARGV[3])
-return C.OK
+redis.call('PUBLISH', ARGV[7], status)
+if h.pq and #KEYS >= 13 then
+  resume_waiter({runs = KEYS[1], index = KEYS[5], waits = KEYS[8], waiters = KEYS[9], steps = KEYS[10],
+    ready = KEYS[11], sched = KEYS[12], bell = KEYS[13]}, h.p, 'child', id, status, payload, now)
+end
+return {C.OK, status}

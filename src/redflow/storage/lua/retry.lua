@@ -13,7 +13,7 @@
 -- ARGV[3] delay in ms
 -- ARGV[4] error JSON of the failed attempt
 -- ARGV[5] 1 to keep the attempt number (deferral), 0 to start a new attempt when claimed
--- RETURNS C.OK | C.STALE
+-- RETURNS C.OK | C.STALE | C.CANCELED (its cancellation was requested: end it as canceled instead)
 --!include common
 
 local id = ARGV[1]
@@ -21,6 +21,9 @@ if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then
   return C.STALE
 end
 local h = cjson.decode(redis.call('HGET', KEYS[1], id))
+if h.cr then
+  return C.CANCELED
+end
 local due = now_ms() + tonumber(ARGV[3])
 h.av = due
 h.o = nil

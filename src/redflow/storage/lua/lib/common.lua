@@ -27,3 +27,56 @@ local function ring(bell_key)
     redis.call('LPUSH', bell_key, '1')
   end
 end
+
+local function append_step(steps_key, id, line)
+  local history = redis.call('HGET', steps_key, id)
+  if history then
+    redis.call('HSET', steps_key, id, history .. line)
+  else
+    redis.call('HSET', steps_key, id, line)
+  end
+end
+
+-- The history line that resolves a durable wait; `raw` is JSON inserted as the step's output.
+local function resolution_line(w, attempt, resolution, raw, now)
+  return '{"n":' .. cjson.encode(w.n) .. ',"q":' .. w.q .. ',"a":' .. attempt .. ',"o":' .. raw ..
+    ',"t1":' .. now .. ',"s":"done","k":"' .. w.k .. '","r":"' .. resolution .. '"' ..
+    (w.ch and (',"ch":' .. cjson.encode(w.ch)) or '') .. '}\n'
+end
+
+-- Ends the durable wait of run `id` (kind `kind`, child `child` when given): records the
+-- resolution in its history and queues it again on its own attempt. Returns the wait, or nil when
+-- the run is not waiting that way (already resumed, canceled, or waiting on something else).
+local function resume_waiter(k, id, kind, child, resolution, raw, now)
+  local wraw = redis.call('HGET', k.waits, id)
+  if not wraw then return nil end
+  local w = cjson.decode(wraw)
+  if w.k ~= kind or (child and w.ch ~= child) then return nil end
+  local h = cjson.decode(redis.call('HGET', k.runs, id))
+  append_step(k.steps, id, resolution_line(w, h.a, resolution, raw, now))
+  redis.call('HDEL', k.waits, id)
+  if w.m then redis.call('ZREM', k.waiters, w.m) end
+  redis.call('ZREM', k.sched, id)
+  h.rc = 1
+  h.av = now
+  set_status(k.index, id, h, 'queued')
+  redis.call('HSET', k.runs, id, cjson.encode(h))
+  redis.call('RPUSH', k.ready, id)
+  ring(k.bell)
+  return w
+end
+
+-- Drops the pending wait of a run that ends without resuming (canceled while waiting).
+local function drop_wait(waits_key, waiters_key, id)
+  local wraw = redis.call('HGET', waits_key, id)
+  if wraw then
+    local w = cjson.decode(wraw)
+    if w.m then redis.call('ZREM', waiters_key, w.m) end
+    redis.call('HDEL', waits_key, id)
+  end
+end
+
+local function canceled_error(id, h, reason)
+  return cjson.encode({name = 'CanceledError', kind = 'canceled',
+    message = reason ~= '' and reason or ('run ' .. id .. ' of workflow ' .. h.w .. ' was canceled')})
+end

@@ -1,0 +1,161 @@
+"""Client methods for events and cancellation (mixed into RedflowClient)."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .durations import datetime_ms
+from .encoding import encode_payload
+from .errors import ConfigurationError, RedflowError
+from .ids import new_run_id
+from .storage.codes import Code
+from .storage.event_store import EventStore
+from .types import IDEMPOTENCY_TTL_SEC, EmitEventResult, ListEventsParams
+
+if TYPE_CHECKING:
+    from .client import RunHandle
+    from .storage.keys import PartitionKeys
+    from .storage.store import Store
+
+FANOUT_STATUSES = frozenset({"pending", "completed", "partial", "failed", "no-subscribers"})
+
+
+def _check_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{what} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+class EventsMixin:
+    """Events (emit, history) and cancellation; RedflowClient provides the attributes below."""
+
+    store: Store
+    keys: PartitionKeys
+    retention_ms: int
+    max_payload_bytes: int
+    _events: EventStore | None
+
+    if TYPE_CHECKING:
+
+        def make_run_handle(self, run_id: str) -> RunHandle: ...
+
+    @property
+    def events(self) -> EventStore:
+        if self._events is None:
+            self._events = EventStore(self.store)
+        return self._events
+
+    async def emit_event(
+        self,
+        event_name: str,
+        input: Any = None,
+        *,
+        correlation_key: str | None = None,
+        emit_at: datetime | None = None,
+        event_id: str | None = None,
+        idempotency_key: str | None = None,
+        idempotency_ttl: int | None = None,
+        parent_run_id: str | None = None,
+    ) -> list[RunHandle]:
+        """Emit an event: one run per subscribed workflow; resumes runs waiting for it."""
+        result = await self.emit_event_detailed(
+            event_name, input, correlation_key=correlation_key, emit_at=emit_at, event_id=event_id,
+            idempotency_key=idempotency_key, idempotency_ttl=idempotency_ttl, parent_run_id=parent_run_id,
+        )
+        return result["handles"]
+
+    async def emit_event_detailed(
+        self,
+        event_name: str,
+        input: Any = None,
+        *,
+        correlation_key: str | None = None,
+        emit_at: datetime | None = None,
+        event_id: str | None = None,
+        idempotency_key: str | None = None,
+        idempotency_ttl: int | None = None,
+        parent_run_id: str | None = None,
+    ) -> EmitEventResult:
+        """Like emit_event, with the event id and the runs the event resumed."""
+        name = _check_name(event_name, "event_name")
+        corr = None if correlation_key is None else _check_name(correlation_key, "correlation_key")
+        eid = None if event_id is None else _check_name(event_id, "event_id")
+        if idempotency_key is not None:
+            _check_name(idempotency_key, "idempotency_key")
+        if emit_at is not None and not isinstance(emit_at, datetime):
+            raise ConfigurationError(f"emit_at of event {name!r} must be a datetime, got {emit_at!r}")
+        data = encode_payload(input, f"payload of event {name!r}", self.max_payload_bytes)
+        await self.store.ensure_ready()
+        generated = new_run_id(self.keys.partition)
+        eid = eid or "evt_" + generated.rsplit("-", 1)[0] + os.urandom(2).hex()
+        ttl = IDEMPOTENCY_TTL_SEC if idempotency_ttl is None else int(idempotency_ttl)
+        code, bound_id, record = await self.events.emit(
+            eid, name, data, correlation_key=corr, parent_run_id=parent_run_id,
+            emit_at_ms=datetime_ms(emit_at) if emit_at else 0, idempotency_key=idempotency_key,
+            idempotency_ttl_s=min(ttl, self.retention_ms // 1000), retention_ms=self.retention_ms,
+            run_id_prefix=generated[:24], run_id_suffix="-" + self.keys.partition,
+        )
+        if code is Code.TERMINAL:
+            raise RedflowError(f"event {bound_id!r} already exists with different content (name, data, "
+                               "correlation key or parent); event ids must identify one event")
+        handles = [self.make_run_handle(d["run_id"]) for d in record.get("deliveries", []) if d.get("run_id")]
+        return EmitEventResult(event_id=bound_id, handles=handles,
+                               resumed_run_ids=list(record.get("resumed_run_ids", [])))
+
+    async def get_event(self, event_id: str) -> dict[str, Any] | None:
+        await self.store.ensure_ready()
+        return await self.events.get_event(event_id)
+
+    async def list_events(
+        self, params: ListEventsParams | None = None
+    ) -> list[dict[str, Any]]:
+        """Events newest first (or oldest first), filtered by name and fan-out status, paged by cursor."""
+        p = params or ListEventsParams()
+        if p.sort not in ("asc", "desc"):
+            raise ConfigurationError(f"ListEventsParams.sort must be 'asc' or 'desc', got {p.sort!r}")
+        if p.fanout_status is not None and p.fanout_status not in FANOUT_STATUSES:
+            raise ConfigurationError(f"ListEventsParams.fanout_status must be one of {sorted(FANOUT_STATUSES)}")
+        limit = max(1, min(int(p.limit), 500))
+        await self.store.ensure_ready()
+        out: list[dict[str, Any]] = []
+        cursor = p.cursor
+        for _ in range(20):  # bounded work per call when filtering by status
+            ids = await self.events.list_event_ids(p.name, cursor, limit, p.sort == "desc")
+            if not ids:
+                break
+            for record in await self.events.read_events(ids):
+                if p.fanout_status is None or record.get("fanout_status") == p.fanout_status:
+                    out.append(record)
+            cursor = ids[-1]
+            if len(out) >= limit or len(ids) < limit:
+                break
+        return out[:limit]
+
+    async def list_event_definitions(self) -> list[dict[str, Any]]:
+        await self.store.ensure_ready()
+        return await self.events.event_definitions()
+
+    async def cancel_run(self, run_id: str, *, reason: str = "") -> bool:
+        """Cancel a run and every run its steps started; True if this call canceled it."""
+        await self.store.ensure_ready()
+        code, _ = await self._cancel_one(run_id, reason)
+        if code is not Code.OK:
+            return False
+        pending, seen = [run_id], {run_id}
+        while pending:
+            parent = pending.pop()
+            for child in await self.store.children_of(parent):
+                if child not in seen:
+                    seen.add(child)
+                    await self._cancel_one(child, f"parent run {parent} canceled")
+                    pending.append(child)
+        return True
+
+    async def _cancel_one(self, run_id: str, reason: str) -> tuple[Code, str]:
+        for _ in range(3):
+            code, outcome = await self.store.cancel(run_id, reason, self.retention_ms)
+            if code is not Code.RETRY:
+                return code, outcome
+        return Code.RETRY, ""

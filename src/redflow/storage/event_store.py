@@ -1,0 +1,238 @@
+"""Typed wrappers for events, subscriptions and cron triggers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+from ..encoding import decode, encode
+from .codes import Code
+from .keys import event_member_prefix, tag
+from .store import Store
+
+EVENT_BUFFER_BOUND = 64
+
+
+class EventStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.redis = store.redis
+
+    # --- registration ------------------------------------------------------------------------------
+    async def register(
+        self,
+        workflows: dict[str, dict[str, Any]],
+        subscriptions: dict[str, list[str]],
+        crons: dict[str, dict[str, Any]],
+        server_now_ms: int,
+    ) -> None:
+        """Publish what this build defines: for each of its workflows, the event subscriptions and
+        cron triggers it has now replace whatever an earlier build registered for that workflow."""
+        k = self.keys
+        redis = self.redis
+        old_subs = await redis.execute("ZRANGE", k.subscriber_index, 0, -1)
+        old_crons = await redis.execute("HGETALL", k.crons)
+        stale_subs = []
+        for member in old_subs:
+            text = member.decode()
+            sub = decode(await redis.execute("HGET", k.subscribers, member) or b"{}")
+            if sub.get("workflow") in workflows:
+                wanted = {tag(ev) + sub["workflow"] for ev in subscriptions.get(sub["workflow"], [])}
+                if text not in wanted:
+                    stale_subs.append(member)
+        if stale_subs:
+            await redis.execute("ZREM", k.subscriber_index, *stale_subs)
+            await redis.execute("HDEL", k.subscribers, *stale_subs)
+        for workflow, events in subscriptions.items():
+            meta = workflows[workflow]
+            for event in events:
+                member = tag(event) + workflow
+                record = {"event": event, "workflow": workflow, "queue": meta["queue"],
+                          "max_attempts": meta["max_attempts"]}
+                await redis.execute("HSET", k.subscribers, member, encode(record))
+                await redis.execute("ZADD", k.subscriber_index, 0, member)
+        stale_crons = []
+        for i in range(0, len(old_crons), 2):
+            trigger_id, record = old_crons[i].decode(), decode(old_crons[i + 1])
+            if record.get("workflow") in workflows and trigger_id not in crons:
+                stale_crons.append(trigger_id)
+        changed = bool(stale_crons)
+        if stale_crons:
+            await redis.execute("HDEL", k.crons, *stale_crons)
+        for trigger_id, record in crons.items():
+            data = encode(record)
+            current = await redis.execute("HGET", k.crons, trigger_id)
+            if current != data:
+                await redis.execute("HSET", k.crons, trigger_id, data)
+                changed = True
+            # A new trigger first fires at its next slot, not at a slot before it existed.
+            await redis.execute("HSETNX", k.cron_last, trigger_id, server_now_ms)
+        if changed:
+            await redis.execute("INCR", k.cron_version)
+
+    async def subscribers_of(self, event: str) -> list[dict[str, Any]]:
+        prefix = tag(event).encode()
+        members = await self.redis.execute("ZRANGEBYLEX", self.keys.subscriber_index, b"[" + prefix,
+                                           b"[" + prefix + b"\xff")
+        if not members:
+            return []
+        records = await self.redis.execute("HMGET", self.keys.subscribers, *members)
+        return [decode(r) for r in records if r is not None]
+
+    async def event_definitions(self) -> list[dict[str, Any]]:
+        members = await self.redis.execute("ZRANGE", self.keys.subscriber_index, 0, -1)
+        if not members:
+            return []
+        records = [decode(r) for r in await self.redis.execute("HMGET", self.keys.subscribers, *members) if r]
+        by_event: dict[str, list[dict[str, Any]]] = {}
+        for r in records:
+            by_event.setdefault(r["event"], []).append({"workflow": r["workflow"], "queue": r["queue"]})
+        return [{"event": name, "subscribers": subs} for name, subs in sorted(by_event.items())]
+
+    # --- emitting ----------------------------------------------------------------------------------
+    async def emit(
+        self,
+        event_id: str,
+        name: str,
+        data: bytes,
+        *,
+        correlation_key: str | None,
+        parent_run_id: str | None,
+        emit_at_ms: int,
+        idempotency_key: str | None,
+        idempotency_ttl_s: int,
+        retention_ms: int,
+        run_id_prefix: str,
+        run_id_suffix: str,
+        deliver: bool = False,
+    ) -> tuple[Code, str, dict[str, Any]]:
+        """Record and deliver an event; (CREATED | EXISTING | TERMINAL | NOT_FOUND, event id, record)."""
+        k = self.keys
+        fingerprint = hashlib.sha1(
+            b"\0".join([name.encode(), data, (correlation_key or "").encode(), (parent_run_id or "").encode()])
+        ).hexdigest()
+        member = event_member_prefix(name, correlation_key) if correlation_key else ""
+        queues = sorted({s["queue"] for s in await self.subscribers_of(name)})
+        idem_key = k.event_idempotency(name, idempotency_key) if idempotency_key else k.event_idempotency(name, "")
+        for _ in range(10):
+            keys = [
+                k.runs, k.inputs, k.index, k.events, k.event_data, k.event_index, k.event_expiry, k.event_buffer,
+                k.events_due, k.subscriber_index, k.subscribers, k.waits, k.waiters, k.steps, k.children, idem_key,
+            ]
+            for q in queues:
+                keys += (k.ready(q), k.scheduled(q), k.bell(q))
+            reply = await self.store.scripts.call(
+                "emit",
+                keys,
+                (
+                    event_id, name, data, correlation_key or "", parent_run_id or "", emit_at_ms,
+                    idempotency_ttl_s if idempotency_key else 0, retention_ms, "deliver" if deliver else "emit",
+                    fingerprint, tag(name), member, member, EVENT_BUFFER_BOUND, run_id_prefix, run_id_suffix,
+                    len(queues), *queues,
+                ),
+            )
+            code = Code(reply[0])
+            if code is Code.RETRY:
+                queues = sorted(set(queues) | {q.decode() for q in reply[1:]})
+                continue
+            if code in (Code.CREATED, Code.EXISTING):
+                return code, reply[1].decode(), normalize_event(decode(reply[3]))
+            return code, reply[1].decode() if len(reply) > 1 else event_id, {}
+        raise RuntimeError(f"event {event_id!r}: the set of subscriber queues kept changing during delivery")
+
+    async def deliver(self, event_id: str, *, retention_ms: int, run_id_prefix: str, run_id_suffix: str) -> Code:
+        """Fan out a delayed event that is due (idempotent: delivered events are left alone)."""
+        raw = await self.redis.execute("HGET", self.keys.events, event_id)
+        if raw is None:
+            await self.redis.execute("ZREM", self.keys.events_due, event_id)
+            return Code.NOT_FOUND
+        record = decode(raw)
+        code, _, _ = await self.emit(
+            event_id, record["name"], b"null", correlation_key=record.get("correlation_key"),
+            parent_run_id=record.get("parent_run_id"), emit_at_ms=0, idempotency_key=None, idempotency_ttl_s=0,
+            retention_ms=retention_ms, run_id_prefix=run_id_prefix, run_id_suffix=run_id_suffix, deliver=True,
+        )
+        return code
+
+    async def due_events(self, now_ms: int, limit: int) -> list[str]:
+        ids = await self.redis.execute("ZRANGEBYSCORE", self.keys.events_due, "-inf", now_ms, "LIMIT", 0, limit)
+        return [i.decode() for i in ids]
+
+    async def next_due_event_ms(self) -> int | None:
+        head = await self.redis.execute("ZRANGE", self.keys.events_due, 0, 0, "WITHSCORES")
+        return int(float(head[1])) if head else None
+
+    # --- reading -------------------------------------------------------------------------------------
+    async def get_event(self, event_id: str) -> dict[str, Any] | None:
+        raw, data = await asyncio.gather(
+            self.redis.execute("HGET", self.keys.events, event_id),
+            self.redis.execute("HGET", self.keys.event_data, event_id),
+        )
+        if raw is None:
+            return None
+        record = normalize_event(decode(raw))
+        record["data"] = decode(data)["data"] if data else None
+        return record
+
+    async def list_event_ids(
+        self, name: str | None, cursor: str | None, limit: int, descending: bool
+    ) -> list[str]:
+        prefix = (b"n:" + tag(name).encode()) if name else b"a:"
+        if cursor is None:
+            lo, hi = b"[" + prefix, b"[" + prefix + b"\xff"
+        else:
+            raw = await self.redis.execute("HGET", self.keys.events, cursor)
+            if raw is None:
+                return []
+            ts = decode(raw)["ts"]
+            mark = prefix + f"{ts:013d}:{cursor}".encode()
+            lo, hi = (b"[" + prefix, b"(" + mark) if descending else (b"(" + mark, b"[" + prefix + b"\xff")
+        if descending:
+            members = await self.redis.execute("ZREVRANGEBYLEX", self.keys.event_index, hi, lo, "LIMIT", 0, limit)
+        else:
+            members = await self.redis.execute("ZRANGEBYLEX", self.keys.event_index, lo, hi, "LIMIT", 0, limit)
+        return [m.decode().rsplit(":", 1)[1] for m in members]
+
+    async def read_events(self, ids: list[str]) -> list[dict[str, Any]]:
+        if not ids:
+            return []
+        raws = await self.redis.execute("HMGET", self.keys.events, *ids)
+        return [normalize_event(decode(r)) for r in raws if r is not None]
+
+    # --- cron ------------------------------------------------------------------------------------------
+    async def load_crons(self) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+        k = self.keys
+        crons_raw = await self.redis.execute("HGETALL", k.crons)
+        last_raw = await self.redis.execute("HGETALL", k.cron_last)
+        crons = {crons_raw[i].decode(): decode(crons_raw[i + 1]) for i in range(0, len(crons_raw), 2)}
+        last = {last_raw[i].decode(): int(last_raw[i + 1]) for i in range(0, len(last_raw), 2)}
+        return crons, last
+
+    async def cron_fire(self, trigger_id: str, slot_ms: int, run_id: str, record: dict[str, Any]) -> Code:
+        k = self.keys
+        queue = record["queue"]
+        workflow = record["workflow"]
+        reply = await self.store.scripts.call(
+            "cron_fire",
+            (k.cron_last, k.runs, k.inputs, k.index, k.ready(queue), k.scheduled(queue), k.bell(queue), k.children),
+            (trigger_id, slot_ms, run_id, workflow, queue, encode(record.get("input")), record["max_attempts"],
+             record.get("max_concurrency") or 0, f"ws:{tag(workflow)}running:"),
+        )
+        return Code(reply[0])
+
+
+def normalize_event(record: dict[str, Any]) -> dict[str, Any]:
+    """cjson writes empty arrays as {}; present the public shape of an event record."""
+    for field in ("deliveries", "resumed_run_ids"):
+        if record.get(field) == {}:
+            record[field] = []
+    record.pop("fp", None)
+    record.pop("buffer_member", None)
+    record.setdefault("correlation_key", None)
+    record.setdefault("parent_run_id", None)
+    record.setdefault("next_process_at", None)
+    record.setdefault("finished_at", None)
+    record.setdefault("failed_delivery_count", 0)
+    return record

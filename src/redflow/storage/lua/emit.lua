@@ -1,0 +1,175 @@
+-- emit: record an event and deliver it: one run per subscribing workflow (created here, in one
+-- batch) and the resumption of every run waiting for this event name and correlation key. An event
+-- with a future emit time is recorded as pending and delivered later by the leader (ARGV[9] =
+-- 'deliver'). Delivery is all-or-nothing: the caller names the queues it expects; if a subscriber or
+-- waiter needs a queue it did not name, nothing is written and C.RETRY lists what to add.
+-- KEYS[1] runs
+-- KEYS[2] inputs
+-- KEYS[3] index
+-- KEYS[4] events
+-- KEYS[5] event data
+-- KEYS[6] event index
+-- KEYS[7] event expiry
+-- KEYS[8] event buffer
+-- KEYS[9] events due
+-- KEYS[10] subscriber index
+-- KEYS[11] subscribers
+-- KEYS[12] waits
+-- KEYS[13] waiters
+-- KEYS[14] steps
+-- KEYS[15] children
+-- KEYS[16] event idempotency  evidem:<event>:<key> (a placeholder when ARGV[7] is 0)
+-- KEYS[17..] ready, scheduled, bell of each queue named in ARGV[18..], in that order
+-- ARGV[1] event id
+-- ARGV[2] event name
+-- ARGV[3] data JSON
+-- ARGV[4] correlation key ('' = none)
+-- ARGV[5] parent run id ('' = none)
+-- ARGV[6] emit at, epoch ms (0 = now)
+-- ARGV[7] idempotency TTL in seconds (0 = no idempotency key)
+-- ARGV[8] retention in ms
+-- ARGV[9] mode: 'emit' (new event) or 'deliver' (a pending event that is due)
+-- ARGV[10] fingerprint of (name, data, correlation key, parent)
+-- ARGV[11] subscriber member prefix (<len>:<event>:)
+-- ARGV[12] waiter member prefix (<len>:<event>:<len>:<key>:), '' without a correlation key
+-- ARGV[13] event buffer member prefix, '' without a correlation key
+-- ARGV[14] event buffer bound per (event, key)
+-- ARGV[15] first 24 characters of the subscriber run ids (time-sortable, random); the i-th
+--          subscriber's run id is that, two base32 characters for i, and ARGV[16]
+-- ARGV[16] run id suffix ('-<partition>')
+-- ARGV[17] number of queues named below
+-- ARGV[18..] queue names
+-- RETURNS {C.CREATED|C.EXISTING, event id, status, record JSON} | {C.RETRY, missing queue, ...}
+--       | {C.NOT_FOUND} (deliver of an unknown event) | {C.TERMINAL, event id} (conflicting reuse)
+--!include common
+--!include runs
+
+local id = ARGV[1]
+local mode = ARGV[9]
+local existing = redis.call('HGET', KEYS[4], id)
+if mode == 'emit' then
+  if tonumber(ARGV[7]) > 0 then
+    local bound = redis.call('GET', KEYS[16])
+    if bound and redis.call('HEXISTS', KEYS[4], bound) == 1 then
+      if existing and bound ~= id then return {C.TERMINAL, id} end
+      id = bound
+      existing = redis.call('HGET', KEYS[4], id)
+    end
+  end
+  if existing then
+    local rec = cjson.decode(existing)
+    if rec.fp ~= ARGV[10] then return {C.TERMINAL, id} end
+    return {C.EXISTING, id, rec.fanout_status, existing}
+  end
+elseif not existing then
+  return {C.NOT_FOUND}
+end
+
+local now = now_ms()
+local rec
+if mode == 'emit' then
+  rec = {id = id, name = ARGV[2], ts = now, fp = ARGV[10], deliveries = {}, resumed_run_ids = {},
+    subscriber_count = 0, delivery_count = 0, failed_delivery_count = 0, resumed_run_count = 0,
+    fanout_status = 'pending'}
+  if ARGV[4] ~= '' then rec.correlation_key = ARGV[4] end
+  if ARGV[5] ~= '' then rec.parent_run_id = ARGV[5] end
+  local emit_at = tonumber(ARGV[6])
+  if emit_at > now then
+    rec.ts = emit_at
+    rec.next_process_at = emit_at
+  end
+  if tonumber(ARGV[7]) > 0 then redis.call('SET', KEYS[16], id, 'EX', tonumber(ARGV[7])) end
+  redis.call('HSET', KEYS[5], id, '{"id":' .. cjson.encode(id) .. ',"name":' .. cjson.encode(ARGV[2]) ..
+    ',"data":' .. ARGV[3] .. ',"ts":' .. rec.ts .. '}')
+  local ts = string.format('%013d', rec.ts)
+  redis.call('ZADD', KEYS[6], 0, 'a:' .. ts .. ':' .. id, 0, 'n:' .. ARGV[11] .. ts .. ':' .. id)
+  if rec.next_process_at then
+    redis.call('HSET', KEYS[4], id, cjson.encode(rec))
+    redis.call('ZADD', KEYS[9], rec.next_process_at, id)
+    return {C.CREATED, id, 'pending', cjson.encode(rec)}
+  end
+else
+  rec = cjson.decode(existing)
+  if rec.fanout_status ~= 'pending' then return {C.EXISTING, id, rec.fanout_status, existing} end
+end
+
+local queues = {}
+for i = 18, 17 + tonumber(ARGV[17]) do
+  local j = 17 + (i - 18) * 3
+  queues[ARGV[i]] = {ready = KEYS[j], sched = KEYS[j + 1], bell = KEYS[j + 2]}
+end
+local missing = {}
+local subs = redis.call('ZRANGEBYLEX', KEYS[10], '[' .. ARGV[11], '[' .. ARGV[11] .. '\255')
+local subscribers = {}
+for _, member in ipairs(subs) do
+  local sub = cjson.decode(redis.call('HGET', KEYS[11], member) or '{}')
+  if sub.queue then
+    subscribers[#subscribers + 1] = sub
+    if not queues[sub.queue] then missing[#missing + 1] = sub.queue end
+  end
+end
+local waiting = {}
+if ARGV[12] ~= '' then
+  for _, member in ipairs(redis.call('ZRANGEBYLEX', KEYS[13], '[' .. ARGV[12], '[' .. ARGV[12] .. '\255')) do
+    local run_id = string.sub(member, #ARGV[12] + 1)
+    local raw = redis.call('HGET', KEYS[1], run_id)
+    if raw then
+      local q = cjson.decode(raw).q
+      waiting[#waiting + 1] = {id = run_id, q = q}
+      if not queues[q] then missing[#missing + 1] = q end
+    end
+  end
+end
+if #missing > 0 then
+  local out = {C.RETRY}
+  for _, q in ipairs(missing) do out[#out + 1] = q end
+  return out
+end
+
+local data = redis.call('HGET', KEYS[5], id)
+local input = ARGV[3]
+if mode == 'deliver' then
+  input = cjson.encode(cjson.decode(data).data)
+end
+local deliveries = {}
+local b32 = '0123456789ABCDEFGHJKMNPQRSTVWXYZ'
+for i, sub in ipairs(subscribers) do
+  local q = queues[sub.queue]
+  local hi, lo = math.floor(i / 32) % 32 + 1, i % 32 + 1
+  local run_id = ARGV[15] .. string.sub(b32, hi, hi) .. string.sub(b32, lo, lo) .. ARGV[16]
+  if redis.call('HEXISTS', KEYS[1], run_id) == 0 then
+    create_run({runs = KEYS[1], inputs = KEYS[2], index = KEYS[3], ready = q.ready, sched = q.sched,
+      bell = q.bell, children = KEYS[15]}, run_id, sub.workflow, sub.queue, input, sub.max_attempts, 0,
+      rec.parent_run_id or '', '', now)
+  end
+  deliveries[#deliveries + 1] = {workflow = sub.workflow, queue = sub.queue, status = 'delivered',
+    run_id = run_id, subscriber_event_id = id .. ':' .. sub.workflow}
+end
+local resumed = {}
+for _, wr in ipairs(waiting) do
+  local q = queues[wr.q]
+  local w = resume_waiter({runs = KEYS[1], index = KEYS[3], waits = KEYS[12], waiters = KEYS[13],
+    steps = KEYS[14], ready = q.ready, sched = q.sched, bell = q.bell}, wr.id, 'event', nil, 'event', data, now)
+  if w then resumed[#resumed + 1] = wr.id end
+end
+if ARGV[13] ~= '' then
+  local ts = string.format('%013d', rec.ts)
+  redis.call('ZADD', KEYS[8], 0, ARGV[13] .. ts .. ':' .. id)
+  local bound = tonumber(ARGV[14])
+  local all = redis.call('ZRANGEBYLEX', KEYS[8], '[' .. ARGV[13], '[' .. ARGV[13] .. '\255')
+  for i = 1, #all - bound do redis.call('ZREM', KEYS[8], all[i]) end
+  rec.buffer_member = ARGV[13] .. ts .. ':' .. id
+end
+rec.deliveries = deliveries
+rec.resumed_run_ids = resumed
+rec.subscriber_count = #subscribers
+rec.delivery_count = #deliveries
+rec.resumed_run_count = #resumed
+rec.fanout_status = #subscribers == 0 and 'no-subscribers' or 'completed'
+rec.finished_at = now
+rec.next_process_at = nil
+redis.call('ZREM', KEYS[9], id)
+local encoded = cjson.encode(rec)
+redis.call('HSET', KEYS[4], id, encoded)
+redis.call('ZADD', KEYS[7], now + tonumber(ARGV[8]), id)
+return {mode == 'emit' and C.CREATED or C.EXISTING, id, rec.fanout_status, encoded}

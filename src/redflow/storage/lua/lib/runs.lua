@@ -1,0 +1,28 @@
+-- Creating runs, shared by enqueue and event fan-out. Needs common.lua.
+
+-- Creates run `id` (it must not exist) queued now or scheduled at run_at; `k` holds the keys
+-- runs, inputs, index, ready, sched, bell of its queue, and children. Returns the header.
+local function create_run(k, id, workflow, queue, input, max_attempts, run_at, parent, parent_queue, now)
+  local h = {w = workflow, q = queue, a = 0, m = max_attempts, c = now}
+  if parent and parent ~= '' then
+    h.p = parent
+    redis.call('ZADD', k.children, 0, parent .. ':' .. id)
+    if parent_queue and parent_queue ~= '' then h.pq = parent_queue end
+  end
+  redis.call('ZADD', k.index, 0, 'w:' .. wf_tag(h) .. ':' .. id)
+  if run_at > now then
+    h.av = run_at
+    set_status(k.index, id, h, 'scheduled')
+    local head = redis.call('ZRANGE', k.sched, 0, 0, 'WITHSCORES')
+    redis.call('ZADD', k.sched, run_at, id)
+    if not head[2] or run_at < tonumber(head[2]) then ring(k.bell) end
+  else
+    h.av = now
+    set_status(k.index, id, h, 'queued')
+    redis.call('LPUSH', k.ready, id)
+    ring(k.bell)
+  end
+  redis.call('HSET', k.runs, id, cjson.encode(h))
+  redis.call('HSET', k.inputs, id, input)
+  return h
+end
