@@ -31,6 +31,7 @@ from .testing import InlineRunResult, InlineStepResult, run_inline
 from .types import (
     CronTrigger,
     EventTrigger,
+    ListEventsParams,
     OnFailureContext,
     ReceivedEvent,
     RetryPolicyContext,
@@ -58,6 +59,7 @@ __all__ = [
     "InlineRunResult",
     "InlineStepResult",
     "InputValidationError",
+    "ListEventsParams",
     "NonDeterminismError",
     "NonRetriableError",
     "OnFailureContext",

@@ -25,7 +25,7 @@ from .ids import new_run_id
 from .registry import WorkflowRegistry, get_default_registry
 from .storage.event_store import EventStore
 from .storage.keys import DEFAULT_PARTITION, PartitionKeys
-from .storage.records import RunHeader
+from .storage.records import RunHeader, StepRecord
 from .storage.store import Store
 from .types import IDEMPOTENCY_TTL_SEC, TERMINAL_STATUSES, RunState, StepState
 from .workflow import WorkflowDefinition
@@ -243,19 +243,12 @@ class RedflowClient(EventsMixin):
         return run_state(run_id, header, inp, out, err)
 
     async def get_run_steps(self, run_id: str) -> list[StepState]:
+        """The run's steps in handler order, each in its latest recorded state."""
         await self.store.ensure_ready()
-        return [
-            StepState(
-                name=r.n,
-                seq=r.q,
-                attempt=r.a,
-                status="succeeded",
-                started_at=r.t0,
-                finished_at=r.t1,
-                output=decode(r.o),
-            )
-            for r in await self.store.read_steps(run_id)
-        ]
+        latest: dict[str, StepRecord] = {}
+        for record in await self.store.read_steps(run_id):
+            latest[record.n] = record
+        return [step_state(r) for r in sorted(latest.values(), key=lambda r: r.q)]
 
     async def wait_for_result(self, run_id: str, *, timeout_ms: int = DEFAULT_RESULT_TIMEOUT_MS) -> Any:
         """Wait until the run ends; woken by the run's completion message, never by polling."""
@@ -305,6 +298,23 @@ def _result_of(run_id: str, status: str, out: bytes | None, err: bytes | None) -
     if status == "canceled":
         raise CanceledError(f"Run canceled: run {run_id}: {error.get('message', '')}")
     raise RunFailedError(run_id, error)
+
+
+def step_state(r: StepRecord) -> StepState:
+    status = "succeeded"
+    if r.s == "wait":
+        status = "running"
+    elif r.r in ("failed", "canceled"):
+        status = r.r
+    state = StepState(name=r.n, seq=r.q, attempt=r.a, status=status, started_at=r.t0, finished_at=r.t1,
+                      output=decode(r.o))
+    if r.k != "run":
+        state["kind"] = r.k
+    if r.u is not None:
+        state["wait_until_at"] = r.u
+    if r.ch is not None:
+        state["child_run_id"] = r.ch
+    return state
 
 
 def run_state(

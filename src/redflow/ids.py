@@ -24,3 +24,11 @@ def new_run_id(partition: str, now_ms: int | None = None) -> str:
     ms = int(time.time() * 1000) if now_ms is None else now_ms
     rand = int.from_bytes(os.urandom(10), "big")
     return f"{_b32(ms, 10)}{_b32(rand, 16)}-{partition}"
+
+
+def run_id_time_ms(run_id: str) -> int:
+    """The creation time (ms) a run id carries in its first 10 characters."""
+    value = 0
+    for ch in run_id[:10]:
+        value = value * 32 + _ALPHABET.index(ch)
+    return value

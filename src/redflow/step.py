@@ -150,6 +150,12 @@ class StepApi:
         await self._backend.record(record)
         self._latest[name] = record
 
+    def _resolved(self, name: str, position: int, kind: str, resolution: str, raw: bytes, **extra: Any) -> None:
+        """Mirror a wait resolved at once by the backend (it recorded the resolution itself)."""
+        self._latest[name] = StepRecord(
+            n=name, q=position, a=self._run.attempt, o=msgspec.Raw(raw), s="done", k=kind, r=resolution, **extra
+        )
+
     # --- steps ------------------------------------------------------------------------------------------
     async def run(
         self,
@@ -234,6 +240,7 @@ class StepApi:
         else:
             kwargs["delay_ms"] = duration_ms(timeout, f"timeout of {self._where(name)}")
         resolution, raw = await self._backend.suspend(name, position, "event", **kwargs)
+        self._resolved(name, position, "event", resolution, raw)
         return decode(raw) if resolution == "event" else None
 
     async def run_workflow(
@@ -262,6 +269,7 @@ class StepApi:
             )
         delay = -1 if timeout_ms is None else duration_ms(timeout_ms, f"timeout_ms of {self._where(name)}")
         resolution, raw = await self._backend.suspend(name, position, "child", delay_ms=delay, child_id=child_id)
+        self._resolved(name, position, "child", resolution, raw, ch=child_id)
         return await self._child_outcome(name, resolution, raw, child_id)
 
     async def _child_outcome(self, name: str, resolution: str, raw: bytes, child_id: str) -> Any:

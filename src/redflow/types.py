@@ -139,10 +139,13 @@ class StepState(TypedDict, total=False):
     name: str
     seq: int
     attempt: int
-    status: str
+    status: str  # running (a wait in progress) | succeeded | failed | canceled
     started_at: int
     finished_at: int
     output: Any
+    kind: str  # sleep | event | child | emit (absent for step.run)
+    wait_until_at: int
+    child_run_id: str
 
 
 @dataclass(slots=True)

@@ -77,3 +77,36 @@ async def slow_step(ctx: WorkflowHandlerContext[Any]) -> dict[str, Any]:
 
 
 define_workflow("slow-step", handler=slow_step, registry=registry)
+
+
+async def durable_sleeper(ctx: WorkflowHandlerContext[Any]) -> str:
+    async def before() -> int:
+        return await _count(f"sleeper-before:{ctx.run.id}")
+
+    await ctx.step.run("before", before)
+    await ctx.step.wait_for("nap", "1500ms")
+    await _count(f"sleeper-after:{ctx.run.id}")
+    return "slept"
+
+
+async def event_waiter(ctx: WorkflowHandlerContext[Any]) -> Any:
+    event = await ctx.step.wait_for_event("wait", "proc.callback", ctx.input["key"], "60s")
+    await _count(f"waiter-after:{ctx.run.id}")
+    return event["data"] if event else None
+
+
+async def child_sleeper(ctx: WorkflowHandlerContext[Any]) -> str:
+    await ctx.step.wait_for("child-nap", "1500ms")
+    return "child-done"
+
+
+async def parent_of_sleeper(ctx: WorkflowHandlerContext[Any]) -> str:
+    out = await ctx.step.run_workflow("kid", "child-sleeper", None)
+    await _count(f"parent-after:{ctx.run.id}")
+    return f"parent:{out}"
+
+
+define_workflow("durable-sleeper", handler=durable_sleeper, registry=registry)
+define_workflow("event-waiter", handler=event_waiter, registry=registry)
+define_workflow("child-sleeper", handler=child_sleeper, registry=registry)
+define_workflow("parent-of-sleeper", handler=parent_of_sleeper, registry=registry)

@@ -193,7 +193,8 @@ class EventStore:
             members = await self.redis.execute("ZREVRANGEBYLEX", self.keys.event_index, hi, lo, "LIMIT", 0, limit)
         else:
             members = await self.redis.execute("ZRANGEBYLEX", self.keys.event_index, lo, hi, "LIMIT", 0, limit)
-        return [m.decode().rsplit(":", 1)[1] for m in members]
+        skip = len(prefix) + 14  # <prefix><13-digit ts>:<event id>
+        return [m[skip:].decode() for m in members]
 
     async def read_events(self, ids: list[str]) -> list[dict[str, Any]]:
         if not ids:

@@ -33,7 +33,7 @@ end
 local h = cjson.decode(redis.call('HGET', KEYS[1], id))
 local now = now_ms()
 local status, payload, hook = ARGV[3], ARGV[4], ARGV[5]
-if h.cr and status ~= 'canceled' then
+if h.cr then
   status, payload, hook = 'canceled', canceled_error(id, h, h.cx or ''), '0'
 end
 h.f = now
