@@ -10,6 +10,9 @@ from .client import (
 )
 from .errors import (
     CanceledError,
+    ConfigurationError,
+    CrashedError,
+    DuplicateStepError,
     InputValidationError,
     NonDeterminismError,
     NonRetriableError,
@@ -53,8 +56,11 @@ WorkerHandle = Worker
 
 __all__ = [
     "CanceledError",
+    "ConfigurationError",
+    "CrashedError",
     "CronTrigger",
     "DefineWorkflowOptions",
+    "DuplicateStepError",
     "EventTrigger",
     "InlineRunResult",
     "InlineStepResult",

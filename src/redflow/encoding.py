@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from .errors import OutputSerializationError, PayloadEncodingError, PayloadTooLargeError, RedflowError
+from .errors import ConfigurationError, OutputSerializationError, PayloadEncodingError, PayloadTooLargeError
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
@@ -26,9 +26,9 @@ def max_payload_bytes() -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise RedflowError(f"REDFLOW_MAX_PAYLOAD_BYTES must be an integer, got {raw!r}") from None
+        raise ConfigurationError(f"REDFLOW_MAX_PAYLOAD_BYTES must be an integer, got {raw!r}") from None
     if value <= 0:
-        raise RedflowError(f"REDFLOW_MAX_PAYLOAD_BYTES must be positive, got {value}")
+        raise ConfigurationError(f"REDFLOW_MAX_PAYLOAD_BYTES must be positive, got {value}")
     return value
 
 

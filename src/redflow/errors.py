@@ -127,6 +127,12 @@ class NonDeterminismError(RedflowError):
     kind = "non_determinism"
 
 
+class DuplicateStepError(RedflowError):
+    """A handler used one step name twice in a run (never retried: it would fail the same way)."""
+
+    kind = "duplicate_step"
+
+
 class StorageLayoutError(RedflowError):
     """The key prefix holds data written by another storage layout."""
 
@@ -155,6 +161,7 @@ NON_RETRYABLE_KINDS = frozenset(
         "rate_limited",
         "payload_too_large",
         "non_determinism",
+        "duplicate_step",
         "crashed",
     }
 )

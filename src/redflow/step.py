@@ -22,7 +22,7 @@ import msgspec
 
 from .durations import datetime_ms, duration_ms
 from .encoding import decode, encode_output
-from .errors import CanceledError, NonDeterminismError, RedflowError, TimeoutError
+from .errors import CanceledError, DuplicateStepError, NonDeterminismError, RedflowError, TimeoutError
 from .storage.records import StepRecord
 from .types import ReceivedEvent, RunContext
 
@@ -78,6 +78,14 @@ def accepts_signal(fn: Callable[..., Any]) -> bool:
         return _accepts_signal.__wrapped__(fn)
 
 
+def _is_async(fn: Callable[..., Any]) -> bool:
+    target = getattr(fn, "func", fn)  # functools.partial
+    if inspect.iscoroutinefunction(target):
+        return True
+    call = type(target).__dict__.get("__call__")  # an object with an async __call__
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -121,7 +129,7 @@ class StepApi:
         if not isinstance(name, str) or not name:
             raise RedflowError(f"run {self._run.id}: step name must be a non-empty string, got {name!r}")
         if name in self._seen:
-            raise RedflowError(
+            raise DuplicateStepError(
                 f"run {self._run.id} of workflow {self._run.workflow!r}: duplicate step name {name!r}; "
                 "step names must be unique within a run"
             )
@@ -177,7 +185,12 @@ class StepApi:
         started = _now_ms()
         self._active_signals.add(signal)
         try:
-            result = fn(*args, **kwargs)
+            if _is_async(fn):
+                result = fn(*args, **kwargs)
+            else:
+                # A plain function runs in a thread so it cannot stall the event loop (heartbeats,
+                # other runs) and its timeout applies.
+                result = asyncio.to_thread(fn, *args, **kwargs)
             if inspect.isawaitable(result):
                 if timeout_ms is None:
                     result = await result

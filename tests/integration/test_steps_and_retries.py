@@ -60,11 +60,14 @@ async def test_duplicate_step_name_rejected(client: RedflowClient, registry: Wor
         await ctx.step.run("same", one)
         await ctx.step.run("same", one)
 
-    wf = define_workflow("dup-step", handler=handler, max_attempts=1, registry=registry)
+    wf = define_workflow("dup-step", handler=handler, max_attempts=3, registry=registry)
     await make_worker()
     handle = await client.enqueue_definition(wf, None)
-    with pytest.raises(RunFailedError, match="duplicate step name 'same'"):
+    with pytest.raises(RunFailedError, match="duplicate step name 'same'") as info:
         await handle.result(timeout_ms=10_000)
+    assert info.value.error["kind"] == "duplicate_step"
+    state = await client.get_run(handle.id)
+    assert state is not None and state["attempt"] == 1  # not retried: it would fail the same way
 
 
 async def test_signal_injection_and_step_timeout(
@@ -276,3 +279,30 @@ async def test_step_cache_survives_replay_after_handback(
     assert body == ["first"]
     state = await client.get_run(handle.id)
     assert state is not None and state["attempt"] == 1
+
+
+async def test_sync_step_runs_in_a_thread_with_its_timeout(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
+    import threading
+    import time
+
+    threads: list[str] = []
+
+    def blocking(x: int) -> int:
+        threads.append(threading.current_thread().name)
+        return x + 1
+
+    def too_slow() -> None:
+        time.sleep(0.5)
+
+    async def handler(ctx: WorkflowHandlerContext) -> Any:
+        value = await ctx.step.run("sync", blocking, 1)
+        await ctx.step.run("slow", too_slow, timeout_ms=50)
+        return value
+
+    wf = define_workflow("sync-steps", handler=handler, max_attempts=1, registry=registry)
+    await make_worker()
+    with pytest.raises(RunFailedError, match="timed out after 50 ms"):
+        await (await client.enqueue_definition(wf, None)).result(timeout_ms=10_000)
+    assert threads and threads[0] != threading.main_thread().name

@@ -1,7 +1,8 @@
 """Duties of the elected leader, run from its heartbeat: reaping, cron, delayed events, retention.
 
-Every duty is idempotent and fenced by the leader value (``<worker id>:<epoch>``) inside Lua, so a
-deposed leader that still acts is refused, and two leaders can never double-apply a duty.
+Every duty is idempotent, so two leaders can never double-apply one: reaping is also fenced by the
+leader value (``<worker id>:<epoch>``) inside Lua; a cron slot fires at most once (cron_fire.lua);
+retention and delayed-event delivery only ever act on what is due.
 """
 
 from __future__ import annotations

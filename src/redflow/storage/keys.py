@@ -16,7 +16,8 @@ Key (type) — contents — lifetime:
   errors (hash)           run id -> last error JSON                       until retention
   steps (hash)            run id -> step records, one JSON per line       until retention
   leases (hash)           run id -> fencing token of the current attempt  while running
-  index (zset, lex)       s:<status>:<id>, w:<wf>:<id>, ws:<wf>:<status>:<id>  until retention
+  index (zset, lex)       s:<status>:<id>, w:<n>:<wf>:<id>, ws:<n>:<wf>:<status>:<id>  until retention
+                          (<n> = length of the workflow name, so no name is a prefix of another)
   expiry (zset)           run id -> retention deadline (ms)               until retention
   workflows (hash)        workflow name -> metadata JSON                  permanent
   workers (zset)          worker id -> liveness deadline (ms)             until reaped
@@ -26,7 +27,7 @@ Key (type) — contents — lifetime:
   q:<queue>:ready (list)  runs to claim: LPUSH to enqueue, RPOP to claim  drained by workers
   q:<queue>:sched (zset)  run id -> due time (ms)                         until due
   q:<queue>:bell (list)   at most one token: wakes a worker blocked on it  popped by workers
-  idem:<wf>:<key> (str)   run id for an idempotency key                   EX idempotency TTL
+  idem:<n>:<wf>:<key>     run id for an idempotency key (string)          EX idempotency TTL
   children (zset, lex)    <parent id>:<child id> for runs started by steps  until retention
   waits (hash)            run id -> the durable wait it is suspended in    while waiting
   waiters (zset, lex)     <len>:<event>:<len>:<key>:<run id> event waits   while waiting

@@ -261,7 +261,8 @@ class Store:
         reply = await self.scripts.call(
             "reap",
             keys,
-            (leader, worker_id, max_lapses, retention_ms, k.done_channel_prefix(), batch, *queues),
+            (leader, worker_id, max_lapses, retention_ms, k.done_channel_prefix(), batch, len(queues), *queues,
+             *ids),
         )
         code = Code(reply[0])
         if code is not Code.OK:

@@ -91,6 +91,8 @@ class Worker:
         leftovers = list(self.active.values())
         for ex in leftovers:
             ex.signal.set()
+            if ex.steps is not None:
+                ex.steps.cancel_active()
             if ex.task is not None:
                 ex.task.cancel()
         for ex in leftovers:

@@ -10,14 +10,16 @@
 -- KEYS[6] errors
 -- KEYS[7] expiry
 -- KEYS[8] owned        owned:<dead worker id>
--- KEYS[9..] ready, bell of each queue named in ARGV[7..], in that order (2 keys per queue)
+-- KEYS[9..] ready, bell of each queue named in ARGV[8..], in that order (2 keys per queue)
 -- ARGV[1] leader value of the caller (its fencing token)
 -- ARGV[2] dead worker id
 -- ARGV[3] lapses of one attempt before the run fails as crashed
 -- ARGV[4] retention in ms
 -- ARGV[5] done-channel prefix (the run id is appended)
--- ARGV[6] max runs to take back in this call
--- ARGV[7..] queue names
+-- ARGV[6] unused (kept for a stable argument layout)
+-- ARGV[7] number of queues n
+-- ARGV[8..] n queue names, then the run ids to take back (members of the owned set the caller read;
+--          ids no longer in the set are skipped)
 -- RETURNS {C.NOT_LEADER} | {C.ALIVE} | {C.OK, runs taken back, runs failed as crashed, runs left}
 --!include common
 
@@ -32,17 +34,19 @@ if score and tonumber(score) >= now then
 end
 
 local queues = {}
-for i = 7, #ARGV do
-  local k = 9 + (i - 7) * 2
+local nq = tonumber(ARGV[7])
+for i = 8, 7 + nq do
+  local k = 9 + (i - 8) * 2
   queues[ARGV[i]] = {KEYS[k], KEYS[k + 1]}
 end
 
 local max_lapses = tonumber(ARGV[3])
-local ids = redis.call('SPOP', KEYS[8], tonumber(ARGV[6]))
 local taken, crashed = 0, 0
 local skipped = {}
-for _, id in ipairs(ids) do
-  local raw = redis.call('HGET', KEYS[3], id)
+for i = 8 + nq, #ARGV do
+  local id = ARGV[i]
+  local raw = nil
+  if redis.call('SREM', KEYS[8], id) == 1 then raw = redis.call('HGET', KEYS[3], id) end
   if raw then
     local h = cjson.decode(raw)
     local q = queues[h.q]
