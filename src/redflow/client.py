@@ -11,6 +11,7 @@ from typing import Any
 from ._redis.client import RedisClient, ServerAddress
 from ._redis.pubsub import Subscriber
 from .client_events import EventsMixin
+from .client_queries import QueriesMixin
 from .durations import datetime_ms
 from .encoding import decode, encode_payload, max_payload_bytes
 from .errors import (
@@ -73,7 +74,7 @@ class RunHandle:
         return f"RunHandle({self.id!r})"
 
 
-class RedflowClient(EventsMixin):
+class RedflowClient(EventsMixin, QueriesMixin):
     """Access to one redflow deployment (a Redis server and a key prefix)."""
 
     def __init__(

@@ -149,6 +149,57 @@ class StepState(TypedDict, total=False):
 
 
 @dataclass(slots=True)
+class ListRunsParams:
+    status: RunStatus | None = None
+    workflow: str | None = None
+    cursor: str | None = None  # a run id: the page starts after it
+    limit: int = 50
+    sort: Literal["asc", "desc"] = "desc"
+
+
+@dataclass(slots=True)
+class SearchRunsParams:
+    status: RunStatus | None = None
+    workflow: str | None = None
+    queue: str | None = None
+    parent_run_id: str | None = None
+    query: str | None = None  # substring of the run id, workflow, input, output or error (bounded scan)
+    created_after: int | None = None  # epoch ms
+    created_before: int | None = None  # epoch ms
+    cursor: str | None = None
+    limit: int = 50
+    sort: Literal["asc", "desc"] = "desc"
+
+
+class ListedRun(TypedDict):
+    id: str
+    workflow: str
+    queue: str
+    status: str
+    error: dict[str, Any] | None
+    created_at: int
+    cursor: str
+    available_at: int | None
+    started_at: int | None
+    finished_at: int | None
+    attempt: int
+    max_attempts: int
+    parent_run_id: str | None
+
+
+class SearchRunsResult(TypedDict):
+    runs: list[ListedRun]
+    scanned: int
+    cursor: str | None
+
+
+class RunStats(TypedDict):
+    total: int
+    by_status: dict[str, int]
+    backlog: dict[str, dict[str, int]]  # queue -> {"ready": n, "scheduled": n}
+
+
+@dataclass(slots=True)
 class ListEventsParams:
     name: str | None = None
     cursor: str | None = None  # an event id: the page starts after it

@@ -269,14 +269,14 @@ class Store:
             return code, 0, 0, 0
         return code, int(reply[1]), int(reply[2]), int(reply[3])
 
-    async def cleanup(self, limit: int, cutoff_ms: int = 0) -> tuple[int, int]:
+    async def cleanup(self, limit: int, cutoff_ms: int = 0, what: str = "both") -> tuple[int, int]:
         """Delete runs and events past retention: (runs deleted, events deleted)."""
         k = self.keys
         reply = await self.scripts.call(
             "cleanup",
             (k.runs, k.inputs, k.results, k.errors, k.steps, k.leases, k.index, k.expiry, k.children,
              k.events, k.event_data, k.event_index, k.event_expiry, k.event_buffer),
-            (limit, cutoff_ms),
+            (limit, cutoff_ms, what),
         )
         return int(reply[1]), int(reply[2])
 

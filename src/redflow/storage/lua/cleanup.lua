@@ -16,13 +16,17 @@
 -- KEYS[14] event buffer
 -- ARGV[1] max runs (and max events) to delete
 -- ARGV[2] cut-off in epoch ms (0 = server time now)
+-- ARGV[3] what to delete: 'runs', 'events' or 'both'
 -- RETURNS {C.OK, runs deleted, events deleted}
 --!include common
 
 local cutoff = tonumber(ARGV[2])
 if cutoff == 0 then cutoff = now_ms() end
 local limit = tonumber(ARGV[1])
-local ids = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', cutoff, 'LIMIT', 0, limit)
+local ids = {}
+if ARGV[3] ~= 'events' then
+  ids = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', cutoff, 'LIMIT', 0, limit)
+end
 for _, id in ipairs(ids) do
   local raw = redis.call('HGET', KEYS[1], id)
   if raw then
@@ -40,7 +44,10 @@ for _, id in ipairs(ids) do
   redis.call('HDEL', KEYS[6], id)
   redis.call('ZREM', KEYS[8], id)
 end
-local events = redis.call('ZRANGEBYSCORE', KEYS[13], '-inf', cutoff, 'LIMIT', 0, limit)
+local events = {}
+if ARGV[3] ~= 'runs' then
+  events = redis.call('ZRANGEBYSCORE', KEYS[13], '-inf', cutoff, 'LIMIT', 0, limit)
+end
 for _, id in ipairs(events) do
   local raw = redis.call('HGET', KEYS[10], id)
   if raw then

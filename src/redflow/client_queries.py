@@ -1,0 +1,257 @@
+"""Client queries over the run index, workflow metadata, stats and retention (mixed into RedflowClient).
+
+Every filter is served by a lexicographic index range (status, workflow, both, parent), so a page costs
+O(log n + page) whatever the size of the history. Only the free-text ``query`` of search_runs scans,
+and then at most ``SEARCH_SCAN_LIMIT`` runs per call, returning a cursor to continue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from typing import TYPE_CHECKING, Any
+
+from .encoding import decode
+from .errors import ConfigurationError
+from .ids import _b32
+from .storage.keys import tag
+from .storage.records import decode_header
+from .types import (
+    ListedRun,
+    ListRunsParams,
+    RunStats,
+    RunStatus,
+    SearchRunsParams,
+    SearchRunsResult,
+)
+
+if TYPE_CHECKING:
+    from .storage.keys import PartitionKeys
+    from .storage.store import Store
+
+STATUSES: tuple[RunStatus, ...] = ("scheduled", "queued", "running", "succeeded", "failed", "canceled")
+SEARCH_SCAN_LIMIT = 1000
+MAX_PAGE = 500
+
+
+def _check_page(sort: str, limit: int, status: str | None) -> int:
+    if sort not in ("asc", "desc"):
+        raise ConfigurationError(f"sort must be 'asc' or 'desc', got {sort!r}")
+    if status is not None and status not in STATUSES:
+        raise ConfigurationError(f"status must be one of {list(STATUSES)}, got {status!r}")
+    if not isinstance(limit, int) or limit < 1:
+        raise ConfigurationError(f"limit must be a positive integer, got {limit!r}")
+    return min(limit, MAX_PAGE)
+
+
+def _prefixes(status: str | None, workflow: str | None) -> list[bytes]:
+    if status and workflow:
+        return [f"ws:{tag(workflow)}{status}:".encode()]
+    if status:
+        return [f"s:{status}:".encode()]
+    if workflow:
+        return [f"w:{tag(workflow)}".encode()]
+    return [f"s:{s}:".encode() for s in STATUSES]
+
+
+class QueriesMixin:
+    """Run listing, search, workflow metadata, stats and retention; RedflowClient provides these:"""
+
+    store: Store
+    keys: PartitionKeys
+    retention_ms: int
+
+    # --- index pages ----------------------------------------------------------------------------------
+    async def _page(
+        self, key: str, prefix: bytes, cursor: str | None, limit: int, descending: bool,
+        created_after: int | None = None, created_before: int | None = None,
+    ) -> list[str]:
+        # Bounds as (member, inclusive). Ids start with their creation time, so a time range is a
+        # member range; the cursor (an id) tightens the bound on the side the page moves away from.
+        lo: tuple[bytes, bool] = (prefix + (_b32(created_after, 10).encode() if created_after else b""), True)
+        hi: tuple[bytes, bool] = (
+            (prefix + _b32(created_before, 10).encode(), False) if created_before else (prefix + b"\xff", True)
+        )
+        if cursor is not None:
+            mark = prefix + cursor.encode()
+            if descending and mark <= hi[0]:
+                hi = (mark, False)
+            elif not descending and mark >= lo[0]:
+                lo = (mark, False)
+        lo_arg = (b"[" if lo[1] else b"(") + lo[0]
+        hi_arg = (b"[" if hi[1] else b"(") + hi[0]
+        if descending:
+            members = await self.store.redis.execute("ZREVRANGEBYLEX", key, hi_arg, lo_arg, "LIMIT", 0, limit)
+        else:
+            members = await self.store.redis.execute("ZRANGEBYLEX", key, lo_arg, hi_arg, "LIMIT", 0, limit)
+        return [m[len(prefix):].decode() for m in members]
+
+    async def _ids(
+        self, prefixes: list[bytes], cursor: str | None, limit: int, descending: bool,
+        created_after: int | None = None, created_before: int | None = None, key: str | None = None,
+    ) -> list[str]:
+        pages = await asyncio.gather(*(
+            self._page(key or self.keys.index, p, cursor, limit, descending, created_after, created_before)
+            for p in prefixes
+        ))
+        if len(pages) == 1:
+            return pages[0]
+        merged = heapq.merge(*pages, reverse=descending)
+        return [run_id for _, run_id in zip(range(limit), merged, strict=False)]
+
+    async def _listed(self, ids: list[str]) -> list[ListedRun]:
+        if not ids:
+            return []
+        k = self.keys
+        headers, errors = await asyncio.gather(
+            self.store.redis.execute("HMGET", k.runs, *ids), self.store.redis.execute("HMGET", k.errors, *ids)
+        )
+        out: list[ListedRun] = []
+        for run_id, raw, err in zip(ids, headers, errors, strict=True):
+            if raw is None:
+                continue
+            h = decode_header(raw)
+            out.append(ListedRun(
+                id=run_id, workflow=h.w, queue=h.q, status=h.s, error=decode(err) if err else None,
+                created_at=h.c, cursor=run_id, available_at=h.av, started_at=h.sa, finished_at=h.f,
+                attempt=h.a, max_attempts=h.m, parent_run_id=h.p,
+            ))
+        return out
+
+    # --- public queries ---------------------------------------------------------------------------------
+    async def list_runs(self, params: ListRunsParams | None = None) -> list[ListedRun]:
+        """Runs newest first (or oldest first), by status and/or workflow, paged by run-id cursor."""
+        p = params or ListRunsParams()
+        limit = _check_page(p.sort, p.limit, p.status)
+        await self.store.ensure_ready()
+        ids = await self._ids(_prefixes(p.status, p.workflow), p.cursor, limit, p.sort == "desc")
+        return await self._listed(ids)
+
+    async def search_runs(self, params: SearchRunsParams) -> SearchRunsResult:
+        """Filtered run search; the index narrows it, ``queue`` and ``query`` filter a bounded scan."""
+        p = params
+        limit = _check_page(p.sort, p.limit, p.status)
+        await self.store.ensure_ready()
+        descending = p.sort == "desc"
+        if p.parent_run_id:
+            prefixes, key = [f"{p.parent_run_id}:".encode()], self.keys.children
+        else:
+            prefixes, key = _prefixes(p.status, p.workflow), self.keys.index
+        needle = p.query.encode() if p.query else None
+        runs: list[ListedRun] = []
+        scanned = 0
+        cursor = p.cursor
+        exhausted = False
+        while len(runs) < limit and scanned < SEARCH_SCAN_LIMIT:
+            chunk = min(200, SEARCH_SCAN_LIMIT - scanned)
+            ids = await self._ids(prefixes, cursor, chunk, descending, p.created_after, p.created_before, key)
+            if not ids:
+                exhausted = True
+                break
+            scanned += len(ids)
+            cursor = ids[-1]
+            for run in await self._listed(ids):
+                if p.parent_run_id and (run["parent_run_id"] != p.parent_run_id or
+                                        (p.status and run["status"] != p.status) or
+                                        (p.workflow and run["workflow"] != p.workflow)):
+                    continue
+                if p.queue and run["queue"] != p.queue:
+                    continue
+                if needle is not None and not await self._matches(run, needle):
+                    continue
+                runs.append(run)
+                if len(runs) == limit:
+                    cursor = run["id"]
+                    break
+            if len(ids) < chunk:
+                exhausted = True
+                break
+        return SearchRunsResult(runs=runs, scanned=scanned, cursor=None if exhausted and len(runs) < limit else cursor)
+
+    async def _matches(self, run: ListedRun, needle: bytes) -> bool:
+        if needle in run["id"].encode() or needle in run["workflow"].encode():
+            return True
+        k = self.keys
+        inp, out, err = await asyncio.gather(
+            self.store.redis.execute("HGET", k.inputs, run["id"]),
+            self.store.redis.execute("HGET", k.results, run["id"]),
+            self.store.redis.execute("HGET", k.errors, run["id"]),
+        )
+        return any(blob is not None and needle in blob for blob in (inp, out, err))
+
+    async def list_workflows(self) -> list[str]:
+        await self.store.ensure_ready()
+        return sorted(n.decode() for n in await self.store.redis.execute("HKEYS", self.keys.workflows))
+
+    async def get_workflow_meta(self, name: str) -> dict[str, Any] | None:
+        await self.store.ensure_ready()
+        raw = await self.store.read_workflow(name)
+        return None if raw is None else dict(decode(raw))
+
+    async def list_workflows_meta(self) -> list[dict[str, Any]]:
+        await self.store.ensure_ready()
+        flat = await self.store.redis.execute("HGETALL", self.keys.workflows)
+        metas = [decode(flat[i + 1]) for i in range(0, len(flat), 2)]
+        return sorted(metas, key=lambda m: str(m.get("name")))
+
+    async def get_stats(self) -> RunStats:
+        """Runs by status (from the index) and the backlog of every registered queue."""
+        await self.store.ensure_ready()
+        redis, k = self.store.redis, self.keys
+        counts = await asyncio.gather(*(
+            redis.execute("ZLEXCOUNT", k.index, f"[s:{s}:".encode(), f"[s:{s}:".encode() + b"\xff") for s in STATUSES
+        ))
+        queues = sorted({str(m.get("queue", "default")) for m in await self.list_workflows_meta()})
+        sizes = await asyncio.gather(*(
+            c for q in queues for c in (redis.execute("LLEN", k.ready(q)), redis.execute("ZCARD", k.scheduled(q)))
+        ))
+        by_status: dict[str, int] = {s: int(c) for s, c in zip(STATUSES, counts, strict=True)}
+        backlog = {q: {"ready": int(sizes[2 * i]), "scheduled": int(sizes[2 * i + 1])} for i, q in enumerate(queues)}
+        return RunStats(total=sum(by_status.values()), by_status=by_status, backlog=backlog)
+
+    # --- retention ----------------------------------------------------------------------------------------
+    async def cleanup_expired_runs_now(self, *, reference_time_ms: int | None = None, limit: int | None = None) -> int:
+        """Delete runs whose retention ended (before ``reference_time_ms``, default now); returns how many."""
+        return await self._cleanup("runs", reference_time_ms, limit)
+
+    async def cleanup_expired_events_now(
+        self, *, reference_time_ms: int | None = None, limit: int | None = None
+    ) -> int:
+        """Delete events whose retention ended; returns how many."""
+        return await self._cleanup("events", reference_time_ms, limit)
+
+    async def _cleanup(self, what: str, reference_time_ms: int | None, limit: int | None) -> int:
+        await self.store.ensure_ready()
+        total = 0
+        batch = 500 if limit is None else max(1, min(500, limit))
+        while limit is None or total < limit:
+            step = batch if limit is None else min(batch, limit - total)
+            runs, events = await self.store.cleanup(step, reference_time_ms or 0, what)
+            deleted = runs if what == "runs" else events
+            total += deleted
+            if deleted < step:
+                break
+        return total
+
+    async def reset_runs(self) -> int:
+        """Development only: delete every run and event under the prefix, keep workflow registrations."""
+        keep = {self.keys.version, self.keys.workflows, self.keys.subscribers, self.keys.subscriber_index,
+                self.keys.crons, self.keys.cron_last, self.keys.cron_version}
+        return await self._delete_prefix(keep)
+
+    async def reset_state(self) -> int:
+        """Development only: delete everything under the prefix (scans the keyspace)."""
+        return await self._delete_prefix(set())
+
+    async def _delete_prefix(self, keep: set[str]) -> int:
+        redis = self.store.redis
+        cursor = b"0"
+        deleted = 0
+        pattern = f"{self.keys.prefix}:*"
+        while True:
+            cursor, keys = await redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            doomed = [key for key in keys if key.decode() not in keep]
+            if doomed:
+                deleted += int(await redis.execute("UNLINK", *doomed))
+            if cursor == b"0":
+                return deleted
