@@ -53,7 +53,9 @@ async def test_list_and_search_runs(client: RedflowClient, registry: WorkflowReg
     assert sorted(r["id"] for r in by_queue["runs"]) == sorted(h.id for h in beta)
     start = run_id_time_ms(alpha[2].id)
     window = await client.search_runs(
-        SearchRunsParams(workflow="q-alpha", created_after=start, created_before=run_id_time_ms(alpha[4].id), sort="asc")
+        SearchRunsParams(
+            workflow="q-alpha", created_after=start, created_before=run_id_time_ms(alpha[4].id), sort="asc"
+        )
     )
     assert [r["id"] for r in window["runs"]][:1] == [alpha[2].id]
     assert alpha[4].id not in [r["id"] for r in window["runs"]]
@@ -83,7 +85,9 @@ async def test_search_by_parent_stats_and_meta(client: RedflowClient, registry: 
     assert any(m["name"] == "q-child" for m in await client.list_workflows_meta())
 
 
-async def test_retention_cleanup_removes_every_trace(client: RedflowClient, registry: WorkflowRegistry, make_worker) -> None:
+async def test_retention_cleanup_removes_every_trace(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
     wf = define_workflow("q-expire", handler=_echo, registry=registry)
     await make_worker()
     handles = [await client.enqueue_definition(wf, {"n": n}) for n in range(20)]
