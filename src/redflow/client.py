@@ -119,7 +119,7 @@ class RedflowClient(EventsMixin, QueriesMixin):
             definition.name,
             queue_override or definition.options.queue,
             definition.max_attempts,
-            input,
+            definition.prepare_input(input),
             idempotency_key=idempotency_key,
             idempotency_ttl=idempotency_ttl,
             run_at=run_at,
@@ -146,6 +146,7 @@ class RedflowClient(EventsMixin, QueriesMixin):
         definition = self._registry().get(workflow_name)
         if definition is not None:
             queue, max_attempts = definition.options.queue, definition.max_attempts
+            input = definition.prepare_input(input)
         else:
             meta = await self._workflow_meta(workflow_name)
             if meta is None:

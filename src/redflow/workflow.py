@@ -19,6 +19,7 @@ from .types import (
     WorkflowRateLimitOptions,
     WorkflowRetryPolicy,
 )
+from .validation import InputSchema, schema_adapter
 
 if TYPE_CHECKING:
     from .client import RunHandle
@@ -55,7 +56,7 @@ class DefineWorkflowOptions:
 
 # Options the API accepts whose machinery is not part of this release yet; naming one is an error
 # rather than a silent no-op.
-_NOT_YET = ("debounce", "mutex", "rate_limit", "throttle", "input_schema")
+_NOT_YET = ("debounce", "mutex", "rate_limit", "throttle")
 
 
 class WorkflowDefinition(Generic[OutputT]):
@@ -65,6 +66,15 @@ class WorkflowDefinition(Generic[OutputT]):
         _validate(options, handler)
         self.options = options
         self.handler = handler
+        self.input_schema: InputSchema | None = (
+            None if options.input_schema is None else schema_adapter(options.name, options.input_schema)
+        )
+
+    def prepare_input(self, value: Any) -> Any:
+        """Validate ``value`` (if the workflow has a schema) and return its JSON-compatible form."""
+        if self.input_schema is None:
+            return value
+        return self.input_schema.to_json(self.input_schema.validate(value))
 
     @property
     def name(self) -> str:
@@ -82,6 +92,12 @@ class WorkflowDefinition(Generic[OutputT]):
             "max_attempts": self.max_attempts,
             "max_concurrency": self.options.max_concurrency,
             "stream_enabled": self.options.stream,
+            "input_json_schema": None if self.input_schema is None else self.input_schema.json_schema(),
+            "cron": [
+                {"expression": t.expression, "timezone": t.timezone, "input": t.input, "id": t.id}
+                for t in self.options.cron or []
+            ],
+            "event": [{"name": t.name, "id": t.id} for t in self.options.event or []],
         }
 
     async def run(

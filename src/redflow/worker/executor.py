@@ -143,15 +143,17 @@ async def _run(worker: Worker, ex: Execution) -> None:
         ex.settled = True
         return
     run = RunContext(id=claimed.id, workflow=h.w, queue=h.q, attempt=h.a, max_attempts=h.m)
-    input_value = decode(claimed.input)
+    input_value = raw_input = decode(claimed.input)
     steps = StepApi(run, ex.signal, claimed.steps, _RedisBackend(worker, ex), worker.max_payload_bytes)
     ex.steps = steps
     if h.cr is not None:
         ex.cancel_requested = True
-    ctx = WorkflowHandlerContext(input=input_value, run=run, signal=ex.signal, step=steps)
     try:
         if ex.cancel_requested:
             raise CanceledError(f"run {claimed.id} was canceled")
+        if definition.input_schema is not None:
+            input_value = definition.input_schema.validate(raw_input)
+        ctx = WorkflowHandlerContext(input=input_value, run=run, signal=ex.signal, step=steps)
         output = await definition.handler(ctx)
         data = encode_output(output, f"output of workflow {h.w!r} in run {claimed.id}", worker.max_payload_bytes)
     except Suspended:
@@ -167,7 +169,7 @@ async def _run(worker: Worker, ex: Execution) -> None:
         if ex.cancel_requested:
             await _finish_canceled(worker, ex)
             return
-        await _fail_attempt(worker, ex, run, input_value, error)
+        await _fail_attempt(worker, ex, run, raw_input, error)
         return
     code, _ = await store.finish(
         claimed.id, claimed.token, worker.id, "succeeded", data, False, worker.retention_ms, h.pq

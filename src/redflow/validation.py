@@ -1,0 +1,123 @@
+"""Workflow input schemas: a pydantic model, a msgspec Struct, or a JSON Schema dict.
+
+Input is validated before anything is written (at enqueue, when the definition is local) and again in
+the worker, which hands the validated object to the handler as ``ctx.input``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import msgspec
+
+from .errors import ConfigurationError, InputValidationError
+
+
+class InputSchema(ABC):
+    """Validates input against one schema; subclasses adapt each schema library."""
+
+    def __init__(self, workflow: str) -> None:
+        self.workflow = workflow
+
+    @abstractmethod
+    def validate(self, value: Any) -> Any:
+        """The validated input (a model or Struct instance, or the value itself); raises InputValidationError."""
+
+    def to_json(self, validated: Any) -> Any:
+        """The JSON-compatible form of a validated input, as stored."""
+        return validated
+
+    @abstractmethod
+    def json_schema(self) -> dict[str, Any]:
+        """The schema as JSON Schema, published with the workflow's metadata."""
+
+    def _fail(self, issues: list[dict[str, Any]]) -> InputValidationError:
+        summary = "; ".join(f"{i['path'] or '<root>'}: {i['message']}" for i in issues[:5])
+        return InputValidationError(f"input of workflow {self.workflow!r} is invalid: {summary}", issues)
+
+
+class _PydanticSchema(InputSchema):
+    def __init__(self, workflow: str, model: Any) -> None:
+        super().__init__(workflow)
+        self.model = model
+
+    def validate(self, value: Any) -> Any:
+        import pydantic
+
+        try:
+            return self.model.model_validate(value)
+        except pydantic.ValidationError as exc:
+            raise self._fail([
+                {"path": "/".join(str(p) for p in e["loc"]), "message": e["msg"], "keyword": e["type"]}
+                for e in exc.errors()
+            ]) from None
+
+    def to_json(self, validated: Any) -> Any:
+        return validated.model_dump(mode="json")
+
+    def json_schema(self) -> dict[str, Any]:
+        return dict(self.model.model_json_schema())
+
+
+class _StructSchema(InputSchema):
+    def __init__(self, workflow: str, struct: type[msgspec.Struct]) -> None:
+        super().__init__(workflow)
+        self.struct = struct
+
+    def validate(self, value: Any) -> Any:
+        if isinstance(value, self.struct):
+            value = msgspec.to_builtins(value)
+        try:
+            return msgspec.convert(value, self.struct)
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+            path = message.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in message else ""
+            raise self._fail([{"path": path, "message": message, "keyword": "type"}]) from None
+
+    def to_json(self, validated: Any) -> Any:
+        return msgspec.to_builtins(validated)
+
+    def json_schema(self) -> dict[str, Any]:
+        return dict(msgspec.json.schema(self.struct))
+
+
+class _JsonSchema(InputSchema):
+    def __init__(self, workflow: str, schema: dict[str, Any]) -> None:
+        super().__init__(workflow)
+        from jsonschema import Draft202012Validator, FormatChecker
+        from jsonschema.exceptions import SchemaError
+
+        try:
+            Draft202012Validator.check_schema(schema)
+        except SchemaError as exc:
+            raise ConfigurationError(
+                f"workflow {workflow!r}: input_schema is not a valid JSON Schema: {exc.message}"
+            ) from None
+        self.schema = schema
+        self._validator = Draft202012Validator(schema, format_checker=FormatChecker())
+
+    def validate(self, value: Any) -> Any:
+        errors = sorted(self._validator.iter_errors(value), key=lambda e: list(e.absolute_path))
+        if errors:
+            raise self._fail([
+                {"path": "/".join(str(p) for p in e.absolute_path), "message": e.message, "keyword": e.validator}
+                for e in errors
+            ])
+        return value
+
+    def json_schema(self) -> dict[str, Any]:
+        return self.schema
+
+
+def schema_adapter(workflow: str, schema: Any) -> InputSchema:
+    if isinstance(schema, dict):
+        return _JsonSchema(workflow, schema)
+    if isinstance(schema, type) and issubclass(schema, msgspec.Struct):
+        return _StructSchema(workflow, schema)
+    if isinstance(schema, type) and hasattr(schema, "model_validate") and hasattr(schema, "model_json_schema"):
+        return _PydanticSchema(workflow, schema)
+    raise ConfigurationError(
+        f"workflow {workflow!r}: input_schema must be a pydantic model class, a msgspec Struct class or a JSON "
+        f"Schema dict, got {schema!r}"
+    )
