@@ -9,7 +9,9 @@ the next command, so callers see a ``ConnectionClosedError`` once and then a fre
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -72,10 +74,25 @@ class ServerAddress:
         return self.unix_path or f"{self.host}:{self.port}/{self.db}"
 
 
+_clients: weakref.WeakSet[RedisClient] = weakref.WeakSet()
+
+
+def _forget_connections_after_fork() -> None:
+    # A forked child must not use its parent's sockets or event loop: every client reconnects lazily.
+    for client in list(_clients):
+        client._conn = None
+        client._connecting = None
+        client._dedicated = set()
+
+
+os.register_at_fork(after_in_child=_forget_connections_after_fork)
+
+
 class RedisClient:
     """Shared, lazily connected, self-healing access to one Redis server."""
 
     def __init__(self, address: ServerAddress, *, connect_timeout_s: float = 5.0) -> None:
+        _clients.add(self)
         self.address = address
         self.counters = Counters()
         self._connect_timeout_s = connect_timeout_s

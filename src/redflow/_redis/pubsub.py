@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +23,22 @@ Handler = Callable[[bytes | None], None]
 log = logging.getLogger("redflow.pubsub")
 
 
+_subscribers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    for sub in list(_subscribers):
+        sub._conn = None
+        sub._connecting = None
+        sub._handlers = {}
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 class Subscriber:
     def __init__(self, client: RedisClient) -> None:
+        _subscribers.add(self)
         self._client = client
         self._conn: Connection | None = None
         self._connecting: asyncio.Task[Connection] | None = None

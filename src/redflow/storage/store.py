@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -26,8 +28,20 @@ class Heartbeat(NamedTuple):
     next_event_due_ms: int  # -1 when no delayed event is pending
 
 
+_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    for store in list(_stores):
+        store._ready = None  # a future of the parent's event loop
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 class Store:
     def __init__(self, redis: RedisClient, keys: PartitionKeys) -> None:
+        _stores.add(self)
         self.redis = redis
         self.keys = keys
         self.scripts = ScriptRunner(redis)

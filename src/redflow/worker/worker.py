@@ -55,6 +55,8 @@ class Worker:
         self._leader: Any = None
         self._control: Subscriber | None = None
         self.stopped = asyncio.Event()
+        self.runs_done = 0
+        self.ready = False  # registered, scripts loaded, and the last heartbeat succeeded
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -240,6 +242,7 @@ class Worker:
             log.exception("run %s: internal error in the executor", ex.claimed.id)
         finally:
             self.active.pop(ex.claimed.id, None)
+            self.runs_done += 1
             self._slot_freed.set()
 
     # --- liveness and leadership -------------------------------------------------------------------------
@@ -262,6 +265,7 @@ class Worker:
             self._to_release.clear()
             await self._release(releasing)
         self._registered = True
+        self.ready = True
         was_leader = self.is_leader
         self.is_leader = leader.startswith(self.id + ":")
         self.leader_value = leader if self.is_leader else ""
@@ -281,6 +285,7 @@ class Worker:
             try:
                 await self._heartbeat_once()
             except RedisError as exc:
+                self.ready = False
                 silent_for = loop.time() - self._last_renewal
                 log.warning("worker %s: heartbeat failed (%s), %.1fs since the last renewal", self.id, exc, silent_for)
 

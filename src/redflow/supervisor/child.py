@@ -1,0 +1,110 @@
+"""The body of one forked worker process: a uvloop event loop running one worker until told to stop.
+
+Exit codes: 0 after a requested drain, RECYCLE after reaching its run budget (restart at once), and
+anything else for a crash (restart with backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ..types import StartWorkerOptions
+from ..worker.worker import Worker, start_worker
+from .config import SupervisorConfig
+
+RECYCLE = 75
+PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger("redflow.supervisor")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the supervisor dies, so no worker outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+        os._exit(0)
+
+
+def run_child(config: SupervisorConfig, url: str, slot: int, status_dir: Path, parent_pid: int) -> int:
+    die_with_parent(parent_pid)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - Windows
+        pass
+    return asyncio.run(_main(config, url, slot, status_dir))
+
+
+async def _main(config: SupervisorConfig, url: str, slot: int, status_dir: Path) -> int:
+    worker = await start_worker(
+        StartWorkerOptions(
+            app=config.app, url=url, prefix=config.prefix, queues=config.queues, concurrency=config.concurrency,
+            grace_period_ms=int(config.grace_period_s * 1000), lease_ms=config.lease_ms,
+        )
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    status_file = status_dir / f"worker-{os.getpid()}.json"
+    code = 0
+    try:
+        while not stop.is_set():
+            _write_status(status_file, worker, slot)
+            if config.max_runs_per_proc is not None and worker.runs_done >= config.max_runs_per_proc:
+                log.info("worker process %d ran %d runs: recycling", os.getpid(), worker.runs_done)
+                code = RECYCLE
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await stop.wait()
+    finally:
+        await worker.stop()
+        with contextlib.suppress(OSError):
+            status_file.unlink()
+    return code
+
+
+def _write_status(path: Path, worker: Worker, slot: int) -> None:
+    status = {
+        "pid": os.getpid(),
+        "slot": slot,
+        "worker_id": worker.id,
+        "ready": worker.ready,
+        "leader": worker.is_leader,
+        "leader_value": worker.leader_value,
+        "active_runs": len(worker.active),
+        "runs_done": worker.runs_done,
+        "ts": time.time(),
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status))
+    tmp.replace(path)
+
+
+def child_entry(config: SupervisorConfig, url: str, slot: int, status_dir: Path, parent_pid: int) -> None:
+    """Run in the forked child; never returns."""
+    code = 1
+    try:
+        code = run_child(config, url, slot, status_dir, parent_pid)
+    except BaseException:
+        log.exception("worker process %d crashed", os.getpid())
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

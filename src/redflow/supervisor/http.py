@@ -1,0 +1,106 @@
+"""The supervisor's HTTP endpoint: /healthz, /readyz and /metrics, from the workers' status files.
+
+It runs in a thread of the supervisor and reads only files the workers write, so the supervisor still
+holds no event loop and no Redis connection.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .tree import Supervisor
+
+FRESH_S = 5.0
+
+
+class StatusServer:
+    def __init__(self, supervisor: Supervisor, port: int) -> None:
+        self.supervisor = supervisor
+        handler = _handler_class(supervisor)
+        self.httpd = ThreadingHTTPServer(("0.0.0.0", port), handler)
+        self.port = int(self.httpd.server_address[1])
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="redflow-http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def readiness(supervisor: Supervisor) -> tuple[bool, dict[str, Any]]:
+    now = time.time()
+    statuses = supervisor.worker_statuses()
+    fresh = [s for s in statuses if now - float(s.get("ts", 0)) < FRESH_S]
+    ready = (
+        not supervisor.stopping
+        and len(fresh) == len(supervisor.slots)
+        and all(s.get("ready") for s in fresh)
+    )
+    leader = next((s.get("leader_value") for s in fresh if s.get("leader")), None)
+    return ready, {"ready": ready, "workers": fresh, "expected_workers": len(supervisor.slots), "leader": leader}
+
+
+def metrics_text(supervisor: Supervisor) -> str:
+    statuses = supervisor.worker_statuses()
+    lines = [
+        "# HELP redflow_worker_processes Worker processes reporting to this supervisor.",
+        "# TYPE redflow_worker_processes gauge",
+        f"redflow_worker_processes {len(statuses)}",
+        "# HELP redflow_worker_restarts_total Worker processes restarted or recycled.",
+        "# TYPE redflow_worker_restarts_total counter",
+        f"redflow_worker_restarts_total {sum(s.restarts for s in supervisor.slots)}",
+        "# HELP redflow_inflight_runs Runs executing now, per worker process.",
+        "# TYPE redflow_inflight_runs gauge",
+    ]
+    lines += [f'redflow_inflight_runs{{pid="{s["pid"]}"}} {s.get("active_runs", 0)}' for s in statuses]
+    lines += [
+        "# HELP redflow_runs_processed_total Runs finished by each worker process since it started.",
+        "# TYPE redflow_runs_processed_total counter",
+    ]
+    lines += [f'redflow_runs_processed_total{{pid="{s["pid"]}"}} {s.get("runs_done", 0)}' for s in statuses]
+    lines += [
+        "# HELP redflow_leader 1 when a worker process of this supervisor is the elected leader.",
+        "# TYPE redflow_leader gauge",
+        f"redflow_leader {1 if any(s.get('leader') for s in statuses) else 0}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _handler_class(supervisor: Supervisor) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/healthz":
+                alive = any(s.pid is not None for s in supervisor.slots) and not supervisor.stopping
+                self._send(200 if alive else 503, {"ok": alive})
+            elif self.path == "/readyz":
+                ready, body = readiness(supervisor)
+                self._send(200 if ready else 503, body)
+            elif self.path == "/metrics":
+                payload = metrics_text(supervisor).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+            else:
+                self._send(404, {"error": "not found"})
+
+        def _send(self, code: int, body: dict[str, Any]) -> None:
+            payload = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    return Handler

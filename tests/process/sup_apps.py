@@ -1,0 +1,39 @@
+"""Workflows for the supervisor tests, registered in the default registry as a user module would.
+
+``client`` is created at import time, before the supervisor forks: every worker must be able to use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from redflow import CronTrigger, WorkflowHandlerContext, create_client, define_workflow
+
+client = create_client(url=os.environ["SUP_TEST_URL"], prefix=os.environ["SUP_TEST_PREFIX"])
+
+
+async def pid_job(ctx: WorkflowHandlerContext[Any]) -> dict[str, Any]:
+    async def body() -> int:
+        return int(await client.redis.execute("INCR", f"{client.prefix}:test:count:body:{ctx.run.id}"))
+
+    await ctx.step.run("body", body)
+    await asyncio.sleep(float(ctx.input.get("sleep", 0)) if isinstance(ctx.input, dict) else 0)
+    return {"pid": os.getpid()}
+
+
+async def hog(ctx: WorkflowHandlerContext[Any]) -> int:
+    ballast = bytearray(64 * 2**20)  # 64 MiB, held while the run sleeps
+    await asyncio.sleep(0.5)
+    return len(ballast)
+
+
+async def ticker(ctx: WorkflowHandlerContext[Any]) -> int:
+    return os.getpid()
+
+
+define_workflow("sup-pid", handler=pid_job)
+define_workflow("sup-hog", handler=hog)
+if os.environ.get("SUP_TEST_CRON"):
+    define_workflow("sup-tick", handler=ticker, cron=[CronTrigger("* * * * * *", timezone="UTC", id="sup-tick")])

@@ -1,0 +1,228 @@
+"""The supervisor as users run it: python -m redflow.supervisor, in subprocesses, against the test server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+
+import psutil
+import pytest
+
+from redflow import RedflowClient
+from redflow.embedded import free_port
+
+from ..conftest import wait_until
+from .conftest import ROOT, counter
+
+Start = Callable[..., subprocess.Popen[str]]
+
+
+@pytest.fixture
+def start_supervisor(redis_url: str, prefix: str) -> Iterator[Start]:
+    procs: list[subprocess.Popen[str]] = []
+
+    os.environ["SUP_TEST_URL"], os.environ["SUP_TEST_PREFIX"] = redis_url, prefix
+
+    def start(*args: str, cron: bool = False) -> subprocess.Popen[str]:
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        if cron:
+            env["SUP_TEST_CRON"] = "1"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "redflow.supervisor", "--import", "tests.process.sup_apps", "--url", redis_url,
+             "--prefix", prefix, "--lease-ms", "1500", *args],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        for child in _children(proc.pid):
+            child.kill()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+
+
+async def _workers(proc: subprocess.Popen[str], n: int) -> list[psutil.Process]:
+    """The supervisor's n worker processes, once their workers registered with the server."""
+
+    async def ready() -> list[psutil.Process] | None:
+        kids = _children(proc.pid)
+        if len(kids) != n:
+            return None
+        registered = await _registered_workers(proc.pid)
+        return kids if registered >= n else None
+
+    return await wait_until(ready, timeout_s=20, what=f"{n} worker processes")
+
+
+async def _registered_workers(supervisor_pid: int) -> int:
+    from redflow import create_client
+
+    checker = create_client(url=os.environ["SUP_TEST_URL"], prefix=os.environ["SUP_TEST_PREFIX"])
+    try:
+        ids = await checker.redis.execute("ZRANGE", checker.keys.workers, 0, -1)
+    finally:
+        await checker.close()
+    pids = {int(i.decode().split(":")[1]) for i in ids}
+    return len(pids & {c.pid for c in _children(supervisor_pid)})
+
+
+async def test_procs_2_runs_work_in_both_processes(client: RedflowClient, start_supervisor: Start) -> None:
+    sup = start_supervisor("--procs", "2", "--concurrency", "4")
+    workers = await _workers(sup, 2)
+    handles = [await client.run_by_name("sup-pid", {"sleep": 0.05}) for _ in range(60)]
+    results = await asyncio.gather(*(h.result(timeout_ms=30_000) for h in handles))
+    assert {r["pid"] for r in results} == {w.pid for w in workers}  # both processes did work
+    for h in handles:
+        assert await counter(client, f"body:{h.id}") == 1  # the import-time client works in every worker
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=30) == 0
+
+
+async def test_sigkilled_worker_is_restarted_and_its_runs_complete(
+    client: RedflowClient, start_supervisor: Start
+) -> None:
+    sup = start_supervisor("--procs", "1", "--concurrency", "10")
+    (worker,) = await _workers(sup, 1)
+    handles = [await client.run_by_name("sup-pid", {"sleep": 1.0}) for _ in range(5)]
+    await wait_until(lambda: _running(client, handles), timeout_s=20, what="runs in flight")
+    worker.kill()
+    results = await asyncio.gather(*(h.result(timeout_ms=30_000) for h in handles))
+    (replacement,) = await _workers(sup, 1)
+    assert replacement.pid != worker.pid
+    assert {r["pid"] for r in results} == {replacement.pid}
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=30) == 0
+
+
+async def test_sigterm_under_load_drains_and_exits_zero(client: RedflowClient, start_supervisor: Start) -> None:
+    sup = start_supervisor("--procs", "2", "--concurrency", "5", "--grace-period", "10")
+    await _workers(sup, 2)
+    handles = [await client.run_by_name("sup-pid", {"sleep": 0.3}) for _ in range(40)]
+    await wait_until(lambda: _running(client, handles), timeout_s=20, what="runs in flight")
+    started = time.monotonic()
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=20) == 0
+    assert time.monotonic() - started < 10 + 5
+    # Nothing was lost: whatever did not finish was handed back and completes on a new supervisor.
+    start_supervisor("--procs", "1", "--concurrency", "10")
+    results = await asyncio.gather(*(h.result(timeout_ms=30_000) for h in handles))
+    assert len(results) == 40
+    for h in handles:
+        assert await counter(client, f"body:{h.id}") == 1
+
+
+async def test_sigkilled_supervisor_leaves_no_worker_behind(start_supervisor: Start) -> None:
+    sup = start_supervisor("--procs", "2")
+    workers = await _workers(sup, 2)
+    sup.kill()
+    sup.wait()
+
+    async def gone() -> bool:
+        return not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+    await wait_until(gone, timeout_s=15, what="workers to exit")
+
+
+async def test_memory_budget_recycles_a_worker_without_losing_runs(
+    client: RedflowClient, start_supervisor: Start
+) -> None:
+    sup = start_supervisor("--procs", "1", "--concurrency", "2", "--max-memory-mb", "60", "--grace-period", "5")
+    (first,) = await _workers(sup, 1)
+    handles = [await client.run_by_name("sup-hog", None) for _ in range(4)]
+    assert await asyncio.gather(*(h.result(timeout_ms=40_000) for h in handles)) == [64 * 2**20] * 4
+    await wait_until(lambda: first.pid not in [p.pid for p in _children(sup.pid)], timeout_s=20, what="recycle")
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=30) == 0
+
+
+async def test_http_health_readiness_and_metrics(client: RedflowClient, start_supervisor: Start) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    sup = start_supervisor("--procs", "2", "--http-port", str(port))
+    await _workers(sup, 2)
+    body = await wait_until(lambda: _get(port, "/readyz"), timeout_s=20, what="ready")
+    assert body["ready"] is True and len(body["workers"]) == 2
+    assert _get(port, "/healthz") == {"ok": True}
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"redflow_worker_processes", "redflow_inflight_runs", "redflow_leader"} <= names
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=30) == 0
+
+
+async def test_two_supervisors_elect_one_leader_and_cron_survives_its_death(
+    client: RedflowClient, start_supervisor: Start
+) -> None:
+    a = start_supervisor("--procs", "1", cron=True)
+    b = start_supervisor("--procs", "1", cron=True)
+    (wa,), (wb,) = await _workers(a, 1), await _workers(b, 1)
+    leader_value = await wait_until(lambda: client.redis.execute("GET", client.keys.leader), what="a leader")
+    await wait_until(lambda: _cron_runs(client, 2), timeout_s=20, what="cron firing")
+    leader_pid = int(leader_value.decode().split(":")[1])
+    assert leader_pid in (wa.pid, wb.pid)
+    psutil.Process(leader_pid).kill()
+    before = len(await _cron_runs(client, 0) or [])
+
+    async def new_leader() -> bool:
+        value = await client.redis.execute("GET", client.keys.leader)
+        return value is not None and value != leader_value
+
+    await wait_until(new_leader, timeout_s=20, what="takeover")
+    await wait_until(lambda: _cron_runs(client, before + 3), timeout_s=20, what="cron after takeover")
+    from redflow.ids import run_id_time_ms
+
+    slots = [run_id_time_ms(r) for r in await _cron_runs(client, 0) or []]
+    assert len(slots) == len(set(slots)), "a slot fired twice"
+
+
+async def _cron_runs(client: RedflowClient, n: int) -> list[str] | None:
+    prefix = b"w:8:sup-tick:"
+    members = await client.redis.execute("ZRANGEBYLEX", client.keys.index, b"[" + prefix, b"[" + prefix + b"\xff")
+    return [m[len(prefix):].decode() for m in members] if len(members) >= n else None
+
+
+def test_bad_options_and_failing_import_exit_nonzero_before_forking() -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "redflow.supervisor", *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=30, env={k: v for k, v in os.environ.items() if k != "REDIS_URL"})
+
+    r = run("--import", "no_such_module_xyz")
+    assert r.returncode == 2 and "cannot import workflow module 'no_such_module_xyz'" in r.stderr
+    r = run("--import", "json", "--procs", "0")
+    assert r.returncode == 2 and "--procs must be >= 1" in r.stderr
+    r = run("--procs", "2")
+    assert r.returncode == 2 and "--import" in r.stderr
+    r = run("--import", "json", "--log-format", "xml")
+    assert r.returncode == 2 and "--log-format" in r.stderr
+
+
+async def _running(client: RedflowClient, handles: list) -> bool:
+    states = [await client.get_run(h.id) for h in handles]
+    return any(s and s["status"] == "running" for s in states)
+
+
+def _get(port: int, path: str) -> dict | None:
+    try:
+        return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2).read())
+    except Exception:
+        return None
