@@ -163,7 +163,7 @@ async def test_http_health_readiness_and_metrics(client: RedflowClient, start_su
     body = await wait_until(lambda: _get(port, "/readyz"), timeout_s=20, what="ready")
     assert body["ready"] is True and len(body["workers"]) == 2
     assert _get(port, "/healthz") == {"ok": True}
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    text = await asyncio.to_thread(_fetch_text, port, "/metrics")
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {"redflow_worker_processes", "redflow_inflight_runs", "redflow_leader"} <= names
     sup.send_signal(signal.SIGTERM)
@@ -219,6 +219,10 @@ def test_bad_options_and_failing_import_exit_nonzero_before_forking() -> None:
 async def _running(client: RedflowClient, handles: list) -> bool:
     states = [await client.get_run(h.id) for h in handles]
     return any(s and s["status"] == "running" for s in states)
+
+
+def _fetch_text(port: int, path: str) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5).read().decode()
 
 
 def _get(port: int, path: str) -> dict | None:
