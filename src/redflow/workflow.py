@@ -136,11 +136,9 @@ def _validate(options: DefineWorkflowOptions, handler: Any) -> None:
     attempts = options.resolved_max_attempts()
     if not isinstance(attempts, int) or attempts < 1:
         raise ConfigurationError(f"workflow {name!r}: max_attempts must be an integer >= 1, got {attempts!r}")
-    if options.max_concurrency is not None:
-        raise ConfigurationError(
-            f"workflow {name!r}: max_concurrency is not supported by this release yet; runs of a "
-            "workflow are limited only by worker concurrency"
-        )
+    mc = options.max_concurrency
+    if mc is not None and (not isinstance(mc, int) or isinstance(mc, bool) or mc < 1):
+        raise ConfigurationError(f"workflow {name!r}: max_concurrency must be an integer >= 1 or None, got {mc!r}")
     from .leader.cron import validate_trigger
 
     for trigger in options.cron or []:

@@ -112,3 +112,22 @@ def test_invalid_cron_is_a_clear_error_at_definition() -> None:
     with pytest.raises(ConfigurationError, match="unknown cron timezone"):
         define_workflow("bad-cron", handler=_noop, cron=[CronTrigger("* * * * *", timezone="Mars/Base")],
                         registry=reg)
+
+
+async def test_cron_slot_skipped_when_workflow_at_max_concurrency(
+    client: RedflowClient, registry: WorkflowRegistry
+) -> None:
+    wf = define_workflow("busy-cron", handler=_noop, max_concurrency=1,
+                         cron=[CronTrigger("* * * * *", timezone="UTC", id="busy")], registry=registry)
+    store = client.store
+    await client.enqueue_definition(wf, None)
+    await store.heartbeat("w", 60_000, 60_000, False)
+    _, _, runs = await store.claim("w", ["default"], 1, 10)
+    assert len(runs) == 1  # one run of the workflow is running: it is at its limit
+    scheduler = CronScheduler(SimpleNamespace(client=client, store=store))  # type: ignore[arg-type]
+    record = cron_records([wf])["busy"]
+    slot = 1_700_000_040_000 - 1_700_000_040_000 % MINUTE
+    assert await scheduler.fire_slot("busy", slot, record) is Code.OK  # skipped, and recorded as handled
+    assert scheduler.skipped == 1
+    assert await scheduler.fire_slot("busy", slot, record) is Code.EXISTING
+    assert len(await _runs_of(client, "busy-cron")) == 1

@@ -1,10 +1,12 @@
-"""The README's examples run as written."""
+"""The README's quickstart and the examples the docs link run as written."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,3 +18,21 @@ def test_quickstart_runs_end_to_end() -> None:
     ).stdout
     assert "{'sent': True, 'to': 'ada@example.com'}" in out
     assert "step 1: fetch-user" in out and "step 2: send-email" in out
+
+
+@pytest.mark.parametrize(
+    ("example", "expected"),
+    [
+        ("durable_sleep.py", "nap -> {'slept_300ms': True, 'attempt': 1}"),
+        ("events.py", "callback resumed the waiting run: True"),
+        ("child_workflows.py", "total: 14 | failed child raised in parent: yes"),
+        ("cron.py", "the cron trigger fired 2 runs"),
+        ("cancellation.py", "child result(): CanceledError: parent run <parent id> canceled"),
+    ],
+)
+def test_example_runs_and_prints(example: str, expected: str) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / example)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    assert expected in out, out

@@ -36,12 +36,12 @@ async def test_stale_token_writes_are_rejected_after_reap(client: RedflowClient,
     assert runs[0].header.a == 1 and runs[0].header.x == 1  # same attempt, one lapse counted
     assert [s.n for s in runs[0].steps] == ["s"]  # the recorded step survives
     assert await store.record_step(handle.id, old_token, line) is Code.STALE
-    assert (await store.finish(handle.id, old_token, "old", "succeeded", b"1", False, 1000))[0] is Code.STALE
+    assert (await store.finish(handle.id, old_token, "old", "succeeded", b"1", False, 1000, "default"))[0] is Code.STALE
     assert await store.retry(handle.id, old_token, "old", "default", 0, b"{}") is Code.STALE
     assert await store.release(handle.id, old_token, "old", "default") is Code.STALE
     state = await client.get_run(handle.id)
     assert state is not None and state["status"] == "running"
-    assert await store.finish(handle.id, runs[0].token, "leader", "succeeded", b"2", False, 1000) == (
+    assert await store.finish(handle.id, runs[0].token, "leader", "succeeded", b"2", False, 1000, "default") == (
         Code.OK, "succeeded"
     )
     state = await client.get_run(handle.id)

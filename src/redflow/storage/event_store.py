@@ -71,6 +71,12 @@ class EventStore:
             await redis.execute("HSETNX", k.cron_last, trigger_id, server_now_ms)
         if changed:
             await redis.execute("INCR", k.cron_version)
+        limited = {w: m["max_concurrency"] for w, m in workflows.items() if m.get("max_concurrency")}
+        unlimited = [w for w in workflows if w not in limited]
+        if limited:
+            await redis.execute("HSET", k.limits, *[x for item in limited.items() for x in item])
+        if unlimited:
+            await redis.execute("HDEL", k.limits, *unlimited)
 
     async def subscribers_of(self, event: str) -> list[dict[str, Any]]:
         prefix = tag(event).encode()

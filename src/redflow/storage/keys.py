@@ -40,6 +40,8 @@ Key (type) — contents — lifetime:
   evidem:<ev>:<key> (str) event id for an event idempotency key           EX idempotency TTL
   subscribers (hash)      <len>:<event>:<workflow> -> {workflow, queue, max_attempts}  permanent
   subscriber_index (zset) the same members, lexicographic                 permanent
+  limits (hash)           workflow -> max_concurrency                     permanent (per definition)
+  held (zset, lex)        <n>:<queue>:<n>:<wf>:<seq>:<id> runs waiting for capacity  while held
   crons (hash)            trigger id -> cron trigger definition           permanent
   cron_last (hash)        trigger id -> last slot fired or skipped (ms)   permanent
   cron_version (string)   bumped when triggers change                     permanent
@@ -80,10 +82,39 @@ class PartitionKeys:
     """Key names of one partition under one prefix, computed once."""
 
     __slots__ = (
-        "base", "children", "cron_last", "cron_version", "crons", "epoch", "errors", "event_buffer",
-        "event_data", "event_expiry", "event_index", "events", "events_due", "expiry", "index", "inputs",
-        "leader", "leases", "partition", "prefix", "results", "runs", "seq", "steps", "subscriber_index",
-        "subscribers", "version", "waiters", "waits", "workers", "workflows",
+        "base",
+        "children",
+        "cron_last",
+        "cron_version",
+        "crons",
+        "epoch",
+        "errors",
+        "event_buffer",
+        "event_data",
+        "event_expiry",
+        "event_index",
+        "events",
+        "events_due",
+        "expiry",
+        "held",
+        "index",
+        "inputs",
+        "leader",
+        "leases",
+        "limits",
+        "partition",
+        "prefix",
+        "results",
+        "runs",
+        "seq",
+        "steps",
+        "subscriber_index",
+        "subscribers",
+        "version",
+        "waiters",
+        "waits",
+        "workers",
+        "workflows",
     )
 
     def __init__(self, prefix: str, partition: str = DEFAULT_PARTITION) -> None:
@@ -116,6 +147,8 @@ class PartitionKeys:
         self.events_due = f"{base}:events_due"
         self.subscribers = f"{base}:subscribers"
         self.subscriber_index = f"{base}:subscriber_index"
+        self.limits = f"{base}:limits"
+        self.held = f"{base}:held"
         self.crons = f"{base}:crons"
         self.cron_last = f"{base}:cron_last"
         self.cron_version = f"{base}:cron_version"
@@ -155,8 +188,11 @@ class PartitionKeys:
 
 
 def tag(value: str) -> str:
-    """A length-prefixed member fragment, so one name can never read as a prefix of another."""
-    return f"{len(value)}:{value}:"
+    """A length-prefixed member fragment, so one name can never read as a prefix of another.
+
+    The length is in bytes, as Lua's string.len counts it.
+    """
+    return f"{len(value.encode())}:{value}:"
 
 
 def event_member_prefix(event: str, correlation_key: str) -> str:

@@ -113,11 +113,11 @@ class Store:
         k = self.keys
         keys = [
             k.runs, k.inputs, k.steps, k.errors, k.leases, k.index, k.workers, k.seq, k.owned(worker_id),
-            k.waits, k.waiters,
+            k.waits, k.waiters, k.limits, k.held,
         ]
         for queue in queues:
             keys += (k.ready(queue), k.scheduled(queue), k.bell(queue))
-        reply = await self.scripts.call("claim", keys, (worker_id, max_runs, promote))
+        reply = await self.scripts.call("claim", keys, (worker_id, max_runs, promote, *queues))
         code = Code(reply[0])
         if code is not Code.OK:
             return code, -1, []
@@ -137,14 +137,14 @@ class Store:
 
     async def finish(
         self, run_id: str, token: bytes, worker_id: str, status: str, payload: bytes, hook: bool,
-        retention_ms: int, parent_queue: str | None = None,
+        retention_ms: int, queue: str, parent_queue: str | None = None,
     ) -> tuple[Code, str]:
         """End a running run; returns the final status (canceled when cancellation was requested)."""
         k = self.keys
         reply = await self.scripts.call(
             "finish",
-            [k.runs, k.leases, k.results, k.errors, k.index, k.expiry, k.owned(worker_id),
-             *self._parent_keys(parent_queue)],
+            [k.runs, k.leases, k.results, k.errors, k.index, k.expiry, k.owned(worker_id), k.limits, k.held,
+             k.ready(queue), k.bell(queue), *self._parent_keys(parent_queue)],
             (run_id, token, status, payload, 1 if hook else 0, retention_ms, k.done_channel(run_id)),
         )
         code = Code(reply[0])
@@ -165,7 +165,8 @@ class Store:
         return Code(
             await self.scripts.call(
                 "retry",
-                (k.runs, k.leases, k.errors, k.index, k.owned(worker_id), k.scheduled(queue), k.bell(queue)),
+                (k.runs, k.leases, k.errors, k.index, k.owned(worker_id), k.scheduled(queue), k.bell(queue),
+                 k.limits, k.held, k.ready(queue)),
                 (run_id, token, delay_ms, error, 1 if keep_attempt else 0),
             )
         )
@@ -193,7 +194,7 @@ class Store:
         reply = await self.scripts.call(
             "suspend",
             (k.runs, k.leases, k.index, k.owned(worker_id), k.steps, k.waits, k.waiters, k.scheduled(queue),
-             k.bell(queue), k.results, k.errors, k.event_buffer, k.event_data),
+             k.bell(queue), k.results, k.errors, k.event_buffer, k.event_data, k.limits, k.held, k.ready(queue)),
             (run_id, token, step, position, kind, delay_ms, due_ms, waiter_member, child_id, buffer_prefix,
              *consumed_events),
         )
@@ -208,7 +209,7 @@ class Store:
         header = await self.read_header(run_id)
         if header is None:
             return Code.NOT_FOUND, ""
-        keys = [k.runs, k.index, k.errors, k.expiry, k.waits, k.waiters, k.steps, k.scheduled(header.q)]
+        keys = [k.runs, k.index, k.errors, k.expiry, k.waits, k.waiters, k.steps, k.scheduled(header.q), k.held]
         if header.pq:
             keys += [k.ready(header.pq), k.scheduled(header.pq), k.bell(header.pq)]
         reply = await self.scripts.call(
@@ -229,7 +230,7 @@ class Store:
         return Code(
             await self.scripts.call(
                 "release",
-                (k.runs, k.leases, k.index, k.owned(worker_id), k.ready(queue), k.bell(queue)),
+                (k.runs, k.leases, k.index, k.owned(worker_id), k.ready(queue), k.bell(queue), k.limits, k.held),
                 (run_id, token),
             )
         )
@@ -269,7 +270,7 @@ class Store:
         if ids:
             headers = await self.redis.execute("HMGET", k.runs, *ids)
             queues = sorted({decode_header(h).q for h in headers if h is not None})
-        keys = [k.workers, k.leader, k.runs, k.leases, k.index, k.errors, k.expiry, owned_key]
+        keys = [k.workers, k.leader, k.runs, k.leases, k.index, k.errors, k.expiry, owned_key, k.limits, k.held]
         for queue in queues:
             keys += (k.ready(queue), k.bell(queue))
         reply = await self.scripts.call(

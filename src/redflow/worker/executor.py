@@ -172,7 +172,7 @@ async def _run(worker: Worker, ex: Execution) -> None:
         await _fail_attempt(worker, ex, run, raw_input, error)
         return
     code, _ = await store.finish(
-        claimed.id, claimed.token, worker.id, "succeeded", data, False, worker.retention_ms, h.pq
+        claimed.id, claimed.token, worker.id, "succeeded", data, False, worker.retention_ms, h.q, h.pq
     )
     ex.settled = True
     if code is Code.STALE:
@@ -183,7 +183,8 @@ async def _finish_canceled(worker: Worker, ex: Execution) -> None:
     claimed = ex.claimed
     payload = encode({"name": "CanceledError", "kind": "canceled", "message": f"run {claimed.id} was canceled"})
     code, _ = await worker.store.finish(
-        claimed.id, claimed.token, worker.id, "canceled", payload, False, worker.retention_ms, claimed.header.pq
+        claimed.id, claimed.token, worker.id, "canceled", payload, False, worker.retention_ms, claimed.header.q,
+        claimed.header.pq,
     )
     ex.settled = True
     if code is Code.STALE:
@@ -211,7 +212,8 @@ async def _fail_attempt(
             return
     hook = definition.options.on_failure is not None
     code, status = await worker.store.finish(
-        claimed.id, claimed.token, worker.id, "failed", payload, hook, worker.retention_ms, claimed.header.pq
+        claimed.id, claimed.token, worker.id, "failed", payload, hook, worker.retention_ms, claimed.header.q,
+        claimed.header.pq,
     )
     ex.settled = True
     if code is Code.STALE:

@@ -1,5 +1,6 @@
 -- claim: promote due scheduled runs, then hand up to ARGV[2] runs of the worker's queues to
--- worker ARGV[1], each under a new fencing token. A due run that was waiting durably has its wait
+-- worker ARGV[1], each under a new fencing token. A run whose workflow is at its max_concurrency is
+-- held aside (not claimed, not blocking the queue) and released when a run of it stops running. A due run that was waiting durably has its wait
 -- resolved as 'timeout' (the end of a sleep, or a wait's deadline) and resumes on its own attempt. A queued run starts a new attempt unless it was
 -- handed back or recovered (h.rc); a failed run with a pending hook (h.h) is claimed to run on_failure.
 -- KEYS[1] runs
@@ -13,7 +14,10 @@
 -- KEYS[9] owned        owned:<worker id>
 -- KEYS[10] waits
 -- KEYS[11] waiters
--- KEYS[12..] ready, scheduled, bell of each queue, in that order (3 keys per queue)
+-- KEYS[12] limits
+-- KEYS[13] held
+-- KEYS[14..] ready, scheduled, bell of each queue, in that order (3 keys per queue)
+-- ARGV[4..] the queue names, in the order of the KEYS triples
 -- ARGV[1] worker id
 -- ARGV[2] max runs to claim
 -- ARGV[3] max scheduled runs to promote per queue
@@ -34,8 +38,26 @@ local out = {C.OK, -1}
 local next_due = nil
 local got = 0
 
-for k = 12, #KEYS, 3 do
+for k = 14, #KEYS, 3 do
   local ready, sched, bell = KEYS[k], KEYS[k + 1], KEYS[k + 2]
+  local queue = ARGV[4 + (k - 14) / 3]
+  local adm = {runs = KEYS[1], index = KEYS[6], limits = KEYS[12], held = KEYS[13], seq = KEYS[8],
+    ready = ready, bell = bell}
+  if redis.call('ZCARD', KEYS[13]) > 0 then
+    -- Capacity may have freed elsewhere (another queue, a changed limit): re-check held runs here.
+    local p = tag(queue)
+    local seen = {}
+    for _, member in ipairs(redis.call('ZRANGEBYLEX', KEYS[13], '[' .. p, '[' .. p .. '\255', 'LIMIT', 0, 20)) do
+      local rest = string.sub(member, #p + 1)
+      local colon = string.find(rest, ':', 1, true)
+      local wlen = tonumber(string.sub(rest, 1, colon - 1))
+      local w = string.sub(rest, colon + 1, colon + wlen)
+      if not seen[w] then
+        seen[w] = true
+        release_held(adm, queue, w)
+      end
+    end
+  end
   local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, promote)
   for _, id in ipairs(due) do
     redis.call('ZREM', sched, id)
@@ -64,7 +86,12 @@ for k = 12, #KEYS, 3 do
     if raw then
       local h = cjson.decode(raw)
       local kind = nil
-      if h.s == 'queued' then
+      local limit = nil
+      if h.s == 'queued' and not h.hd then limit = redis.call('HGET', KEYS[12], h.w) end
+      if limit and running_count(KEYS[6], h.w) >= tonumber(limit) then
+        hold(adm, id, h)
+        redis.call('HSET', KEYS[1], id, cjson.encode(h))
+      elseif h.s == 'queued' and not h.hd then
         kind = 'run'
         if h.rc then
           h.rc = nil

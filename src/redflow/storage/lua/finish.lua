@@ -10,12 +10,16 @@
 -- KEYS[5] index
 -- KEYS[6] expiry
 -- KEYS[7] owned        owned:<worker id>
--- KEYS[8] waits        (KEYS[8..13] only when the run has a waiting parent)
--- KEYS[9] waiters
--- KEYS[10] steps
--- KEYS[11] parent ready   q:<parent queue>:ready
--- KEYS[12] parent sched   q:<parent queue>:sched
--- KEYS[13] parent bell    q:<parent queue>:bell
+-- KEYS[8] limits
+-- KEYS[9] held
+-- KEYS[10] ready       q:<queue>:ready (held runs of the workflow are released into it)
+-- KEYS[11] bell        q:<queue>:bell
+-- KEYS[12] waits        (KEYS[12..17] only when the run has a waiting parent)
+-- KEYS[13] waiters
+-- KEYS[14] steps
+-- KEYS[15] parent ready   q:<parent queue>:ready
+-- KEYS[16] parent sched   q:<parent queue>:sched
+-- KEYS[17] parent bell    q:<parent queue>:bell
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] status ('succeeded' | 'failed' | 'canceled')
@@ -54,8 +58,10 @@ end
 redis.call('HSET', KEYS[1], id, cjson.encode(h))
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[6]), id)
 redis.call('PUBLISH', ARGV[7], status)
-if h.pq and #KEYS >= 13 then
-  resume_waiter({runs = KEYS[1], index = KEYS[5], waits = KEYS[8], waiters = KEYS[9], steps = KEYS[10],
-    ready = KEYS[11], sched = KEYS[12], bell = KEYS[13]}, h.p, 'child', id, status, payload, now)
+release_held({runs = KEYS[1], index = KEYS[5], limits = KEYS[8], held = KEYS[9], ready = KEYS[10],
+  bell = KEYS[11]}, h.q, h.w)
+if h.pq and #KEYS >= 17 then
+  resume_waiter({runs = KEYS[1], index = KEYS[5], waits = KEYS[12], waiters = KEYS[13], steps = KEYS[14],
+    ready = KEYS[15], sched = KEYS[16], bell = KEYS[17]}, h.p, 'child', id, status, payload, now)
 end
 return {C.OK, status}

@@ -10,7 +10,9 @@
 -- KEYS[6] errors
 -- KEYS[7] expiry
 -- KEYS[8] owned        owned:<dead worker id>
--- KEYS[9..] ready, bell of each queue named in ARGV[8..], in that order (2 keys per queue)
+-- KEYS[9] limits
+-- KEYS[10] held
+-- KEYS[11..] ready, bell of each queue named in ARGV[8..], in that order (2 keys per queue)
 -- ARGV[1] leader value of the caller (its fencing token)
 -- ARGV[2] dead worker id
 -- ARGV[3] lapses of one attempt before the run fails as crashed
@@ -36,7 +38,7 @@ end
 local queues = {}
 local nq = tonumber(ARGV[7])
 for i = 8, 7 + nq do
-  local k = 9 + (i - 8) * 2
+  local k = 11 + (i - 8) * 2
   queues[ARGV[i]] = {KEYS[k], KEYS[k + 1]}
 end
 
@@ -87,6 +89,8 @@ for i = 8 + nq, #ARGV do
         redis.call('RPUSH', q[1], id)
         ring(q[2])
       end
+      release_held({runs = KEYS[3], index = KEYS[5], limits = KEYS[9], held = KEYS[10], ready = q[1],
+        bell = q[2]}, h.q, h.w)
       taken = taken + 1
     end
   end

@@ -7,6 +7,8 @@
 -- KEYS[4] owned        owned:<worker id>
 -- KEYS[5] ready        q:<queue>:ready
 -- KEYS[6] bell         q:<queue>:bell
+-- KEYS[7] limits
+-- KEYS[8] held
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- RETURNS C.OK | C.STALE
@@ -27,4 +29,6 @@ redis.call('HDEL', KEYS[2], id)
 redis.call('SREM', KEYS[4], id)
 redis.call('RPUSH', KEYS[5], id)
 ring(KEYS[6])
+release_held({runs = KEYS[1], index = KEYS[3], limits = KEYS[7], held = KEYS[8], ready = KEYS[5],
+  bell = KEYS[6]}, h.q, h.w)
 return C.OK

@@ -8,6 +8,9 @@
 -- KEYS[5] owned        owned:<worker id>
 -- KEYS[6] scheduled    q:<queue>:sched
 -- KEYS[7] bell         q:<queue>:bell
+-- KEYS[8] limits
+-- KEYS[9] held
+-- KEYS[10] ready       q:<queue>:ready
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] delay in ms
@@ -36,4 +39,6 @@ redis.call('SREM', KEYS[5], id)
 local head = redis.call('ZRANGE', KEYS[6], 0, 0, 'WITHSCORES')
 redis.call('ZADD', KEYS[6], due, id)
 if not head[2] or due < tonumber(head[2]) then ring(KEYS[7]) end
+release_held({runs = KEYS[1], index = KEYS[4], limits = KEYS[8], held = KEYS[9], ready = KEYS[10],
+  bell = KEYS[7]}, h.q, h.w)
 return C.OK

@@ -14,6 +14,9 @@
 -- KEYS[11] errors
 -- KEYS[12] event buffer
 -- KEYS[13] event data
+-- KEYS[14] limits
+-- KEYS[15] held
+-- KEYS[16] ready       q:<queue>:ready
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] step name
@@ -97,4 +100,6 @@ set_status(KEYS[3], id, h, 'scheduled')
 redis.call('HSET', KEYS[1], id, cjson.encode(h))
 redis.call('HDEL', KEYS[2], id)
 redis.call('SREM', KEYS[4], id)
+release_held({runs = KEYS[1], index = KEYS[3], limits = KEYS[14], held = KEYS[15], ready = KEYS[16],
+  bell = KEYS[9]}, h.q, h.w)
 return {C.OK, due}

@@ -80,3 +80,44 @@ local function canceled_error(id, h, reason)
   return cjson.encode({name = 'CanceledError', kind = 'canceled',
     message = reason ~= '' and reason or ('run ' .. id .. ' of workflow ' .. h.w .. ' was canceled')})
 end
+
+local function tag(value)
+  return string.len(value) .. ':' .. value .. ':'
+end
+
+-- Runs of workflow `w` running now, counted from the index (no counter that could drift).
+local function running_count(index_key, w)
+  local p = 'ws:' .. tag(w) .. 'running:'
+  return redis.call('ZLEXCOUNT', index_key, '[' .. p, '[' .. p .. '\255')
+end
+
+-- Holds a queued run of a workflow at its max_concurrency: it waits, in FIFO order per (queue,
+-- workflow), outside the ready list, so it never blocks runs of other workflows.
+local function hold(k, id, h)
+  local member = tag(h.q) .. tag(h.w) .. string.format('%013d', redis.call('INCR', k.seq)) .. ':' .. id
+  redis.call('ZADD', k.held, 0, member)
+  h.hd = member
+end
+
+-- Moves held runs of workflow `w` on `queue` back to the claim end of the ready list while the
+-- workflow has capacity. `k` holds runs, index, limits, held, ready, bell.
+local function release_held(k, queue, w)
+  local limit = redis.call('HGET', k.limits, w)
+  if not limit then return end
+  local free = tonumber(limit) - running_count(k.index, w)
+  if free <= 0 then return end
+  local p = tag(queue) .. tag(w)
+  local members = redis.call('ZRANGEBYLEX', k.held, '[' .. p, '[' .. p .. '\255', 'LIMIT', 0, free)
+  for _, member in ipairs(members) do
+    redis.call('ZREM', k.held, member)
+    local id = string.sub(member, #p + 15)
+    local raw = redis.call('HGET', k.runs, id)
+    if raw then
+      local held = cjson.decode(raw)
+      held.hd = nil
+      redis.call('HSET', k.runs, id, cjson.encode(held))
+      redis.call('RPUSH', k.ready, id)
+    end
+  end
+  if #members > 0 then ring(k.bell) end
+end
