@@ -32,6 +32,7 @@ from .errors import (
 from .registry import WorkflowRegistry, get_default_registry
 from .testing import InlineRunResult, InlineStepResult, run_inline
 from .types import (
+    AttemptTrace,
     CronTrigger,
     EventTrigger,
     ListedRun,
@@ -60,6 +61,7 @@ from .workflow import DefineWorkflowOptions, WorkflowDefinition, define_workflow
 WorkerHandle = Worker
 
 __all__ = [
+    "AttemptTrace",
     "CanceledError",
     "ConfigurationError",
     "CrashedError",

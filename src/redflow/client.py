@@ -28,7 +28,7 @@ from .storage.event_store import EventStore
 from .storage.keys import DEFAULT_PARTITION, PartitionKeys
 from .storage.records import RunHeader, StepRecord
 from .storage.store import Store
-from .types import IDEMPOTENCY_TTL_SEC, TERMINAL_STATUSES, RunState, StepState
+from .types import IDEMPOTENCY_TTL_SEC, TERMINAL_STATUSES, AttemptTrace, RunState, StepState
 from .workflow import WorkflowDefinition
 
 DEFAULT_URL = "redis://localhost:6379"
@@ -249,8 +249,31 @@ class RedflowClient(EventsMixin, QueriesMixin):
         await self.store.ensure_ready()
         latest: dict[str, StepRecord] = {}
         for record in await self.store.read_steps(run_id):
-            latest[record.n] = record
+            if record.k != "attempt":
+                latest[record.n] = record
         return [step_state(r) for r in sorted(latest.values(), key=lambda r: r.q)]
+
+    async def get_run_attempts(self, run_id: str) -> list[AttemptTrace]:
+        """One trace per attempt that ended (failed and retried, or final), with its steps."""
+        await self.store.ensure_ready()
+        history = await self.store.read_steps(run_id)
+        attempts: dict[int, AttemptTrace] = {}
+        for r in history:
+            if r.k != "attempt":
+                continue
+            attempts[r.a] = AttemptTrace(
+                attempt=r.a, status=r.r or "", started_at=r.t0, finished_at=r.t1,
+                output=decode(r.o) if r.r == "succeeded" else None,
+                error=decode(r.o) if r.r != "succeeded" else None, steps=[],
+            )
+        for r in history:
+            if r.k != "attempt" and r.a in attempts:
+                attempts[r.a]["steps"].append(step_state(r))
+        succeeded = [t for t in attempts.values() if t["status"] == "succeeded"]
+        if succeeded:  # the output is stored once, with the run
+            out = await self.store.redis.execute("HGET", self.keys.results, run_id)
+            succeeded[0]["output"] = None if out is None else decode(out)
+        return [attempts[a] for a in sorted(attempts)]
 
     async def wait_for_result(self, run_id: str, *, timeout_ms: int = DEFAULT_RESULT_TIMEOUT_MS) -> Any:
         """Wait until the run ends; woken by the run's completion message, never by polling."""

@@ -106,6 +106,8 @@ class StepApi:
         self._latest: dict[str, StepRecord] = {}
         self._names_at: dict[int, str] = {}
         for record in history:
+            if record.k == "attempt":
+                continue
             self._latest[record.n] = record
             self._names_at.setdefault(record.q, record.n)
         self._seen: set[str] = set()

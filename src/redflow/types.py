@@ -148,6 +148,16 @@ class StepState(TypedDict, total=False):
     child_run_id: str
 
 
+class AttemptTrace(TypedDict):
+    attempt: int
+    status: str  # succeeded | failed | canceled
+    started_at: int
+    finished_at: int
+    output: Any
+    error: dict[str, Any] | None
+    steps: list[StepState]  # the step records made during this attempt, in order
+
+
 @dataclass(slots=True)
 class ListRunsParams:
     status: RunStatus | None = None

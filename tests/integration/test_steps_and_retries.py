@@ -306,3 +306,29 @@ async def test_sync_step_runs_in_a_thread_with_its_timeout(
     with pytest.raises(RunFailedError, match="timed out after 50 ms"):
         await (await client.enqueue_definition(wf, None)).result(timeout_ms=10_000)
     assert threads and threads[0] != threading.main_thread().name
+
+
+async def test_attempt_traces_of_a_run_with_a_retry(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
+    async def one() -> int:
+        return 1
+
+    async def handler(ctx: WorkflowHandlerContext) -> str:
+        await ctx.step.run("first", one)
+        if ctx.run.attempt == 1:
+            raise RuntimeError("flaky")
+        await ctx.step.run("second", one)
+        return "ok"
+
+    wf = define_workflow("traced", handler=handler, retries=FAST, registry=registry)
+    await make_worker()
+    handle = await client.enqueue_definition(wf, None)
+    assert await handle.result(timeout_ms=10_000) == "ok"
+    traces = await client.get_run_attempts(handle.id)
+    assert [(t["attempt"], t["status"]) for t in traces] == [(1, "failed"), (2, "succeeded")]
+    assert traces[0]["error"]["message"] == "flaky" and traces[1]["output"] == "ok"
+    assert [s["name"] for s in traces[0]["steps"]] == ["first"]
+    assert [s["name"] for s in traces[1]["steps"]] == ["second"]  # "first" was replayed, not re-run
+    assert traces[0]["started_at"] <= traces[0]["finished_at"] <= traces[1]["started_at"]
+    assert [s["name"] for s in await client.get_run_steps(handle.id)] == ["first", "second"]

@@ -128,12 +128,13 @@ class Store:
         k = self.keys
         return Code(await self.scripts.call("step", (k.leases, k.steps), (run_id, token, line)))
 
-    def _parent_keys(self, parent_queue: str | None) -> list[str]:
+    def _parent_keys(self, parent_queue: str | None, with_steps: bool = True) -> list[str]:
         """Keys a transition needs to resume a parent waiting for the run to end."""
         if not parent_queue:
             return []
         k = self.keys
-        return [k.waits, k.waiters, k.steps, k.ready(parent_queue), k.scheduled(parent_queue), k.bell(parent_queue)]
+        steps = [k.steps] if with_steps else []
+        return [k.waits, k.waiters, *steps, k.ready(parent_queue), k.scheduled(parent_queue), k.bell(parent_queue)]
 
     async def finish(
         self, run_id: str, token: bytes, worker_id: str, status: str, payload: bytes, hook: bool,
@@ -144,7 +145,7 @@ class Store:
         reply = await self.scripts.call(
             "finish",
             [k.runs, k.leases, k.results, k.errors, k.index, k.expiry, k.owned(worker_id), k.limits, k.held,
-             k.ready(queue), k.bell(queue), *self._parent_keys(parent_queue)],
+             k.ready(queue), k.bell(queue), k.steps, *self._parent_keys(parent_queue, with_steps=False)],
             (run_id, token, status, payload, 1 if hook else 0, retention_ms, k.done_channel(run_id)),
         )
         code = Code(reply[0])
@@ -166,7 +167,7 @@ class Store:
             await self.scripts.call(
                 "retry",
                 (k.runs, k.leases, k.errors, k.index, k.owned(worker_id), k.scheduled(queue), k.bell(queue),
-                 k.limits, k.held, k.ready(queue)),
+                 k.limits, k.held, k.ready(queue), k.steps),
                 (run_id, token, delay_ms, error, 1 if keep_attempt else 0),
             )
         )

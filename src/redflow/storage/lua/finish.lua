@@ -14,9 +14,9 @@
 -- KEYS[9] held
 -- KEYS[10] ready       q:<queue>:ready (held runs of the workflow are released into it)
 -- KEYS[11] bell        q:<queue>:bell
--- KEYS[12] waits        (KEYS[12..17] only when the run has a waiting parent)
--- KEYS[13] waiters
--- KEYS[14] steps
+-- KEYS[12] steps        (the end of the attempt is recorded in the history)
+-- KEYS[13] waits        (KEYS[13..17] only when the run has a waiting parent)
+-- KEYS[14] waiters
 -- KEYS[15] parent ready   q:<parent queue>:ready
 -- KEYS[16] parent sched   q:<parent queue>:sched
 -- KEYS[17] parent bell    q:<parent queue>:bell
@@ -41,6 +41,7 @@ if h.cr then
   status, payload, hook = 'canceled', canceled_error(id, h, h.cx or ''), '0'
 end
 h.f = now
+attempt_line(KEYS[12], id, h, status, status == 'succeeded' and 'null' or payload, now)
 set_status(KEYS[5], id, h, status)
 if status == 'succeeded' then
   redis.call('HSET', KEYS[3], id, payload)
@@ -61,7 +62,7 @@ redis.call('PUBLISH', ARGV[7], status)
 release_held({runs = KEYS[1], index = KEYS[5], limits = KEYS[8], held = KEYS[9], ready = KEYS[10],
   bell = KEYS[11]}, h.q, h.w)
 if h.pq and #KEYS >= 17 then
-  resume_waiter({runs = KEYS[1], index = KEYS[5], waits = KEYS[12], waiters = KEYS[13], steps = KEYS[14],
+  resume_waiter({runs = KEYS[1], index = KEYS[5], waits = KEYS[13], waiters = KEYS[14], steps = KEYS[12],
     ready = KEYS[15], sched = KEYS[16], bell = KEYS[17]}, h.p, 'child', id, status, payload, now)
 end
 return {C.OK, status}

@@ -11,6 +11,7 @@
 -- KEYS[8] limits
 -- KEYS[9] held
 -- KEYS[10] ready       q:<queue>:ready
+-- KEYS[11] steps
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] delay in ms
@@ -27,7 +28,9 @@ local h = cjson.decode(redis.call('HGET', KEYS[1], id))
 if h.cr then
   return C.CANCELED
 end
-local due = now_ms() + tonumber(ARGV[3])
+local now = now_ms()
+local due = now + tonumber(ARGV[3])
+if ARGV[5] ~= '1' then attempt_line(KEYS[11], id, h, 'failed', ARGV[4], now) end
 h.av = due
 h.o = nil
 if ARGV[5] == '1' then h.rc = 1 end

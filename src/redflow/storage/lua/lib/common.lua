@@ -121,3 +121,9 @@ local function release_held(k, queue, w)
   end
   if #members > 0 then ring(k.bell) end
 end
+
+-- Appends the end of an attempt to the run's history (kind 'attempt'; never replayed as a step).
+local function attempt_line(steps_key, id, h, status, payload, now)
+  append_step(steps_key, id, '{"n":"","q":0,"a":' .. h.a .. ',"o":' .. payload .. ',"t0":' .. (h.st or now) ..
+    ',"t1":' .. now .. ',"s":"done","k":"attempt","r":"' .. status .. '"}\n')
+end
