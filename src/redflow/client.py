@@ -331,6 +331,8 @@ def step_state(r: StepRecord) -> StepState:
         status = "running"
     elif r.r in ("failed", "canceled"):
         status = r.r
+    elif r.k == "child" and r.r == "timeout":
+        status = "failed"
     state = StepState(name=r.n, seq=r.q, attempt=r.a, status=status, started_at=r.t0, finished_at=r.t1,
                       output=decode(r.o))
     if r.k != "run":

@@ -162,6 +162,7 @@ NON_RETRYABLE_KINDS = frozenset(
         "payload_too_large",
         "non_determinism",
         "duplicate_step",
+        "configuration",
         "crashed",
     }
 )

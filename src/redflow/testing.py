@@ -2,7 +2,8 @@
 
 Steps run for real unless ``step_overrides`` gives their output. ``wait_for`` sleeps for real (keep
 targets short in tests); ``wait_for_event`` returns the override or, without one, a synthetic event at
-once; ``run_workflow`` needs an override; ``emit_workflow`` and ``emit_event`` return synthetic ids.
+once; ``run_workflow`` needs an override; ``emit_workflow`` returns a synthetic child id and
+``emit_event`` an empty list (no subscriber runs exist inline).
 """
 
 from __future__ import annotations

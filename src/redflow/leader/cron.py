@@ -2,7 +2,8 @@
 
 Each (trigger, slot) fires at most once: cron_fire.lua keeps the last slot handled per trigger and the
 run id is derived from (trigger, slot), so racing or successive leaders cannot fire a slot twice. After
-downtime only the most recent missed slot fires, and only while it is less than one period old.
+downtime only the most recent missed slot fires (it is, by definition, less than one period old);
+older missed slots are never fired.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 from .._redis.errors import RedisError
+from ..encoding import encode
 from ..errors import ConfigurationError
 from ..ids import _b32
 from ..storage.codes import Code
@@ -61,7 +63,11 @@ def validate_trigger(workflow: str, trigger: CronTrigger) -> None:
 
 
 def trigger_id(workflow: str, trigger: CronTrigger) -> str:
-    return trigger.id or f"{workflow}:{trigger.expression}:{trigger.timezone or 'local'}"
+    """The trigger's id, or one derived from its content (so two different triggers never collide)."""
+    if trigger.id:
+        return trigger.id
+    digest = hashlib.sha1(encode([workflow, trigger.expression, trigger.timezone, trigger.input])).hexdigest()[:12]
+    return f"{workflow}:{trigger.expression}:{trigger.timezone or 'local'}:{digest}"
 
 
 def cron_records(definitions: Iterable[WorkflowDefinition[Any]]) -> dict[str, dict[str, Any]]:

@@ -37,7 +37,7 @@ Key (type) — contents — lifetime:
   event_expiry (zset)     event id -> retention deadline (ms)             until retention
   event_buffer (zset,lex) <len>:<event>:<len>:<key>:<ts>:<id>, newest 64 per key  until retention
   events_due (zset)       event id -> emit time of a delayed event        until delivered
-  evidem:<ev>:<key> (str) event id for an event idempotency key           EX idempotency TTL
+  evidem:<n>:<ev>:<key>   event id for an event idempotency key (string)  EX idempotency TTL
   subscribers (hash)      <len>:<event>:<workflow> -> {workflow, queue, max_attempts}  permanent
   subscriber_index (zset) the same members, lexicographic                 permanent
   limits (hash)           workflow -> max_concurrency                     permanent (per definition)

@@ -54,6 +54,7 @@ class Worker:
         self._lease_guard: asyncio.TimerHandle | None = None
         self._leader: Any = None
         self._control: Subscriber | None = None
+        self._early_cancels: set[str] = set()
         self.stopped = asyncio.Event()
         self.runs_done = 0
         self.ready = False  # registered, scripts loaded, and the last heartbeat succeeded
@@ -155,7 +156,11 @@ class Worker:
 
     def cancel_local(self, run_id: str) -> None:
         ex = self.active.get(run_id)
-        if ex is None or ex.cancel_requested or ex.claimed.kind != "run":
+        if ex is None:
+            # The request can overtake the claim reply (they travel on different connections).
+            self._early_cancels.add(run_id)
+            return
+        if ex.cancel_requested or ex.claimed.kind != "run":
             return
         ex.cancel_requested = True
         ex.signal.set()
@@ -191,6 +196,7 @@ class Worker:
                     continue
                 for claimed in runs:
                     self._spawn(Execution(claimed=claimed, signal=asyncio.Event()))
+                self._early_cancels.clear()  # any request older than this claim is for a run not ours
                 if len(runs) == want:
                     continue
                 if next_due_ms == 0:
@@ -225,6 +231,9 @@ class Worker:
             conn.close()
 
     def _spawn(self, ex: Execution) -> None:
+        if ex.claimed.id in self._early_cancels:
+            self._early_cancels.discard(ex.claimed.id)
+            ex.cancel_requested = True
         self.active[ex.claimed.id] = ex
         ex.task = asyncio.get_running_loop().create_task(self._execute(ex))
 
