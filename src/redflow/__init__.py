@@ -30,6 +30,7 @@ from .errors import (
     WaitForInputError,
 )
 from .registry import WorkflowRegistry, get_default_registry
+from .step import wait_for_input
 from .testing import InlineRunResult, InlineStepResult, run_inline
 from .types import (
     AttemptTrace,
@@ -52,6 +53,7 @@ from .types import (
     WorkflowDebounceOptions,
     WorkflowHandlerContext,
     WorkflowRateLimitOptions,
+    WorkflowResumeContext,
     WorkflowRetryPolicy,
     is_terminal_status,
 )
@@ -108,6 +110,7 @@ __all__ = [
     "WorkflowHandlerContext",
     "WorkflowRateLimitOptions",
     "WorkflowRegistry",
+    "WorkflowResumeContext",
     "WorkflowRetryPolicy",
     "create_client",
     "default_prefix",
@@ -118,5 +121,6 @@ __all__ = [
     "run_inline",
     "set_default_client",
     "start_worker",
+    "wait_for_input",
     "workflow",
 ]

@@ -17,6 +17,7 @@ from .encoding import decode, encode_payload, max_payload_bytes
 from .errors import (
     CanceledError,
     ConfigurationError,
+    InputValidationError,
     RunFailedError,
     RunNotFoundError,
     TimeoutError,
@@ -24,6 +25,7 @@ from .errors import (
 )
 from .ids import new_run_id
 from .registry import WorkflowRegistry, get_default_registry
+from .storage.codes import Code
 from .storage.event_store import EventStore
 from .storage.keys import DEFAULT_PARTITION, PartitionKeys
 from .storage.records import RunHeader, StepRecord
@@ -249,7 +251,7 @@ class RedflowClient(EventsMixin, QueriesMixin):
         await self.store.ensure_ready()
         latest: dict[str, StepRecord] = {}
         for record in await self.store.read_steps(run_id):
-            if record.k != "attempt":
+            if record.k != "attempt" and record.n:  # not attempt ends, nor the handler's own input waits
                 latest[record.n] = record
         return [step_state(r) for r in sorted(latest.values(), key=lambda r: r.q)]
 
@@ -274,6 +276,29 @@ class RedflowClient(EventsMixin, QueriesMixin):
             out = await self.store.redis.execute("HGET", self.keys.results, run_id)
             succeeded[0]["output"] = None if out is None else decode(out)
         return [attempts[a] for a in sorted(attempts)]
+
+    async def resume_run(self, run_id: str, input: Any = None, *, form: Any = None) -> RunHandle | None:
+        """Answer a run waiting in wait_for_input: ``form`` is validated against the wait's schema;
+        ``input``, when not None, replaces the run's input. Returns the handle, or None when the run
+        is not waiting for input (a run already queued or running returns its handle)."""
+        await self.store.ensure_ready()
+        header = await self.store.read_header(run_id)
+        if header is None or header.s in TERMINAL_STATUSES:
+            return None
+        if header.s in ("queued", "running"):
+            return RunHandle(self, run_id)
+        wait = await self.store.read_wait(run_id)
+        if wait is None or wait.get("k") != "input":
+            return None
+        schema = (wait.get("info") or {}).get("schema")
+        if schema:
+            _validate_form(run_id, schema, form)
+        form_json = encode_payload(form, f"form for run {run_id}", self.max_payload_bytes)
+        new_input = None if input is None else encode_payload(
+            input, f"input of run {run_id}", self.max_payload_bytes
+        )
+        code, _ = await self.store.resume_input(run_id, header.q, form_json, new_input)
+        return RunHandle(self, run_id) if code is Code.OK else None
 
     async def wait_for_result(self, run_id: str, *, timeout_ms: int = DEFAULT_RESULT_TIMEOUT_MS) -> Any:
         """Wait until the run ends; woken by the run's completion message, never by polling."""
@@ -323,6 +348,18 @@ def _result_of(run_id: str, status: str, out: bytes | None, err: bytes | None) -
     if status == "canceled":
         raise CanceledError(f"Run canceled: run {run_id}: {error.get('message', '')}")
     raise RunFailedError(run_id, error)
+
+
+def _validate_form(run_id: str, schema: dict[str, Any], form: Any) -> None:
+    from jsonschema import Draft202012Validator, FormatChecker
+
+    errors = sorted(Draft202012Validator(schema, format_checker=FormatChecker()).iter_errors(form),
+                    key=lambda e: list(e.absolute_path))
+    if errors:
+        issues = [{"path": "/".join(str(p) for p in e.absolute_path), "message": e.message, "keyword": e.validator}
+                  for e in errors]
+        summary = "; ".join(f"{i['path'] or '<root>'}: {i['message']}" for i in issues[:5])
+        raise InputValidationError(f"form for run {run_id} is invalid: {summary}", issues)
 
 
 def step_state(r: StepRecord) -> StepState:

@@ -21,8 +21,15 @@ from typing import Any, Protocol
 import msgspec
 
 from .durations import datetime_ms, duration_ms
-from .encoding import decode, encode_output
-from .errors import CanceledError, DuplicateStepError, NonDeterminismError, RedflowError, TimeoutError
+from .encoding import decode, encode, encode_output
+from .errors import (
+    CanceledError,
+    DuplicateStepError,
+    NonDeterminismError,
+    RedflowError,
+    TimeoutError,
+    WaitForInputError,
+)
 from .storage.records import StepRecord
 from .types import ReceivedEvent, RunContext
 
@@ -35,6 +42,18 @@ class LeaseLostError(BaseException):
     """The run's fencing token is no longer current: another worker owns it. Not user-catchable."""
 
 
+def wait_for_input(message: str, schema: Any = None) -> WaitForInputError:
+    """The exception to raise (from a step function or the handler) to pause the run until
+    ``client.resume_run`` supplies input; ``schema`` (a JSON Schema dict) validates the form."""
+    if schema is not None and not isinstance(schema, dict):
+        raise RedflowError(f"wait_for_input schema must be a JSON Schema dict, got {schema!r}")
+    return WaitForInputError(message, schema)
+
+
+def input_wait_info(error: WaitForInputError) -> bytes:
+    return encode({"msg": str(error), "schema": error.schema})
+
+
 class StepBackend(Protocol):
     async def record(self, record: StepRecord) -> None:
         """Persist a step record; raises LeaseLostError when the run is no longer ours."""
@@ -42,6 +61,7 @@ class StepBackend(Protocol):
     async def suspend(
         self, name: str, position: int, kind: str, *, delay_ms: int = -1, due_ms: int = 0,
         event: tuple[str, str] | None = None, child_id: str = "", consumed: tuple[str, ...] = (),
+        info: bytes = b"",
     ) -> tuple[str, bytes]:
         """Start a durable wait. Returns (resolution, output JSON) when it is satisfied at once;
         otherwise raises Suspended."""
@@ -105,13 +125,19 @@ class StepApi:
         self._max_payload = max_payload_bytes
         self._latest: dict[str, StepRecord] = {}
         self._names_at: dict[int, str] = {}
+        self.resume_form: tuple[Any] | None = None  # the form of the latest resolved input wait
         for record in history:
             if record.k == "attempt":
+                continue
+            if record.k == "input" and record.s == "done" and record.r == "input":
+                self.resume_form = (decode(record.o),)
+            if record.n == "":  # an input wait raised by the handler itself, not a step
                 continue
             self._latest[record.n] = record
             self._names_at.setdefault(record.q, record.n)
         self._seen: set[str] = set()
         self._position = 0
+        self.input_timeout_ms = -1  # how long an input wait lasts; the worker sets the retention window
         self._active_signals: set[asyncio.Event] = set()
 
     # --- bookkeeping ----------------------------------------------------------------------------------
@@ -179,6 +205,8 @@ class StepApi:
         position, record = self._enter(name)
         if record is not None and record.s == "ok":
             return decode(record.o)
+        if record is not None and record.k == "input" and record.s == "done" and record.r == "timeout":
+            raise TimeoutError(f"{self._where(name)}: nobody answered its wait_for_input in time")
         signal = asyncio.Event()
         if self._run_signal.is_set():
             signal.set()
@@ -203,6 +231,11 @@ class StepApi:
                     except builtins.TimeoutError:
                         signal.set()
                         raise TimeoutError(f"{self._where(name)} timed out after {timeout_ms} ms") from None
+        except WaitForInputError as wait:
+            # Only this step runs again once input arrives; recorded steps are kept.
+            await self._backend.suspend(name, position, "input", delay_ms=self.input_timeout_ms,
+                                        info=input_wait_info(wait))
+            raise AssertionError("unreachable: suspend raises") from None
         finally:
             self._active_signals.discard(signal)
         data = self._encode(result, name)

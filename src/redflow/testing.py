@@ -55,6 +55,7 @@ class _InlineBackend:
     async def suspend(
         self, name: str, position: int, kind: str, *, delay_ms: int = -1, due_ms: int = 0,
         event: tuple[str, str] | None = None, child_id: str = "", consumed: tuple[str, ...] = (),
+        info: bytes = b"",
     ) -> tuple[str, bytes]:
         if kind == "sleep":
             wait_ms = due_ms - int(time.time() * 1000) if due_ms else delay_ms
@@ -72,6 +73,8 @@ class _InlineBackend:
             fake = {"id": f"inline-event-{position}", "name": event[0], "data": None, "ts": int(time.time() * 1000)}
             self._steps.append(InlineStepResult(name=name, status="succeeded", output=fake))
             return "event", encode(fake)
+        if kind == "input":
+            raise RedflowError(f"run_inline: step {name!r} waits for input; give its output in step_overrides")
         raise RedflowError(f"run_inline: step {name!r} starts a child workflow; give its output in step_overrides")
 
     async def start_child(self, name: str, workflow: Any, input: Any, **_: Any) -> str:

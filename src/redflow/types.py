@@ -35,6 +35,13 @@ class RunContext:
     max_attempts: int
 
 
+@dataclass(frozen=True, slots=True)
+class WorkflowResumeContext:
+    """The human input a run was resumed with (``client.resume_run(..., form=...)``)."""
+
+    form: Any
+
+
 @dataclass(slots=True)
 class WorkflowHandlerContext(Generic[InputT]):
     """The single argument of a workflow handler."""
@@ -43,6 +50,7 @@ class WorkflowHandlerContext(Generic[InputT]):
     run: RunContext
     signal: asyncio.Event
     step: StepApi
+    resume: WorkflowResumeContext | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ SCRIPT_NAMES = (
     "cancel",
     "emit",
     "cron_fire",
+    "resume_input",
 )
 
 

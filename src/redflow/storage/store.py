@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .._redis.client import RedisClient
+from ..encoding import decode
 from ..errors import StorageLayoutError
 from .codes import Code
 from .keys import STORAGE_VERSION, PartitionKeys
@@ -188,6 +189,7 @@ class Store:
         child_id: str = "",
         buffer_prefix: str = "",
         consumed_events: tuple[str, ...] = (),
+        info: bytes = b"",
     ) -> tuple[Code, str, bytes]:
         """Start a durable wait: (OK, '', b'') when suspended, (RESOLVED, resolution, output) when it
         was satisfied at once, or (STALE | CANCELED, '', b'')."""
@@ -196,7 +198,7 @@ class Store:
             "suspend",
             (k.runs, k.leases, k.index, k.owned(worker_id), k.steps, k.waits, k.waiters, k.scheduled(queue),
              k.bell(queue), k.results, k.errors, k.event_buffer, k.event_data, k.limits, k.held, k.ready(queue)),
-            (run_id, token, step, position, kind, delay_ms, due_ms, waiter_member, child_id, buffer_prefix,
+            (run_id, token, step, position, kind, delay_ms, due_ms, waiter_member, child_id, buffer_prefix, info,
              *consumed_events),
         )
         code = Code(reply[0])
@@ -219,6 +221,19 @@ class Store:
         )
         code = Code(reply[0])
         return code, reply[1].decode() if len(reply) > 1 else ""
+
+    async def read_wait(self, run_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.execute("HGET", self.keys.waits, run_id)
+        return None if raw is None else dict(decode(raw))
+
+    async def resume_input(self, run_id: str, queue: str, form: bytes, new_input: bytes | None) -> tuple[Code, str]:
+        k = self.keys
+        reply = await self.scripts.call(
+            "resume_input",
+            (k.runs, k.inputs, k.index, k.waits, k.waiters, k.steps, k.ready(queue), k.scheduled(queue), k.bell(queue)),
+            (run_id, form, new_input or b""),
+        )
+        return Code(reply[0]), reply[1].decode() if len(reply) > 1 else ""
 
     async def children_of(self, run_id: str) -> list[str]:
         """Runs started by steps of ``run_id`` (the parent-to-child index)."""

@@ -19,13 +19,13 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ..encoding import decode, encode, encode_output
-from ..errors import CanceledError, RedflowError, UnknownWorkflowError
+from ..errors import CanceledError, RedflowError, UnknownWorkflowError, WaitForInputError
 from ..retries import retry_delay_ms, serialize_error
-from ..step import LeaseLostError, StepApi, Suspended
+from ..step import LeaseLostError, StepApi, Suspended, input_wait_info
 from ..storage.codes import Code
 from ..storage.keys import event_member_prefix
 from ..storage.records import ClaimedRun, StepRecord, encode_step
-from ..types import OnFailureContext, RunContext, WorkflowHandlerContext
+from ..types import OnFailureContext, RunContext, WorkflowHandlerContext, WorkflowResumeContext
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -65,6 +65,7 @@ class _RedisBackend:
     async def suspend(
         self, name: str, position: int, kind: str, *, delay_ms: int = -1, due_ms: int = 0,
         event: tuple[str, str] | None = None, child_id: str = "", consumed: tuple[str, ...] = (),
+        info: bytes = b"",
     ) -> tuple[str, bytes]:
         run = self._ex.claimed
         member = buffer_prefix = ""
@@ -74,7 +75,7 @@ class _RedisBackend:
         code, resolution, raw = await self._worker.store.suspend(
             run.id, run.token, self._worker.id, run.header.q, name, position, kind, delay_ms=delay_ms,
             due_ms=due_ms, waiter_member=member, child_id=child_id, buffer_prefix=buffer_prefix,
-            consumed_events=consumed,
+            consumed_events=consumed, info=info,
         )
         if code is Code.RESOLVED:
             return resolution, raw
@@ -144,8 +145,11 @@ async def _run(worker: Worker, ex: Execution) -> None:
         return
     run = RunContext(id=claimed.id, workflow=h.w, queue=h.q, attempt=h.a, max_attempts=h.m)
     input_value = raw_input = decode(claimed.input)
-    steps = StepApi(run, ex.signal, claimed.steps, _RedisBackend(worker, ex), worker.max_payload_bytes)
+    backend = _RedisBackend(worker, ex)
+    steps = StepApi(run, ex.signal, claimed.steps, backend, worker.max_payload_bytes)
+    steps.input_timeout_ms = worker.retention_ms
     ex.steps = steps
+    resume = WorkflowResumeContext(form=steps.resume_form[0]) if steps.resume_form is not None else None
     if h.cr is not None:
         ex.cancel_requested = True
     try:
@@ -153,8 +157,13 @@ async def _run(worker: Worker, ex: Execution) -> None:
             raise CanceledError(f"run {claimed.id} was canceled")
         if definition.input_schema is not None:
             input_value = definition.input_schema.validate(raw_input)
-        ctx = WorkflowHandlerContext(input=input_value, run=run, signal=ex.signal, step=steps)
-        output = await definition.handler(ctx)
+        ctx = WorkflowHandlerContext(input=input_value, run=run, signal=ex.signal, step=steps, resume=resume)
+        try:
+            output = await definition.handler(ctx)
+        except WaitForInputError as wait:
+            # Raised by the handler itself: the whole handler replays once input arrives.
+            await backend.suspend("", 0, "input", delay_ms=worker.retention_ms, info=input_wait_info(wait))
+            raise
         data = encode_output(output, f"output of workflow {h.w!r} in run {claimed.id}", worker.max_payload_bytes)
     except Suspended:
         return

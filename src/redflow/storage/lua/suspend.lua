@@ -21,13 +21,14 @@
 -- ARGV[2] fencing token
 -- ARGV[3] step name
 -- ARGV[4] step position
--- ARGV[5] kind: 'sleep' | 'event' | 'child'
+-- ARGV[5] kind: 'sleep' | 'event' | 'child' | 'input'
 -- ARGV[6] delay in ms from now (-1 = no deadline)
 -- ARGV[7] absolute deadline, epoch ms (0 = use the delay)
 -- ARGV[8] waiter member for an event wait ('' otherwise)
 -- ARGV[9] child run id for a child wait ('' otherwise)
 -- ARGV[10] event buffer member prefix (<len>:<event>:<len>:<key>:) for an event wait ('' otherwise)
--- ARGV[11..] ids of events earlier wait steps of this run consumed
+-- ARGV[11] details of an input wait as JSON ({msg, schema}), '' otherwise
+-- ARGV[12..] ids of events earlier wait steps of this run consumed
 -- RETURNS {C.OK, deadline ms or -1} | {C.RESOLVED, resolution, output JSON} | {C.STALE}
 --       | {C.CANCELED}
 --!include common
@@ -59,7 +60,7 @@ if kind == 'child' then
   end
 elseif kind == 'event' then
   local consumed = {}
-  for i = 11, #ARGV do consumed[ARGV[i]] = true end
+  for i = 12, #ARGV do consumed[ARGV[i]] = true end
   local prefix = ARGV[10]
   local from = prefix .. string.format('%013d', h.c)
   local members = redis.call('ZRANGEBYLEX', KEYS[12], '[' .. from, '[' .. prefix .. '\255')
@@ -86,6 +87,7 @@ end
 append_step(KEYS[5], id, '{"n":' .. cjson.encode(w.n) .. ',"q":' .. w.q .. ',"a":' .. h.a ..
   ',"t0":' .. now .. ',"s":"wait","k":"' .. kind .. '"' .. (due >= 0 and (',"u":' .. due) or '') ..
   (w.ch and (',"ch":' .. cjson.encode(w.ch)) or '') .. '}\n')
+if ARGV[11] ~= '' then w.info = cjson.decode(ARGV[11]) end
 redis.call('HSET', KEYS[6], id, cjson.encode(w))
 h.o = nil
 if due >= 0 then
