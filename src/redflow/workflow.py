@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from .durations import duration_ms
 from .errors import ConfigurationError
 from .registry import WorkflowRegistry, get_default_registry
 from .types import (
@@ -56,7 +57,7 @@ class DefineWorkflowOptions:
 
 # Options the API accepts whose machinery is not part of this release yet; naming one is an error
 # rather than a silent no-op.
-_NOT_YET = ("debounce", "mutex", "rate_limit", "throttle")
+_NOT_YET = ("debounce", "mutex")
 
 
 class WorkflowDefinition(Generic[OutputT]):
@@ -98,6 +99,11 @@ class WorkflowDefinition(Generic[OutputT]):
                 for t in self.options.cron or []
             ],
             "event": [{"name": t.name, "id": t.id} for t in self.options.event or []],
+            "admission": {
+                name: [config.limit, duration_ms(config.period, name)]
+                for name, config in (("throttle", self.options.throttle), ("rate_limit", self.options.rate_limit))
+                if config is not None
+            },
         }
 
     async def run(
@@ -146,6 +152,17 @@ def _validate(options: DefineWorkflowOptions, handler: Any) -> None:
     for event in options.event or []:
         if not isinstance(event, EventTrigger) or not isinstance(event.name, str) or not event.name.strip():
             raise ConfigurationError(f"workflow {name!r}: event triggers must be EventTrigger(name=...), got {event!r}")
+    for option_name in ("throttle", "rate_limit"):
+        config = getattr(options, option_name)
+        if config is None:
+            continue
+        if not isinstance(config, WorkflowRateLimitOptions) or not callable(config.key):
+            raise ConfigurationError(f"workflow {name!r}: {option_name} must be WorkflowRateLimitOptions(key=callable, "
+                                     f"limit, period), got {config!r}")
+        if not isinstance(config.limit, int) or config.limit < 1:
+            raise ConfigurationError(f"workflow {name!r}: {option_name}.limit must be an integer >= 1")
+        if duration_ms(config.period, f"workflow {name!r}: {option_name}.period") <= 0:
+            raise ConfigurationError(f"workflow {name!r}: {option_name}.period must be positive")
     for option in _NOT_YET:
         if getattr(options, option) not in (None, [], ()):
             raise ConfigurationError(f"workflow {name!r}: the {option!r} option is not supported by this release yet")

@@ -68,7 +68,7 @@ def test_no_script_builds_key_names() -> None:
             # KEYS[i], or a local bound to KEYS entries (queue triples, a table of KEYS, a chosen key)
             assert target.startswith(
                 ("KEYS[", "ready", "sched", "bell", "q[", "q.", "k.", "index_key", "bell_key", "steps_key",
-                 "waits_key", "waiters_key", "outcome_key")
+                 "waits_key", "waiters_key", "outcome_key", "counter")
             ), (
                 f"{name}: {call[0]} on {target} is not a key from KEYS"
             )

@@ -71,6 +71,12 @@ class EventStore:
             await redis.execute("HSETNX", k.cron_last, trigger_id, server_now_ms)
         if changed:
             await redis.execute("INCR", k.cron_version)
+        admission = {w: m["admission"] for w, m in workflows.items() if m.get("admission")}
+        if admission:
+            await redis.execute("HSET", k.admission, *[x for w, a in admission.items() for x in (w, encode(a))])
+        plain = [w for w in workflows if w not in admission]
+        if plain:
+            await redis.execute("HDEL", k.admission, *plain)
         limited = {w: m["max_concurrency"] for w, m in workflows.items() if m.get("max_concurrency")}
         unlimited = [w for w in workflows if w not in limited]
         if limited:

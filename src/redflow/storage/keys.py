@@ -41,6 +41,10 @@ Key (type) — contents — lifetime:
   subscribers (hash)      <len>:<event>:<workflow> -> {workflow, queue, max_attempts}  permanent
   subscriber_index (zset) the same members, lexicographic                 permanent
   limits (hash)           workflow -> max_concurrency                     permanent (per definition)
+  admission (hash)        workflow -> {t: [limit, period ms], r: [...]}   permanent (per definition)
+  tb:<n>:<wf>:<key> (str) throttle window counter                         PX the window
+  rb:<n>:<wf>:<key> (str) rate-limit window counter                       PX the window
+  db:<n>:<wf>:<key> (str) the pending run of a debounce key               PX the debounce deadline
   held (zset, lex)        <n>:<queue>:<n>:<wf>:<seq>:<id> runs waiting for capacity  while held
   crons (hash)            trigger id -> cron trigger definition           permanent
   cron_last (hash)        trigger id -> last slot fired or skipped (ms)   permanent
@@ -82,6 +86,7 @@ class PartitionKeys:
     """Key names of one partition under one prefix, computed once."""
 
     __slots__ = (
+        "admission",
         "base",
         "children",
         "cron_last",
@@ -148,6 +153,7 @@ class PartitionKeys:
         self.subscribers = f"{base}:subscribers"
         self.subscriber_index = f"{base}:subscriber_index"
         self.limits = f"{base}:limits"
+        self.admission = f"{base}:admission"
         self.held = f"{base}:held"
         self.crons = f"{base}:crons"
         self.cron_last = f"{base}:cron_last"
@@ -170,6 +176,15 @@ class PartitionKeys:
 
     def event_idempotency(self, event: str, key: str) -> str:
         return f"{self.base}:evidem:{len(event)}:{event}:{key}"
+
+    def throttle(self, workflow: str, key: str) -> str:
+        return f"{self.base}:tb:{tag(workflow)}{key}"
+
+    def rate_limit(self, workflow: str, key: str) -> str:
+        return f"{self.base}:rb:{tag(workflow)}{key}"
+
+    def debounce(self, workflow: str, key: str) -> str:
+        return f"{self.base}:db:{tag(workflow)}{key}"
 
     def control_channel_prefix(self) -> str:
         return f"{self.base}:ctl:"

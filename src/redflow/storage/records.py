@@ -72,7 +72,7 @@ def encode_step(record: StepRecord) -> bytes:
 
 class ClaimedRun(msgspec.Struct):
     id: str
-    kind: str  # "run" or "hook"
+    kind: str  # "run", "hook", or "admit" (a first start that must pass throttle / rate limit)
     token: bytes
     header: RunHeader
     input: bytes

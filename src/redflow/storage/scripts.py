@@ -41,6 +41,7 @@ SCRIPT_NAMES = (
     "emit",
     "cron_fire",
     "resume_input",
+    "admit",
 )
 
 

@@ -114,7 +114,7 @@ class Store:
         k = self.keys
         keys = [
             k.runs, k.inputs, k.steps, k.errors, k.leases, k.index, k.workers, k.seq, k.owned(worker_id),
-            k.waits, k.waiters, k.limits, k.held,
+            k.waits, k.waiters, k.limits, k.held, k.admission,
         ]
         for queue in queues:
             keys += (k.ready(queue), k.scheduled(queue), k.bell(queue))
@@ -221,6 +221,26 @@ class Store:
         )
         code = Code(reply[0])
         return code, reply[1].decode() if len(reply) > 1 else ""
+
+    async def admit(
+        self, run_id: str, token: bytes, worker_id: str, queue: str, workflow: str,
+        throttle: tuple[str, int, int] | None, rate: tuple[str, int, int] | None, hook: bool, retention_ms: int,
+    ) -> tuple[Code, Any]:
+        """Admission of a first start; throttle and rate are (key, limit, period ms)."""
+        k = self.keys
+        placeholder = k.throttle(workflow, "")
+        reply = await self.scripts.call(
+            "admit",
+            (k.runs, k.leases, k.index, k.owned(worker_id), k.scheduled(queue), k.bell(queue), k.errors, k.expiry,
+             k.steps, k.throttle(workflow, throttle[0]) if throttle else placeholder,
+             k.rate_limit(workflow, rate[0]) if rate else placeholder),
+            (run_id, token, throttle[1] if throttle else 0, throttle[2] if throttle else 0,
+             rate[1] if rate else 0, rate[2] if rate else 0, 1 if hook else 0, retention_ms, k.done_channel(run_id)),
+        )
+        code = Code(reply[0])
+        if code is Code.OK:
+            return code, decode_header(reply[1])
+        return code, int(reply[1]) if len(reply) > 1 else None
 
     async def read_wait(self, run_id: str) -> dict[str, Any] | None:
         raw = await self.redis.execute("HGET", self.keys.waits, run_id)

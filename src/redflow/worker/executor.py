@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from ..durations import duration_ms
 from ..encoding import decode, encode, encode_output
-from ..errors import CanceledError, RedflowError, UnknownWorkflowError, WaitForInputError
+from ..errors import CanceledError, RateLimitExceededError, RedflowError, UnknownWorkflowError, WaitForInputError
 from ..retries import retry_delay_ms, serialize_error
 from ..step import LeaseLostError, StepApi, Suspended, input_wait_info
 from ..storage.codes import Code
@@ -124,11 +125,66 @@ async def execute(worker: Worker, ex: Execution) -> None:
     try:
         if claimed.kind == "hook":
             await _run_hook(worker, ex)
+        elif claimed.kind == "admit" and not await _admit(worker, ex):
+            return
         else:
             await _run(worker, ex)
     except LeaseLostError:
         log.warning("run %s: lost ownership to another worker; this attempt stops", claimed.id)
         ex.settled = True
+
+
+async def _admit(worker: Worker, ex: Execution) -> bool:
+    """Apply throttle and rate limit to a first start; True when the run may execute now."""
+    claimed = ex.claimed
+    h = claimed.header
+    definition = worker.registry.get(h.w)
+    if definition is None:
+        error = serialize_error(UnknownWorkflowError(h.w))
+        await worker.store.retry(claimed.id, claimed.token, worker.id, h.q, UNKNOWN_WORKFLOW_DEFER_MS, error, True)
+        ex.settled = True
+        return False
+    options = definition.options
+    limits: list[tuple[str, int, int] | None] = []
+    try:
+        value = decode(claimed.input)
+        if definition.input_schema is not None:
+            value = definition.input_schema.validate(value)
+        for config in (options.throttle, options.rate_limit):
+            limits.append(None if config is None else (
+                admission_key(h.w, config.key, value), config.limit, duration_ms(config.period, "period")
+            ))
+    except Exception as error:
+        # A key function that fails (or invalid input) fails the run: it can never be admitted.
+        code, _ = await worker.store.finish(
+            claimed.id, claimed.token, worker.id, "failed", serialize_error(error), False, worker.retention_ms,
+            h.q, h.pq,
+        )
+        ex.settled = True
+        return False
+    hook = options.on_failure is not None
+    code, detail = await worker.store.admit(
+        claimed.id, claimed.token, worker.id, h.q, h.w, limits[0], limits[1], hook, worker.retention_ms
+    )
+    if code is Code.STALE:
+        raise LeaseLostError(claimed.id)
+    if code is Code.OK:
+        claimed.header = detail
+        return True
+    ex.settled = True
+    if code is Code.TERMINAL and hook:
+        run = RunContext(id=claimed.id, workflow=h.w, queue=h.q, attempt=1, max_attempts=h.m)
+        limited = RateLimitExceededError(f"run {claimed.id} of workflow {h.w!r} exceeded its rate limit", detail)
+        await _call_hook(worker, claimed, run, decode(claimed.input), limited)
+    return False
+
+
+def admission_key(workflow: str, key_fn: Any, value: Any) -> str:
+    key = key_fn(value)
+    if not isinstance(key, str) or not key.strip():
+        raise RedflowError(f"workflow {workflow!r}: an admission key function returned {key!r}; it must return a "
+                           "non-empty string")
+    return key.strip()
 
 
 async def _run(worker: Worker, ex: Execution) -> None:

@@ -1,6 +1,8 @@
 -- claim: promote due scheduled runs, then hand up to ARGV[2] runs of the worker's queues to
 -- worker ARGV[1], each under a new fencing token. A run whose workflow is at its max_concurrency is
--- held aside (not claimed, not blocking the queue) and released when a run of it stops running. A due run that was waiting durably has its wait
+-- held aside (not claimed, not blocking the queue) and released when a run of it stops running. A
+-- first start of a workflow with throttle or rate limit is handed out as kind 'admit' (still queued):
+-- the worker computes its admission keys from the input and calls admit.lua. A due run that was waiting durably has its wait
 -- resolved as 'timeout' (the end of a sleep, or a wait's deadline) and resumes on its own attempt. A queued run starts a new attempt unless it was
 -- handed back or recovered (h.rc); a failed run with a pending hook (h.h) is claimed to run on_failure.
 -- KEYS[1] runs
@@ -16,14 +18,15 @@
 -- KEYS[11] waiters
 -- KEYS[12] limits
 -- KEYS[13] held
--- KEYS[14..] ready, scheduled, bell of each queue, in that order (3 keys per queue)
+-- KEYS[14] admission
+-- KEYS[15..] ready, scheduled, bell of each queue, in that order (3 keys per queue)
 -- ARGV[4..] the queue names, in the order of the KEYS triples
 -- ARGV[1] worker id
 -- ARGV[2] max runs to claim
 -- ARGV[3] max scheduled runs to promote per queue
 -- RETURNS {C.STALE_WORKER} when the worker's liveness lease lapsed
 --       | {C.OK, ms until the next scheduled run (-1: none), then 7 fields per run:
---          id, kind ('run'|'hook'), token, header JSON, input JSON, steps, error JSON or ''}
+--          id, kind ('run'|'hook'|'admit'), token, header JSON, input JSON, steps, error JSON or ''}
 --!include common
 
 local now = now_ms()
@@ -38,9 +41,9 @@ local out = {C.OK, -1}
 local next_due = nil
 local got = 0
 
-for k = 14, #KEYS, 3 do
+for k = 15, #KEYS, 3 do
   local ready, sched, bell = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  local queue = ARGV[4 + (k - 14) / 3]
+  local queue = ARGV[4 + (k - 15) / 3]
   local adm = {runs = KEYS[1], index = KEYS[6], limits = KEYS[12], held = KEYS[13], seq = KEYS[8],
     ready = ready, bell = bell}
   if redis.call('ZCARD', KEYS[13]) > 0 then
@@ -91,6 +94,9 @@ for k = 14, #KEYS, 3 do
       if limit and running_count(KEYS[6], h.w) >= tonumber(limit) then
         hold(adm, id, h)
         redis.call('HSET', KEYS[1], id, cjson.encode(h))
+      elseif h.s == 'queued' and not h.hd and h.a == 0 and not h.rc
+          and redis.call('HEXISTS', KEYS[14], h.w) == 1 then
+        kind = 'admit'
       elseif h.s == 'queued' and not h.hd then
         kind = 'run'
         if h.rc then

@@ -76,6 +76,8 @@ for i = 8 + nq, #ARGV do
           set_status(KEYS[5], id, h, 'queued')
         end
         requeue = true
+      elseif h.s == 'queued' then
+        requeue = true  -- claimed for admission, not started yet
       elseif h.s == 'failed' and h.h then
         h.x = (h.x or 0) + 1
         if h.x >= 2 * max_lapses then
