@@ -12,7 +12,7 @@ from ._redis.client import RedisClient, ServerAddress
 from ._redis.pubsub import Subscriber
 from .client_events import EventsMixin
 from .client_queries import QueriesMixin
-from .durations import datetime_ms
+from .durations import datetime_ms, duration_ms
 from .encoding import decode, encode_payload, max_payload_bytes
 from .errors import (
     CanceledError,
@@ -117,6 +117,9 @@ class RedflowClient(EventsMixin, QueriesMixin):
         queue_override: str | None = None,
         parent_run_id: str | None = None,
     ) -> RunHandle:
+        debounce = definition.options.debounce
+        if debounce is not None:
+            return await self._enqueue_debounced(definition, input, queue_override, parent_run_id)
         return await self._enqueue(
             definition.name,
             queue_override or definition.options.queue,
@@ -127,6 +130,27 @@ class RedflowClient(EventsMixin, QueriesMixin):
             run_at=run_at,
             parent_run_id=parent_run_id,
         )
+
+    async def _enqueue_debounced(
+        self, definition: WorkflowDefinition[Any], input: Any, queue_override: str | None, parent_run_id: str | None
+    ) -> RunHandle:
+        options = definition.options.debounce
+        assert options is not None
+        value = definition.input_schema.validate(input) if definition.input_schema is not None else input
+        key = options.key(value)
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigurationError(f"workflow {definition.name!r}: the debounce key function returned {key!r}; "
+                                     "it must return a non-empty string")
+        stored = definition.input_schema.to_json(value) if definition.input_schema is not None else value
+        data = encode_payload(stored, f"input of workflow {definition.name!r}", self.max_payload_bytes)
+        period = duration_ms(options.period, f"debounce period of workflow {definition.name!r}")
+        timeout = 0 if options.timeout is None else duration_ms(options.timeout, "debounce timeout")
+        await self.store.ensure_ready()
+        _, run_id, _ = await self.store.debounce(
+            new_run_id(self.keys.partition), definition.name, queue_override or definition.options.queue, data,
+            definition.max_attempts, key.strip(), period, timeout, parent_run_id,
+        )
+        return RunHandle(self, run_id)
 
     async def run_by_name(
         self,
@@ -146,6 +170,8 @@ class RedflowClient(EventsMixin, QueriesMixin):
         ``parent_queue`` is internal: set when the parent run will wait for this run to end.
         """
         definition = self._registry().get(workflow_name)
+        if definition is not None and definition.options.debounce is not None:
+            return await self._enqueue_debounced(definition, input, queue_override, parent_run_id)
         if definition is not None:
             queue, max_attempts = definition.options.queue, definition.max_attempts
             input = definition.prepare_input(input)

@@ -57,7 +57,7 @@ class DefineWorkflowOptions:
 
 # Options the API accepts whose machinery is not part of this release yet; naming one is an error
 # rather than a silent no-op.
-_NOT_YET = ("debounce", "mutex")
+_NOT_YET = ("mutex",)
 
 
 class WorkflowDefinition(Generic[OutputT]):
@@ -163,6 +163,15 @@ def _validate(options: DefineWorkflowOptions, handler: Any) -> None:
             raise ConfigurationError(f"workflow {name!r}: {option_name}.limit must be an integer >= 1")
         if duration_ms(config.period, f"workflow {name!r}: {option_name}.period") <= 0:
             raise ConfigurationError(f"workflow {name!r}: {option_name}.period must be positive")
+    debounce = options.debounce
+    if debounce is not None:
+        if not isinstance(debounce, WorkflowDebounceOptions) or not callable(debounce.key):
+            raise ConfigurationError(f"workflow {name!r}: debounce must be WorkflowDebounceOptions(key=callable, "
+                                     f"period, timeout), got {debounce!r}")
+        if duration_ms(debounce.period, f"workflow {name!r}: debounce.period") <= 0:
+            raise ConfigurationError(f"workflow {name!r}: debounce.period must be positive")
+        if debounce.timeout is not None and duration_ms(debounce.timeout, f"workflow {name!r}: debounce.timeout") <= 0:
+            raise ConfigurationError(f"workflow {name!r}: debounce.timeout must be positive")
     for option in _NOT_YET:
         if getattr(options, option) not in (None, [], ()):
             raise ConfigurationError(f"workflow {name!r}: the {option!r} option is not supported by this release yet")

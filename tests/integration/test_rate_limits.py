@@ -78,3 +78,37 @@ async def test_rate_limit_fails_over_budget_runs_and_is_not_charged_on_resume(
     await wait_until(lambda: hooks, what="on_failure")
     assert hooks == [("rate_limited", third.id)]
     assert 2 not in handled  # its handler never ran
+
+
+async def test_debounce_latest_input_wins_and_timeout_caps_the_delay(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
+    from redflow import WorkflowDebounceOptions
+
+    async def handler(ctx: WorkflowHandlerContext) -> Any:
+        return ctx.input
+
+    wf = define_workflow(
+        "debounced", handler=handler,
+        debounce=WorkflowDebounceOptions(key=lambda i: f"doc:{i['doc']}", period="400ms", timeout="1s"),
+        registry=registry,
+    )
+    await make_worker()
+    first = await client.enqueue_definition(wf, {"doc": 1, "rev": 0})
+    created = (await client.get_run(first.id))["created_at"]
+    # Keep calling more often than the period: only the timeout cap lets the run start.
+    rev = 0
+    while True:
+        rev += 1
+        again = await client.enqueue_definition(wf, {"doc": 1, "rev": rev})
+        state = await client.get_run(first.id)
+        if again.id != first.id or state["status"] != "scheduled":
+            break
+        assert state["available_at"] <= created + 1000  # never past the timeout
+        await asyncio.sleep(0.1)
+    result = await first.result(timeout_ms=10_000)
+    assert result["doc"] == 1 and result["rev"] >= 5  # a later input replaced the first one
+    state = await client.get_run(first.id)
+    assert state["started_at"] >= created + 1000 - 5  # held back until the timeout cap, then started
+    other = await client.enqueue_definition(wf, {"doc": 2, "rev": 0})
+    assert other.id != first.id

@@ -42,6 +42,7 @@ SCRIPT_NAMES = (
     "cron_fire",
     "resume_input",
     "admit",
+    "debounce",
 )
 
 

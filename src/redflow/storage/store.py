@@ -108,6 +108,19 @@ class Store:
         )
         return Code(reply[0]), reply[1].decode(), reply[2].decode()
 
+    async def debounce(
+        self, run_id: str, workflow: str, queue: str, input_json: bytes, max_attempts: int, key: str,
+        period_ms: int, timeout_ms: int, parent_run_id: str | None,
+    ) -> tuple[Code, str, str]:
+        k = self.keys
+        reply = await self.scripts.call(
+            "debounce",
+            (k.runs, k.inputs, k.index, k.ready(queue), k.scheduled(queue), k.bell(queue), k.children,
+             k.debounce(workflow, key)),
+            (run_id, workflow, queue, input_json, max_attempts, period_ms, timeout_ms, parent_run_id or ""),
+        )
+        return Code(reply[0]), reply[1].decode(), reply[2].decode()
+
     async def claim(
         self, worker_id: str, queues: Sequence[str], max_runs: int, promote: int
     ) -> tuple[Code, int, list[ClaimedRun]]:
