@@ -55,9 +55,6 @@ class DefineWorkflowOptions:
         return DEFAULT_MAX_ATTEMPTS
 
 
-# Options the API accepts whose machinery is not part of this release yet; naming one is an error
-# rather than a silent no-op.
-_NOT_YET = ("mutex",)
 
 
 class WorkflowDefinition(Generic[OutputT]):
@@ -100,9 +97,12 @@ class WorkflowDefinition(Generic[OutputT]):
             ],
             "event": [{"name": t.name, "id": t.id} for t in self.options.event or []],
             "admission": {
-                name: [config.limit, duration_ms(config.period, name)]
-                for name, config in (("throttle", self.options.throttle), ("rate_limit", self.options.rate_limit))
-                if config is not None
+                **{
+                    name: [config.limit, duration_ms(config.period, name)]
+                    for name, config in (("throttle", self.options.throttle), ("rate_limit", self.options.rate_limit))
+                    if config is not None
+                },
+                **({"mutex": True} if self.options.mutex is not None else {}),
             },
         }
 
@@ -163,6 +163,8 @@ def _validate(options: DefineWorkflowOptions, handler: Any) -> None:
             raise ConfigurationError(f"workflow {name!r}: {option_name}.limit must be an integer >= 1")
         if duration_ms(config.period, f"workflow {name!r}: {option_name}.period") <= 0:
             raise ConfigurationError(f"workflow {name!r}: {option_name}.period must be positive")
+    if options.mutex is not None and not callable(options.mutex):
+        raise ConfigurationError(f"workflow {name!r}: mutex must be a function of the input returning a key")
     debounce = options.debounce
     if debounce is not None:
         if not isinstance(debounce, WorkflowDebounceOptions) or not callable(debounce.key):
@@ -172,9 +174,6 @@ def _validate(options: DefineWorkflowOptions, handler: Any) -> None:
             raise ConfigurationError(f"workflow {name!r}: debounce.period must be positive")
         if debounce.timeout is not None and duration_ms(debounce.timeout, f"workflow {name!r}: debounce.timeout") <= 0:
             raise ConfigurationError(f"workflow {name!r}: debounce.timeout must be positive")
-    for option in _NOT_YET:
-        if getattr(options, option) not in (None, [], ()):
-            raise ConfigurationError(f"workflow {name!r}: the {option!r} option is not supported by this release yet")
     if options.stream:
         raise ConfigurationError(f"workflow {name!r}: run streams are not supported by this release yet")
 

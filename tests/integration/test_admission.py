@@ -70,3 +70,32 @@ async def test_resumed_runs_count_toward_max_concurrency(
     handles = [await client.enqueue_definition(wf, None) for _ in range(5)]
     assert await asyncio.gather(*(h.result(timeout_ms=20_000) for h in handles)) == ["ok"] * 5
     assert peak["n"] == 1
+
+
+async def test_mutex_one_running_run_per_key_released_on_durable_waits(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
+    from typing import Any
+
+    events: list[tuple[str, str, str]] = []
+
+    async def handler(ctx: WorkflowHandlerContext) -> str:
+        events.append(("start", ctx.input["key"], ctx.input["n"]))
+        await asyncio.sleep(0.05)
+        events.append(("end", ctx.input["key"], ctx.input["n"]))
+        if ctx.input.get("nap"):
+            await ctx.step.wait_for("nap", "200ms")  # releases the mutex while sleeping
+        return ctx.input["n"]
+
+    wf = define_workflow("mutexed", handler=handler, mutex=lambda i: i["key"], registry=registry)
+    await make_worker(concurrency=10)
+    handles: list[Any] = [
+        await client.enqueue_definition(wf, {"key": "k1", "n": f"a{i}", "nap": i == 0}) for i in range(3)
+    ] + [await client.enqueue_definition(wf, {"key": "k2", "n": "b0"})]
+    results = await asyncio.gather(*(h.result(timeout_ms=10_000) for h in handles))
+    assert sorted(results) == ["a0", "a1", "a2", "b0"]
+    running: dict[str, int] = {}
+    for kind, key, _ in events:
+        running[key] = running.get(key, 0) + (1 if kind == "start" else -1)
+        assert running[key] <= 1, "two runs held one mutex key at once"
+    assert await client.redis.execute("HLEN", client.keys.mutexes) == 0

@@ -110,3 +110,13 @@ define_workflow("durable-sleeper", handler=durable_sleeper, registry=registry)
 define_workflow("event-waiter", handler=event_waiter, registry=registry)
 define_workflow("child-sleeper", handler=child_sleeper, registry=registry)
 define_workflow("parent-of-sleeper", handler=parent_of_sleeper, registry=registry)
+
+
+async def mutex_job(ctx: WorkflowHandlerContext[Any]) -> str:
+    if ctx.input.get("die") and await _count(f"mutex-die:{ctx.run.id}") == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # dies while holding the mutex
+    await _count(f"mutex-done:{ctx.run.id}")
+    return ctx.input["n"]
+
+
+define_workflow("mutex-job", handler=mutex_job, mutex=lambda i: "shared", registry=registry)

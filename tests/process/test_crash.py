@@ -80,3 +80,19 @@ async def test_thousand_runs_drained_by_two_worker_processes_exactly_once(
     a.send_signal(signal.SIGTERM)
     b.send_signal(signal.SIGTERM)
     assert a.wait(timeout=20) == 0 and b.wait(timeout=20) == 0
+
+
+async def test_mutex_is_released_when_its_holder_worker_is_sigkilled(
+    apps_client: RedflowClient, spawn_worker: Spawn
+) -> None:
+    client = apps_client
+    first = spawn_worker()
+    holder = await client.run_by_name("mutex-job", {"n": "holder", "die": True})
+    await wait_until(lambda: first.poll() is not None, timeout_s=20, what="holder's worker killed")
+    waiter = await client.run_by_name("mutex-job", {"n": "waiter"})
+    spawn_worker()
+    assert await holder.result(timeout_ms=30_000) == "holder"
+    assert await waiter.result(timeout_ms=30_000) == "waiter"
+    assert await counter(client, f"mutex-done:{holder.id}") == 1
+    assert await counter(client, f"mutex-done:{waiter.id}") == 1
+    assert await client.redis.execute("HLEN", client.keys.mutexes) == 0

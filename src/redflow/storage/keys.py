@@ -41,7 +41,8 @@ Key (type) — contents — lifetime:
   subscribers (hash)      <len>:<event>:<workflow> -> {workflow, queue, max_attempts}  permanent
   subscriber_index (zset) the same members, lexicographic                 permanent
   limits (hash)           workflow -> max_concurrency                     permanent (per definition)
-  admission (hash)        workflow -> {t: [limit, period ms], r: [...]}   permanent (per definition)
+  admission (hash)        workflow -> {throttle, rate_limit, mutex}      permanent (per definition)
+  mutexes (hash)          <n>:<wf>:<n>:<key>: -> run holding that mutex   while that run runs
   tb:<n>:<wf>:<key> (str) throttle window counter                         PX the window
   rb:<n>:<wf>:<key> (str) rate-limit window counter                       PX the window
   db:<n>:<wf>:<key> (str) the pending run of a debounce key               PX the debounce deadline
@@ -107,6 +108,7 @@ class PartitionKeys:
         "leader",
         "leases",
         "limits",
+        "mutexes",
         "partition",
         "prefix",
         "results",
@@ -154,6 +156,7 @@ class PartitionKeys:
         self.subscriber_index = f"{base}:subscriber_index"
         self.limits = f"{base}:limits"
         self.admission = f"{base}:admission"
+        self.mutexes = f"{base}:mutexes"
         self.held = f"{base}:held"
         self.crons = f"{base}:crons"
         self.cron_last = f"{base}:cron_last"

@@ -13,7 +13,7 @@ from .._redis.client import RedisClient
 from ..encoding import decode
 from ..errors import StorageLayoutError
 from .codes import Code
-from .keys import STORAGE_VERSION, PartitionKeys
+from .keys import STORAGE_VERSION, PartitionKeys, tag
 from .records import ClaimedRun, RunHeader, StepRecord, decode_header, decode_steps, parse_claim
 from .scripts import ScriptRunner
 
@@ -127,7 +127,7 @@ class Store:
         k = self.keys
         keys = [
             k.runs, k.inputs, k.steps, k.errors, k.leases, k.index, k.workers, k.seq, k.owned(worker_id),
-            k.waits, k.waiters, k.limits, k.held, k.admission,
+            k.waits, k.waiters, k.limits, k.held, k.admission, k.mutexes,
         ]
         for queue in queues:
             keys += (k.ready(queue), k.scheduled(queue), k.bell(queue))
@@ -159,7 +159,7 @@ class Store:
         reply = await self.scripts.call(
             "finish",
             [k.runs, k.leases, k.results, k.errors, k.index, k.expiry, k.owned(worker_id), k.limits, k.held,
-             k.ready(queue), k.bell(queue), k.steps, *self._parent_keys(parent_queue, with_steps=False)],
+             k.ready(queue), k.bell(queue), k.steps, k.mutexes, *self._parent_keys(parent_queue, with_steps=False)],
             (run_id, token, status, payload, 1 if hook else 0, retention_ms, k.done_channel(run_id)),
         )
         code = Code(reply[0])
@@ -181,7 +181,7 @@ class Store:
             await self.scripts.call(
                 "retry",
                 (k.runs, k.leases, k.errors, k.index, k.owned(worker_id), k.scheduled(queue), k.bell(queue),
-                 k.limits, k.held, k.ready(queue), k.steps),
+                 k.limits, k.held, k.ready(queue), k.steps, k.mutexes),
                 (run_id, token, delay_ms, error, 1 if keep_attempt else 0),
             )
         )
@@ -210,7 +210,8 @@ class Store:
         reply = await self.scripts.call(
             "suspend",
             (k.runs, k.leases, k.index, k.owned(worker_id), k.steps, k.waits, k.waiters, k.scheduled(queue),
-             k.bell(queue), k.results, k.errors, k.event_buffer, k.event_data, k.limits, k.held, k.ready(queue)),
+             k.bell(queue), k.results, k.errors, k.event_buffer, k.event_data, k.limits, k.held, k.ready(queue),
+             k.mutexes),
             (run_id, token, step, position, kind, delay_ms, due_ms, waiter_member, child_id, buffer_prefix, info,
              *consumed_events),
         )
@@ -225,7 +226,8 @@ class Store:
         header = await self.read_header(run_id)
         if header is None:
             return Code.NOT_FOUND, ""
-        keys = [k.runs, k.index, k.errors, k.expiry, k.waits, k.waiters, k.steps, k.scheduled(header.q), k.held]
+        keys = [k.runs, k.index, k.errors, k.expiry, k.waits, k.waiters, k.steps, k.scheduled(header.q), k.held,
+                k.mutexes]
         if header.pq:
             keys += [k.ready(header.pq), k.scheduled(header.pq), k.bell(header.pq)]
         reply = await self.scripts.call(
@@ -238,6 +240,7 @@ class Store:
     async def admit(
         self, run_id: str, token: bytes, worker_id: str, queue: str, workflow: str,
         throttle: tuple[str, int, int] | None, rate: tuple[str, int, int] | None, hook: bool, retention_ms: int,
+        mutex_key: str | None = None,
     ) -> tuple[Code, Any]:
         """Admission of a first start; throttle and rate are (key, limit, period ms)."""
         k = self.keys
@@ -246,9 +249,10 @@ class Store:
             "admit",
             (k.runs, k.leases, k.index, k.owned(worker_id), k.scheduled(queue), k.bell(queue), k.errors, k.expiry,
              k.steps, k.throttle(workflow, throttle[0]) if throttle else placeholder,
-             k.rate_limit(workflow, rate[0]) if rate else placeholder),
+             k.rate_limit(workflow, rate[0]) if rate else placeholder, k.mutexes, k.held, k.seq, k.ready(queue)),
             (run_id, token, throttle[1] if throttle else 0, throttle[2] if throttle else 0,
-             rate[1] if rate else 0, rate[2] if rate else 0, 1 if hook else 0, retention_ms, k.done_channel(run_id)),
+             rate[1] if rate else 0, rate[2] if rate else 0, 1 if hook else 0, retention_ms, k.done_channel(run_id),
+             tag(workflow) + tag(mutex_key) if mutex_key is not None else ""),
         )
         code = Code(reply[0])
         if code is Code.OK:
@@ -279,7 +283,8 @@ class Store:
         return Code(
             await self.scripts.call(
                 "release",
-                (k.runs, k.leases, k.index, k.owned(worker_id), k.ready(queue), k.bell(queue), k.limits, k.held),
+                (k.runs, k.leases, k.index, k.owned(worker_id), k.ready(queue), k.bell(queue), k.limits, k.held,
+                 k.mutexes),
                 (run_id, token),
             )
         )
@@ -319,7 +324,9 @@ class Store:
         if ids:
             headers = await self.redis.execute("HMGET", k.runs, *ids)
             queues = sorted({decode_header(h).q for h in headers if h is not None})
-        keys = [k.workers, k.leader, k.runs, k.leases, k.index, k.errors, k.expiry, owned_key, k.limits, k.held]
+        keys = [
+            k.workers, k.leader, k.runs, k.leases, k.index, k.errors, k.expiry, owned_key, k.limits, k.held, k.mutexes,
+        ]
         for queue in queues:
             keys += (k.ready(queue), k.bell(queue))
         reply = await self.scripts.call(

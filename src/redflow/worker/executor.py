@@ -135,7 +135,7 @@ async def execute(worker: Worker, ex: Execution) -> None:
 
 
 async def _admit(worker: Worker, ex: Execution) -> bool:
-    """Apply throttle and rate limit to a first start; True when the run may execute now."""
+    """Apply mutex, rate limit and throttle to a first start; True when the run may execute now."""
     claimed = ex.claimed
     h = claimed.header
     definition = worker.registry.get(h.w)
@@ -154,6 +154,7 @@ async def _admit(worker: Worker, ex: Execution) -> bool:
             limits.append(None if config is None else (
                 admission_key(h.w, config.key, value), config.limit, duration_ms(config.period, "period")
             ))
+        mutex_key = None if options.mutex is None else admission_key(h.w, options.mutex, value)
     except Exception as error:
         # A key function that fails (or invalid input) fails the run: it can never be admitted.
         code, _ = await worker.store.finish(
@@ -164,7 +165,7 @@ async def _admit(worker: Worker, ex: Execution) -> bool:
         return False
     hook = options.on_failure is not None
     code, detail = await worker.store.admit(
-        claimed.id, claimed.token, worker.id, h.q, h.w, limits[0], limits[1], hook, worker.retention_ms
+        claimed.id, claimed.token, worker.id, h.q, h.w, limits[0], limits[1], hook, worker.retention_ms, mutex_key
     )
     if code is Code.STALE:
         raise LeaseLostError(claimed.id)

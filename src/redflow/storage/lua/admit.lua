@@ -13,6 +13,10 @@
 -- KEYS[9] steps
 -- KEYS[10] throttle counter   tb:<wf>:<key> (a placeholder without throttle)
 -- KEYS[11] rate counter       rb:<wf>:<key> (a placeholder without rate limit)
+-- KEYS[12] mutexes
+-- KEYS[13] held
+-- KEYS[14] seq
+-- KEYS[15] ready        q:<queue>:ready
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] throttle limit (0 = none)
@@ -22,15 +26,29 @@
 -- ARGV[7] 1 when an on_failure hook must run after a rate-limit failure
 -- ARGV[8] retention in ms
 -- ARGV[9] done channel of the run
+-- ARGV[10] mutex field <tag(wf)><key> ('' = no mutex)
 -- RETURNS {C.OK, header JSON} (started: status running, attempt 1)
 --       | {C.RETRY, due ms} (throttled: scheduled) | {C.TERMINAL, retry after ms} (rate limited: failed)
---       | {C.STALE}
+--       | {C.EXISTING} (held: another run holds its mutex) | {C.STALE}
 --!include common
 
 local id = ARGV[1]
 if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then return {C.STALE} end
 local h = cjson.decode(redis.call('HGET', KEYS[1], id))
 local now = now_ms()
+
+if ARGV[10] ~= '' then
+  h.mf = ARGV[10]
+  local adm = {runs = KEYS[1], mutexes = KEYS[12], held = KEYS[13], seq = KEYS[14]}
+  if not take_mutex(adm, id, h) then
+    hold_for_mutex(adm, id, h)
+    h.o = nil
+    redis.call('HSET', KEYS[1], id, cjson.encode(h))
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('SREM', KEYS[4], id)
+    return {C.EXISTING}
+  end
+end
 
 local function over(counter, limit, period)
   local used = tonumber(redis.call('GET', counter) or '0')
@@ -62,6 +80,7 @@ if rate_limit > 0 then
     end
     redis.call('HSET', KEYS[1], id, cjson.encode(h))
     redis.call('PUBLISH', ARGV[9], 'failed')
+    release_mutex({runs = KEYS[1], mutexes = KEYS[12], held = KEYS[13], ready = KEYS[15], bell = KEYS[6]}, id, h)
     return {C.TERMINAL, wait}
   end
 end
@@ -78,6 +97,7 @@ if throttle_limit > 0 then
     local head = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
     redis.call('ZADD', KEYS[5], due, id)
     if not head[2] or due < tonumber(head[2]) then ring(KEYS[6]) end
+    release_mutex({runs = KEYS[1], mutexes = KEYS[12], held = KEYS[13], ready = KEYS[15], bell = KEYS[6]}, id, h)
     return {C.RETRY, due}
   end
 end

@@ -19,7 +19,8 @@
 -- KEYS[12] limits
 -- KEYS[13] held
 -- KEYS[14] admission
--- KEYS[15..] ready, scheduled, bell of each queue, in that order (3 keys per queue)
+-- KEYS[15] mutexes
+-- KEYS[16..] ready, scheduled, bell of each queue, in that order (3 keys per queue)
 -- ARGV[4..] the queue names, in the order of the KEYS triples
 -- ARGV[1] worker id
 -- ARGV[2] max runs to claim
@@ -41,11 +42,11 @@ local out = {C.OK, -1}
 local next_due = nil
 local got = 0
 
-for k = 15, #KEYS, 3 do
+for k = 16, #KEYS, 3 do
   local ready, sched, bell = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  local queue = ARGV[4 + (k - 15) / 3]
+  local queue = ARGV[4 + (k - 16) / 3]
   local adm = {runs = KEYS[1], index = KEYS[6], limits = KEYS[12], held = KEYS[13], seq = KEYS[8],
-    ready = ready, bell = bell}
+    ready = ready, bell = bell, mutexes = KEYS[15]}
   if redis.call('ZCARD', KEYS[13]) > 0 then
     -- Capacity may have freed elsewhere (another queue, a changed limit): re-check held runs here.
     local p = tag(queue)
@@ -93,6 +94,9 @@ for k = 15, #KEYS, 3 do
       if h.s == 'queued' and not h.hd then limit = redis.call('HGET', KEYS[12], h.w) end
       if limit and running_count(KEYS[6], h.w) >= tonumber(limit) then
         hold(adm, id, h)
+        redis.call('HSET', KEYS[1], id, cjson.encode(h))
+      elseif h.s == 'queued' and not h.hd and h.mf and not take_mutex(adm, id, h) then
+        hold_for_mutex(adm, id, h)
         redis.call('HSET', KEYS[1], id, cjson.encode(h))
       elseif h.s == 'queued' and not h.hd and h.a == 0 and not h.rc
           and redis.call('HEXISTS', KEYS[14], h.w) == 1 then

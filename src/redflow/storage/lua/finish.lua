@@ -15,11 +15,12 @@
 -- KEYS[10] ready       q:<queue>:ready (held runs of the workflow are released into it)
 -- KEYS[11] bell        q:<queue>:bell
 -- KEYS[12] steps        (the end of the attempt is recorded in the history)
--- KEYS[13] waits        (KEYS[13..17] only when the run has a waiting parent)
--- KEYS[14] waiters
--- KEYS[15] parent ready   q:<parent queue>:ready
--- KEYS[16] parent sched   q:<parent queue>:sched
--- KEYS[17] parent bell    q:<parent queue>:bell
+-- KEYS[13] mutexes
+-- KEYS[14] waits        (KEYS[14..18] only when the run has a waiting parent)
+-- KEYS[15] waiters
+-- KEYS[16] parent ready   q:<parent queue>:ready
+-- KEYS[17] parent sched   q:<parent queue>:sched
+-- KEYS[18] parent bell    q:<parent queue>:bell
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] status ('succeeded' | 'failed' | 'canceled')
@@ -61,8 +62,9 @@ redis.call('ZADD', KEYS[6], now + tonumber(ARGV[6]), id)
 redis.call('PUBLISH', ARGV[7], status)
 release_held({runs = KEYS[1], index = KEYS[5], limits = KEYS[8], held = KEYS[9], ready = KEYS[10],
   bell = KEYS[11]}, h.q, h.w)
-if h.pq and #KEYS >= 17 then
-  resume_waiter({runs = KEYS[1], index = KEYS[5], waits = KEYS[13], waiters = KEYS[14], steps = KEYS[12],
-    ready = KEYS[15], sched = KEYS[16], bell = KEYS[17]}, h.p, 'child', id, status, payload, now)
+release_mutex({runs = KEYS[1], mutexes = KEYS[13], held = KEYS[9], ready = KEYS[10], bell = KEYS[11]}, id, h)
+if h.pq and #KEYS >= 18 then
+  resume_waiter({runs = KEYS[1], index = KEYS[5], waits = KEYS[14], waiters = KEYS[15], steps = KEYS[12],
+    ready = KEYS[16], sched = KEYS[17], bell = KEYS[18]}, h.p, 'child', id, status, payload, now)
 end
 return {C.OK, status}

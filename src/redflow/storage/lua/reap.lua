@@ -12,7 +12,8 @@
 -- KEYS[8] owned        owned:<dead worker id>
 -- KEYS[9] limits
 -- KEYS[10] held
--- KEYS[11..] ready, bell of each queue named in ARGV[8..], in that order (2 keys per queue)
+-- KEYS[11] mutexes
+-- KEYS[12..] ready, bell of each queue named in ARGV[8..], in that order (2 keys per queue)
 -- ARGV[1] leader value of the caller (its fencing token)
 -- ARGV[2] dead worker id
 -- ARGV[3] lapses of one attempt before the run fails as crashed
@@ -38,7 +39,7 @@ end
 local queues = {}
 local nq = tonumber(ARGV[7])
 for i = 8, 7 + nq do
-  local k = 11 + (i - 8) * 2
+  local k = 12 + (i - 8) * 2
   queues[ARGV[i]] = {KEYS[k], KEYS[k + 1]}
 end
 
@@ -93,6 +94,7 @@ for i = 8 + nq, #ARGV do
       end
       release_held({runs = KEYS[3], index = KEYS[5], limits = KEYS[9], held = KEYS[10], ready = q[1],
         bell = q[2]}, h.q, h.w)
+      release_mutex({runs = KEYS[3], mutexes = KEYS[11], held = KEYS[10], ready = q[1], bell = q[2]}, id, h)
       taken = taken + 1
     end
   end

@@ -9,6 +9,7 @@
 -- KEYS[6] bell         q:<queue>:bell
 -- KEYS[7] limits
 -- KEYS[8] held
+-- KEYS[9] mutexes
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- RETURNS C.OK | C.STALE
@@ -31,4 +32,5 @@ redis.call('RPUSH', KEYS[5], id)
 ring(KEYS[6])
 release_held({runs = KEYS[1], index = KEYS[3], limits = KEYS[7], held = KEYS[8], ready = KEYS[5],
   bell = KEYS[6]}, h.q, h.w)
+release_mutex({runs = KEYS[1], mutexes = KEYS[9], held = KEYS[8], ready = KEYS[5], bell = KEYS[6]}, id, h)
 return C.OK

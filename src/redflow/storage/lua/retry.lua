@@ -12,6 +12,7 @@
 -- KEYS[9] held
 -- KEYS[10] ready       q:<queue>:ready
 -- KEYS[11] steps
+-- KEYS[12] mutexes
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] delay in ms
@@ -44,4 +45,5 @@ redis.call('ZADD', KEYS[6], due, id)
 if not head[2] or due < tonumber(head[2]) then ring(KEYS[7]) end
 release_held({runs = KEYS[1], index = KEYS[4], limits = KEYS[8], held = KEYS[9], ready = KEYS[10],
   bell = KEYS[7]}, h.q, h.w)
+release_mutex({runs = KEYS[1], mutexes = KEYS[12], held = KEYS[9], ready = KEYS[10], bell = KEYS[7]}, id, h)
 return C.OK

@@ -17,6 +17,7 @@
 -- KEYS[14] limits
 -- KEYS[15] held
 -- KEYS[16] ready       q:<queue>:ready
+-- KEYS[17] mutexes
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] step name
@@ -104,4 +105,5 @@ redis.call('HDEL', KEYS[2], id)
 redis.call('SREM', KEYS[4], id)
 release_held({runs = KEYS[1], index = KEYS[3], limits = KEYS[14], held = KEYS[15], ready = KEYS[16],
   bell = KEYS[9]}, h.q, h.w)
+release_mutex({runs = KEYS[1], mutexes = KEYS[17], held = KEYS[15], ready = KEYS[16], bell = KEYS[9]}, id, h)
 return {C.OK, due}

@@ -127,3 +127,40 @@ local function attempt_line(steps_key, id, h, status, payload, now)
   append_step(steps_key, id, '{"n":"","q":0,"a":' .. h.a .. ',"o":' .. payload .. ',"t0":' .. (h.st or now) ..
     ',"t1":' .. now .. ',"s":"done","k":"attempt","r":"' .. status .. '"}\n')
 end
+
+-- Mutexes: hash `mutexes` maps <tag(wf)><key> (h.mf) to the run holding it, only while it runs.
+-- Returns true when run `id` holds (or just took) its mutex, false when another run holds it.
+local function take_mutex(k, id, h)
+  if not h.mf then return true end
+  local holder = redis.call('HGET', k.mutexes, h.mf)
+  if holder and holder ~= id then return false end
+  redis.call('HSET', k.mutexes, h.mf, id)
+  return true
+end
+
+local function hold_for_mutex(k, id, h)
+  local member = 'm:' .. tag(h.q) .. tag(h.mf) .. string.format('%013d', redis.call('INCR', k.seq)) .. ':' .. id
+  redis.call('ZADD', k.held, 0, member)
+  h.hd = member
+end
+
+-- Frees run `id`'s mutex when it stops running and hands the next waiter on its queue to the ready
+-- list. `k` holds runs, mutexes, held, ready, bell.
+local function release_mutex(k, id, h)
+  if not h.mf or redis.call('HGET', k.mutexes, h.mf) ~= id then return end
+  redis.call('HDEL', k.mutexes, h.mf)
+  local p = 'm:' .. tag(h.q) .. tag(h.mf)
+  local next_one = redis.call('ZRANGEBYLEX', k.held, '[' .. p, '[' .. p .. '\255', 'LIMIT', 0, 1)
+  if next_one[1] then
+    redis.call('ZREM', k.held, next_one[1])
+    local waiter_id = string.sub(next_one[1], #p + 15)
+    local raw = redis.call('HGET', k.runs, waiter_id)
+    if raw then
+      local waiter = cjson.decode(raw)
+      waiter.hd = nil
+      redis.call('HSET', k.runs, waiter_id, cjson.encode(waiter))
+      redis.call('RPUSH', k.ready, waiter_id)
+      ring(k.bell)
+    end
+  end
+end
