@@ -226,8 +226,7 @@ class Store:
         header = await self.read_header(run_id)
         if header is None:
             return Code.NOT_FOUND, ""
-        keys = [k.runs, k.index, k.errors, k.expiry, k.waits, k.waiters, k.steps, k.scheduled(header.q), k.held,
-                k.mutexes]
+        keys = [k.runs, k.index, k.errors, k.expiry, k.waits, k.waiters, k.steps, k.scheduled(header.q), k.held]
         if header.pq:
             keys += [k.ready(header.pq), k.scheduled(header.pq), k.bell(header.pq)]
         reply = await self.scripts.call(

@@ -11,17 +11,16 @@
 -- KEYS[7] steps
 -- KEYS[8] scheduled    q:<queue>:sched of the run
 -- KEYS[9] held
--- KEYS[10] mutexes
--- KEYS[11] parent ready   (KEYS[11..13] only when the run has a waiting parent)
--- KEYS[12] parent sched
--- KEYS[13] parent bell
+-- KEYS[10] parent ready   (KEYS[10..12] only when the run has a waiting parent)
+-- KEYS[11] parent sched
+-- KEYS[12] parent bell
 -- ARGV[1] run id
 -- ARGV[2] reason ('' = default message)
 -- ARGV[3] retention in ms
 -- ARGV[4] done channel of the run
 -- ARGV[5] control channel prefix (the owning worker's id is appended)
 -- RETURNS {C.OK, 'canceled'} | {C.OK, 'requested'} | {C.TERMINAL, status} | {C.NOT_FOUND}
---       | {C.RETRY} when the run has a waiting parent but KEYS[11..13] were not given
+--       | {C.RETRY} when the run has a waiting parent but KEYS[10..12] were not given
 --!include common
 
 local id = ARGV[1]
@@ -41,7 +40,7 @@ if h.s == 'running' then
   if h.o then redis.call('PUBLISH', ARGV[5] .. h.o, id) end
   return {C.OK, 'requested'}
 end
-if h.pq and #KEYS < 13 then return {C.RETRY} end
+if h.pq and #KEYS < 12 then return {C.RETRY} end
 local err = canceled_error(id, h, ARGV[2])
 drop_wait(KEYS[5], KEYS[6], id)
 redis.call('ZREM', KEYS[8], id)
@@ -59,6 +58,6 @@ redis.call('ZADD', KEYS[4], now + tonumber(ARGV[3]), id)
 redis.call('PUBLISH', ARGV[4], 'canceled')
 if h.pq then
   resume_waiter({runs = KEYS[1], index = KEYS[2], waits = KEYS[5], waiters = KEYS[6], steps = KEYS[7],
-    ready = KEYS[11], sched = KEYS[12], bell = KEYS[13]}, h.p, 'child', id, 'canceled', err, now)
+    ready = KEYS[10], sched = KEYS[11], bell = KEYS[12]}, h.p, 'child', id, 'canceled', err, now)
 end
 return {C.OK, 'canceled'}
