@@ -31,6 +31,7 @@ from .errors import (
 )
 from .registry import WorkflowRegistry, get_default_registry
 from .step import wait_for_input
+from .streams import RunStreamChunk, RunStreamReader, RunStreamRecord, WorkflowStreamWriter
 from .testing import InlineRunResult, InlineStepResult, run_inline
 from .types import (
     AttemptTrace,
@@ -96,6 +97,9 @@ __all__ = [
     "RunState",
     "RunStats",
     "RunStatus",
+    "RunStreamChunk",
+    "RunStreamReader",
+    "RunStreamRecord",
     "SearchRunsParams",
     "SearchRunsResult",
     "StartWorkerOptions",
@@ -112,6 +116,7 @@ __all__ = [
     "WorkflowRegistry",
     "WorkflowResumeContext",
     "WorkflowRetryPolicy",
+    "WorkflowStreamWriter",
     "create_client",
     "default_prefix",
     "define_workflow",

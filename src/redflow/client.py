@@ -30,6 +30,7 @@ from .storage.event_store import EventStore
 from .storage.keys import DEFAULT_PARTITION, PartitionKeys
 from .storage.records import RunHeader, StepRecord
 from .storage.store import Store
+from .streams import RunStreamReader, RunStreamRecord, check_read_args, stream_record
 from .types import IDEMPOTENCY_TTL_SEC, TERMINAL_STATUSES, AttemptTrace, RunState, StepState
 from .workflow import WorkflowDefinition
 
@@ -302,6 +303,32 @@ class RedflowClient(EventsMixin, QueriesMixin):
             out = await self.store.redis.execute("HGET", self.keys.results, run_id)
             succeeded[0]["output"] = None if out is None else decode(out)
         return [attempts[a] for a in sorted(attempts)]
+
+    async def get_run_stream(self, run_id: str, *, limit: int | None = None) -> list[RunStreamRecord]:
+        """The values a run streamed so far (oldest first)."""
+        await self.store.ensure_ready()
+        args: list[Any] = ["XRANGE", self.keys.stream(run_id), "-", "+"]
+        if limit is not None:
+            args += ["COUNT", check_read_args(limit, None)[0]]
+        entries = await self.redis.execute(*args)
+        return [r for _, fields in entries if (r := stream_record(fields)) is not None]
+
+    async def read_stream(
+        self,
+        run_id: str,
+        *,
+        drain: bool = False,
+        block_ms: int | None = None,
+        limit: int | None = None,
+        resumable: str | None = None,
+    ) -> RunStreamReader | None:
+        """A live reader of the run's stream, starting after ``resumable`` (a chunk's cursor_id);
+        None when the run does not exist. With ``drain`` it stops once caught up instead of waiting."""
+        lim, block = check_read_args(limit, block_ms)
+        await self.store.ensure_ready()
+        if await self.store.read_header(run_id) is None:
+            return None
+        return RunStreamReader(self.store, run_id, drain=drain, block_ms=block, limit=lim, after=resumable or "0-0")
 
     async def resume_run(self, run_id: str, input: Any = None, *, form: Any = None) -> RunHandle | None:
         """Answer a run waiting in wait_for_input: ``form`` is validated against the wait's schema;

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeVar
 if TYPE_CHECKING:
     from .registry import WorkflowRegistry
     from .step import StepApi
+    from .streams import WorkflowStreamWriter
 
 RunStatus = Literal["scheduled", "queued", "running", "succeeded", "failed", "canceled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
@@ -51,6 +52,7 @@ class WorkflowHandlerContext(Generic[InputT]):
     signal: asyncio.Event
     step: StepApi
     resume: WorkflowResumeContext | None = None
+    stream: WorkflowStreamWriter | None = None  # set for workflows defined with stream=True
 
 
 @dataclass(frozen=True, slots=True)

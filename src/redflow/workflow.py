@@ -174,8 +174,6 @@ def _validate(options: DefineWorkflowOptions, handler: Any) -> None:
             raise ConfigurationError(f"workflow {name!r}: debounce.period must be positive")
         if debounce.timeout is not None and duration_ms(debounce.timeout, f"workflow {name!r}: debounce.timeout") <= 0:
             raise ConfigurationError(f"workflow {name!r}: debounce.timeout must be positive")
-    if options.stream:
-        raise ConfigurationError(f"workflow {name!r}: run streams are not supported by this release yet")
 
 
 def define_workflow(

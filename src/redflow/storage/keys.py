@@ -46,6 +46,7 @@ Key (type) — contents — lifetime:
   tb:<n>:<wf>:<key> (str) throttle window counter                         PX the window
   rb:<n>:<wf>:<key> (str) rate-limit window counter                       PX the window
   db:<n>:<wf>:<key> (str) the pending run of a debounce key               PX the debounce deadline
+  stream:<run id> (stream) values a run streamed; an "end" entry when it ends  PX the retention window
   held (zset, lex)        <n>:<queue>:<n>:<wf>:<seq>:<id> runs waiting for capacity  while held
   crons (hash)            trigger id -> cron trigger definition           permanent
   cron_last (hash)        trigger id -> last slot fired or skipped (ms)   permanent
@@ -179,6 +180,9 @@ class PartitionKeys:
 
     def event_idempotency(self, event: str, key: str) -> str:
         return f"{self.base}:evidem:{len(event)}:{event}:{key}"
+
+    def stream(self, run_id: str) -> str:
+        return f"{self.base}:stream:{run_id}"
 
     def throttle(self, workflow: str, key: str) -> str:
         return f"{self.base}:tb:{tag(workflow)}{key}"

@@ -43,6 +43,7 @@ SCRIPT_NAMES = (
     "resume_input",
     "admit",
     "debounce",
+    "stream_write",
 )
 
 

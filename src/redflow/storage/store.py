@@ -159,7 +159,8 @@ class Store:
         reply = await self.scripts.call(
             "finish",
             [k.runs, k.leases, k.results, k.errors, k.index, k.expiry, k.owned(worker_id), k.limits, k.held,
-             k.ready(queue), k.bell(queue), k.steps, k.mutexes, *self._parent_keys(parent_queue, with_steps=False)],
+             k.ready(queue), k.bell(queue), k.steps, k.mutexes, k.stream(run_id),
+             *self._parent_keys(parent_queue, with_steps=False)],
             (run_id, token, status, payload, 1 if hook else 0, retention_ms, k.done_channel(run_id)),
         )
         code = Code(reply[0])
@@ -257,6 +258,18 @@ class Store:
         if code is Code.OK:
             return code, decode_header(reply[1])
         return code, int(reply[1]) if len(reply) > 1 else None
+
+    async def stream_write(
+        self, run_id: str, token: bytes, attempt: int, value: bytes, retention_ms: int, max_len: int
+    ) -> tuple[Code, str, int]:
+        k = self.keys
+        reply = await self.scripts.call(
+            "stream_write", (k.leases, k.stream(run_id)), (run_id, token, attempt, value, retention_ms, max_len)
+        )
+        code = Code(reply[0])
+        if code is not Code.OK:
+            return code, "", 0
+        return code, reply[1].decode(), int(reply[2])
 
     async def read_wait(self, run_id: str) -> dict[str, Any] | None:
         raw = await self.redis.execute("HGET", self.keys.waits, run_id)

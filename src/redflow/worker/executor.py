@@ -26,6 +26,7 @@ from ..step import LeaseLostError, StepApi, Suspended, input_wait_info
 from ..storage.codes import Code
 from ..storage.keys import event_member_prefix
 from ..storage.records import ClaimedRun, StepRecord, encode_step
+from ..streams import WorkflowStreamWriter
 from ..types import OnFailureContext, RunContext, WorkflowHandlerContext, WorkflowResumeContext
 
 if TYPE_CHECKING:
@@ -214,7 +215,12 @@ async def _run(worker: Worker, ex: Execution) -> None:
             raise CanceledError(f"run {claimed.id} was canceled")
         if definition.input_schema is not None:
             input_value = definition.input_schema.validate(raw_input)
-        ctx = WorkflowHandlerContext(input=input_value, run=run, signal=ex.signal, step=steps, resume=resume)
+        writer = None
+        if definition.options.stream:
+            writer = WorkflowStreamWriter(store, claimed.id, claimed.token, h.a, worker.retention_ms,
+                                          worker.max_payload_bytes)
+        ctx = WorkflowHandlerContext(input=input_value, run=run, signal=ex.signal, step=steps, resume=resume,
+                                     stream=writer)
         try:
             output = await definition.handler(ctx)
         except WaitForInputError as wait:

@@ -16,11 +16,12 @@
 -- KEYS[11] bell        q:<queue>:bell
 -- KEYS[12] steps        (the end of the attempt is recorded in the history)
 -- KEYS[13] mutexes
--- KEYS[14] waits        (KEYS[14..18] only when the run has a waiting parent)
--- KEYS[15] waiters
--- KEYS[16] parent ready   q:<parent queue>:ready
--- KEYS[17] parent sched   q:<parent queue>:sched
--- KEYS[18] parent bell    q:<parent queue>:bell
+-- KEYS[14] stream       stream:<run id> (exists only if the run streamed values)
+-- KEYS[15] waits        (KEYS[15..19] only when the run has a waiting parent)
+-- KEYS[16] waiters
+-- KEYS[17] parent ready   q:<parent queue>:ready
+-- KEYS[18] parent sched   q:<parent queue>:sched
+-- KEYS[19] parent bell    q:<parent queue>:bell
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] status ('succeeded' | 'failed' | 'canceled')
@@ -60,11 +61,14 @@ end
 redis.call('HSET', KEYS[1], id, cjson.encode(h))
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[6]), id)
 redis.call('PUBLISH', ARGV[7], status)
+if redis.call('EXISTS', KEYS[14]) == 1 then
+  redis.call('XADD', KEYS[14], '*', 'end', status)  -- tells stream readers the run ended
+end
 release_held({runs = KEYS[1], index = KEYS[5], limits = KEYS[8], held = KEYS[9], ready = KEYS[10],
   bell = KEYS[11]}, h.q, h.w)
 release_mutex({runs = KEYS[1], mutexes = KEYS[13], held = KEYS[9], ready = KEYS[10], bell = KEYS[11]}, id, h)
-if h.pq and #KEYS >= 18 then
-  resume_waiter({runs = KEYS[1], index = KEYS[5], waits = KEYS[14], waiters = KEYS[15], steps = KEYS[12],
-    ready = KEYS[16], sched = KEYS[17], bell = KEYS[18]}, h.p, 'child', id, status, payload, now)
+if h.pq and #KEYS >= 19 then
+  resume_waiter({runs = KEYS[1], index = KEYS[5], waits = KEYS[15], waiters = KEYS[16], steps = KEYS[12],
+    ready = KEYS[17], sched = KEYS[18], bell = KEYS[19]}, h.p, 'child', id, status, payload, now)
 end
 return {C.OK, status}

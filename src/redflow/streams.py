@@ -1,0 +1,129 @@
+"""Run streams: a workflow with ``stream=True`` writes values with ``ctx.stream.write(value)``;
+clients read them live with ``client.read_stream`` (resumable by cursor) or at once with
+``client.get_run_stream``.
+
+Values are appended as the handler runs, replays included (each value carries its attempt). A run's
+stream ends with an end entry written when the run ends; it expires with the retention window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from ._redis.connection import Connection
+from .encoding import decode, encode_output
+from .errors import ConfigurationError
+from .step import LeaseLostError
+from .storage.codes import Code
+from .types import TERMINAL_STATUSES
+
+if TYPE_CHECKING:
+    from .storage.store import Store
+
+MAX_STREAM_ENTRIES = 10_000
+DEFAULT_READ_LIMIT = 256
+DEFAULT_BLOCK_MS = 30_000
+
+
+class RunStreamRecord(TypedDict):
+    attempt: int
+    ts: int
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RunStreamChunk:
+    record: RunStreamRecord
+    cursor_id: str | None = None  # pass as ``resumable`` to continue after this value
+
+
+class WorkflowStreamWriter:
+    """``ctx.stream`` of a streaming workflow."""
+
+    def __init__(self, store: Store, run_id: str, token: bytes, attempt: int, retention_ms: int,
+                 max_payload_bytes: int) -> None:
+        self._store = store
+        self._run_id = run_id
+        self._token = token
+        self.attempt = attempt
+        self._retention_ms = retention_ms
+        self._max_payload = max_payload_bytes
+
+    async def write(self, value: Any) -> RunStreamRecord:
+        data = encode_output(value, f"stream value of run {self._run_id}", self._max_payload)
+        code, _, ts = await self._store.stream_write(
+            self._run_id, self._token, self.attempt, data, self._retention_ms, MAX_STREAM_ENTRIES
+        )
+        if code is Code.STALE:
+            raise LeaseLostError(self._run_id)
+        return RunStreamRecord(attempt=self.attempt, ts=ts, value=decode(data))
+
+
+def stream_record(fields: list[bytes]) -> RunStreamRecord | None:
+    pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+    if b"end" in pairs:
+        return None
+    return RunStreamRecord(attempt=int(pairs[b"a"]), ts=int(pairs[b"t"]), value=decode(pairs[b"v"]))
+
+
+class RunStreamReader:
+    """Async iterator over a run's stream; stops at the run's end (or, with ``drain``, when caught up)."""
+
+    def __init__(self, store: Store, run_id: str, *, drain: bool, block_ms: int, limit: int, after: str) -> None:
+        self._store = store
+        self._run_id = run_id
+        self._drain = drain
+        self._block_ms = block_ms
+        self._limit = limit
+        self._after = after
+        self._conn: Connection | None = None
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[RunStreamChunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RunStreamChunk]:
+        key = self._store.keys.stream(self._run_id)
+        try:
+            while not self._closed:
+                if self._drain:
+                    reply = await self._store.redis.execute("XREAD", "COUNT", self._limit, "STREAMS", key, self._after)
+                else:
+                    if self._conn is None or self._conn.closed:
+                        self._conn = await self._store.redis.dedicated()
+                    reply = await self._conn.execute(
+                        "XREAD", "COUNT", self._limit, "BLOCK", self._block_ms, "STREAMS", key, self._after
+                    )
+                entries = reply[0][1] if reply else []
+                for entry_id, fields in entries:
+                    self._after = entry_id.decode()
+                    record = stream_record(fields)
+                    if record is None:
+                        return
+                    yield RunStreamChunk(record=record, cursor_id=self._after)
+                if not entries:
+                    if self._drain:
+                        return
+                    header = await self._store.read_header(self._run_id)
+                    if header is None or header.s in TERMINAL_STATUSES:
+                        return  # ended without streaming anything after the cursor
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def check_read_args(limit: int | None, block_ms: int | None) -> tuple[int, int]:
+    lim = DEFAULT_READ_LIMIT if limit is None else limit
+    if not isinstance(lim, int) or not 1 <= lim <= 1000:
+        raise ConfigurationError(f"limit must be an integer from 1 to 1000, got {limit!r}")
+    block = DEFAULT_BLOCK_MS if block_ms is None else block_ms
+    if not isinstance(block, int) or block < 1:
+        raise ConfigurationError(f"block_ms must be a positive integer, got {block_ms!r}")
+    return lim, block
