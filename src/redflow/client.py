@@ -17,7 +17,6 @@ from .encoding import decode, encode_payload, max_payload_bytes
 from .errors import (
     CanceledError,
     ConfigurationError,
-    InputValidationError,
     RunFailedError,
     RunNotFoundError,
     TimeoutError,
@@ -32,6 +31,7 @@ from .storage.records import RunHeader, StepRecord
 from .storage.store import Store
 from .streams import RunStreamReader, RunStreamRecord, check_read_args, stream_record
 from .types import IDEMPOTENCY_TTL_SEC, TERMINAL_STATUSES, AttemptTrace, RunState, StepState
+from .validation import json_schema_issues, validation_error
 from .workflow import WorkflowDefinition
 
 DEFAULT_URL = "redis://localhost:6379"
@@ -345,7 +345,9 @@ class RedflowClient(EventsMixin, QueriesMixin):
             return None
         schema = (wait.get("info") or {}).get("schema")
         if schema:
-            _validate_form(run_id, schema, form)
+            issues = json_schema_issues(schema, form)
+            if issues:
+                raise validation_error(f"form for run {run_id}", issues)
         form_json = encode_payload(form, f"form for run {run_id}", self.max_payload_bytes)
         new_input = None if input is None else encode_payload(
             input, f"input of run {run_id}", self.max_payload_bytes
@@ -401,18 +403,6 @@ def _result_of(run_id: str, status: str, out: bytes | None, err: bytes | None) -
     if status == "canceled":
         raise CanceledError(f"Run canceled: run {run_id}: {error.get('message', '')}")
     raise RunFailedError(run_id, error)
-
-
-def _validate_form(run_id: str, schema: dict[str, Any], form: Any) -> None:
-    from jsonschema import Draft202012Validator, FormatChecker
-
-    errors = sorted(Draft202012Validator(schema, format_checker=FormatChecker()).iter_errors(form),
-                    key=lambda e: list(e.absolute_path))
-    if errors:
-        issues = [{"path": "/".join(str(p) for p in e.absolute_path), "message": e.message, "keyword": e.validator}
-                  for e in errors]
-        summary = "; ".join(f"{i['path'] or '<root>'}: {i['message']}" for i in issues[:5])
-        raise InputValidationError(f"form for run {run_id} is invalid: {summary}", issues)
 
 
 def step_state(r: StepRecord) -> StepState:

@@ -14,6 +14,25 @@ import msgspec
 from .errors import ConfigurationError, InputValidationError
 
 
+def json_schema_issues(schema: dict[str, Any], value: Any) -> list[dict[str, Any]]:
+    """Every way ``value`` breaks a JSON Schema (Draft 2020-12, formats checked), sorted by path."""
+    from jsonschema import Draft202012Validator, FormatChecker
+
+    errors = sorted(
+        Draft202012Validator(schema, format_checker=FormatChecker()).iter_errors(value),
+        key=lambda e: list(e.absolute_path),
+    )
+    return [
+        {"path": "/".join(str(p) for p in e.absolute_path), "message": e.message, "keyword": e.validator}
+        for e in errors
+    ]
+
+
+def validation_error(what: str, issues: list[dict[str, Any]]) -> InputValidationError:
+    summary = "; ".join(f"{i['path'] or '<root>'}: {i['message']}" for i in issues[:5])
+    return InputValidationError(f"{what} is invalid: {summary}", issues)
+
+
 class InputSchema(ABC):
     """Validates input against one schema; subclasses adapt each schema library."""
 
@@ -33,8 +52,7 @@ class InputSchema(ABC):
         """The schema as JSON Schema, published with the workflow's metadata."""
 
     def _fail(self, issues: list[dict[str, Any]]) -> InputValidationError:
-        summary = "; ".join(f"{i['path'] or '<root>'}: {i['message']}" for i in issues[:5])
-        return InputValidationError(f"input of workflow {self.workflow!r} is invalid: {summary}", issues)
+        return validation_error(f"input of workflow {self.workflow!r}", issues)
 
 
 class _PydanticSchema(InputSchema):
@@ -85,7 +103,7 @@ class _StructSchema(InputSchema):
 class _JsonSchema(InputSchema):
     def __init__(self, workflow: str, schema: dict[str, Any]) -> None:
         super().__init__(workflow)
-        from jsonschema import Draft202012Validator, FormatChecker
+        from jsonschema import Draft202012Validator
         from jsonschema.exceptions import SchemaError
 
         try:
@@ -95,15 +113,11 @@ class _JsonSchema(InputSchema):
                 f"workflow {workflow!r}: input_schema is not a valid JSON Schema: {exc.message}"
             ) from None
         self.schema = schema
-        self._validator = Draft202012Validator(schema, format_checker=FormatChecker())
 
     def validate(self, value: Any) -> Any:
-        errors = sorted(self._validator.iter_errors(value), key=lambda e: list(e.absolute_path))
-        if errors:
-            raise self._fail([
-                {"path": "/".join(str(p) for p in e.absolute_path), "message": e.message, "keyword": e.validator}
-                for e in errors
-            ])
+        issues = json_schema_issues(self.schema, value)
+        if issues:
+            raise self._fail(issues)
         return value
 
     def json_schema(self) -> dict[str, Any]:

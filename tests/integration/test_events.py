@@ -166,3 +166,29 @@ async def _delivered(client: RedflowClient, event_id: str) -> dict | None:
 async def _is(client: RedflowClient, run_id: str, status: str) -> bool:
     state = await client.get_run(run_id)
     return bool(state and state["status"] == status)
+
+
+async def test_event_contract_enforced_at_emit_and_shown_in_definitions(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
+    from redflow import InputValidationError
+    from redflow.errors import ConfigurationError
+
+    schema = {"type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"]}
+    define_workflow("contract-sub", handler=_echo, input_schema=schema, event=[EventTrigger(name="paid")],
+                    registry=registry)
+    await make_worker()
+    before = await client.list_events(ListEventsParams(name="paid"))
+    with pytest.raises(InputValidationError, match="order_id"):
+        await client.emit_event("paid", {"amount": 3})
+    assert await client.list_events(ListEventsParams(name="paid")) == before  # nothing written
+    handles = await client.emit_event("paid", {"order_id": "o-1"})
+    assert (await handles[0].result(timeout_ms=10_000))["input"] == {"order_id": "o-1"}
+    definition = next(d for d in await client.list_event_definitions() if d["event"] == "paid")
+    assert definition["input_json_schema"] == schema
+
+    other = WorkflowRegistry()
+    define_workflow("contract-rival", handler=_echo, input_schema={"type": "string"},
+                    event=[EventTrigger(name="paid")], registry=other)
+    with pytest.raises(ConfigurationError, match="different input schemas"):
+        await make_worker(registry=other)

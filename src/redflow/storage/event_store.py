@@ -7,6 +7,8 @@ import hashlib
 from typing import Any
 
 from ..encoding import decode, encode
+from ..errors import ConfigurationError
+from ..validation import json_schema_issues, validation_error
 from .codes import Code
 from .keys import event_member_prefix, tag
 from .store import Store
@@ -45,12 +47,13 @@ class EventStore:
         if stale_subs:
             await redis.execute("ZREM", k.subscriber_index, *stale_subs)
             await redis.execute("HDEL", k.subscribers, *stale_subs)
+        await self._check_contracts(workflows, subscriptions)
         for workflow, events in subscriptions.items():
             meta = workflows[workflow]
             for event in events:
                 member = tag(event) + workflow
                 record = {"event": event, "workflow": workflow, "queue": meta["queue"],
-                          "max_attempts": meta["max_attempts"]}
+                          "max_attempts": meta["max_attempts"], "input_json_schema": meta.get("input_json_schema")}
                 await redis.execute("HSET", k.subscribers, member, encode(record))
                 await redis.execute("ZADD", k.subscriber_index, 0, member)
         stale_crons = []
@@ -84,6 +87,26 @@ class EventStore:
         if unlimited:
             await redis.execute("HDEL", k.limits, *unlimited)
 
+    async def _check_contracts(
+        self, workflows: dict[str, dict[str, Any]], subscriptions: dict[str, list[str]]
+    ) -> None:
+        """Every subscriber of an event must accept the same input schema: that schema is the
+        event's contract. A build that disagrees with the others is refused at start."""
+        for workflow, events in subscriptions.items():
+            mine = workflows[workflow].get("input_json_schema")
+            for event in events:
+                others = [s for s in await self.subscribers_of(event) if s["workflow"] not in workflows]
+                others += [
+                    {"workflow": w, "input_json_schema": workflows[w].get("input_json_schema")}
+                    for w, evs in subscriptions.items() if event in evs and w != workflow
+                ]
+                for other in others:
+                    if canonical(other.get("input_json_schema")) != canonical(mine):
+                        raise ConfigurationError(
+                            f"event {event!r}: subscribers {workflow!r} and {other['workflow']!r} declare different "
+                            "input schemas; all subscribers of an event must share one schema (its contract)"
+                        )
+
     async def subscribers_of(self, event: str) -> list[dict[str, Any]]:
         prefix = tag(event).encode()
         members = await self.redis.execute("ZRANGEBYLEX", self.keys.subscriber_index, b"[" + prefix,
@@ -99,9 +122,18 @@ class EventStore:
             return []
         records = [decode(r) for r in await self.redis.execute("HMGET", self.keys.subscribers, *members) if r]
         by_event: dict[str, list[dict[str, Any]]] = {}
+        contracts: dict[str, Any] = {}
         for r in records:
             by_event.setdefault(r["event"], []).append({"workflow": r["workflow"], "queue": r["queue"]})
-        return [{"event": name, "subscribers": subs} for name, subs in sorted(by_event.items())]
+            if r.get("input_json_schema") is not None:
+                contracts[r["event"]] = r["input_json_schema"]
+        definitions: list[dict[str, Any]] = []
+        for name, subs in sorted(by_event.items()):
+            definition: dict[str, Any] = {"event": name, "subscribers": subs}
+            if name in contracts:
+                definition["input_json_schema"] = contracts[name]
+            definitions.append(definition)
+        return definitions
 
     # --- emitting ----------------------------------------------------------------------------------
     async def emit(
@@ -126,7 +158,13 @@ class EventStore:
             b"\0".join([name.encode(), data, (correlation_key or "").encode(), (parent_run_id or "").encode()])
         ).hexdigest()
         member = event_member_prefix(name, correlation_key) if correlation_key else ""
-        queues = sorted({s["queue"] for s in await self.subscribers_of(name)})
+        subscribers = await self.subscribers_of(name)
+        if not deliver:
+            contract = next((s["input_json_schema"] for s in subscribers if s.get("input_json_schema")), None)
+            issues = [] if contract is None else json_schema_issues(contract, decode(data))
+            if issues:
+                raise validation_error(f"payload of event {name!r} (its contract)", issues)
+        queues = sorted({s["queue"] for s in subscribers})
         idem_key = k.event_idempotency(name, idempotency_key) if idempotency_key else k.event_idempotency(name, "")
         for _ in range(10):
             keys = [
@@ -234,6 +272,20 @@ class EventStore:
              record.get("max_concurrency") or 0, f"ws:{tag(workflow)}running:"),
         )
         return Code(reply[0])
+
+
+def canonical(schema: Any) -> bytes:
+    """A schema compared by content (key order and documentation-only fields ignored)."""
+    ignored = {"title", "description", "examples", "$schema", "$id", "default"}
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in sorted(value.items()) if k not in ignored}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return encode(strip(schema))
 
 
 def normalize_event(record: dict[str, Any]) -> dict[str, Any]:

@@ -338,7 +338,13 @@ async def start_worker(options: StartWorkerOptions) -> Worker:
         client = create_client(app=options.app, redis=options.redis, url=options.url, prefix=options.prefix)
     client.registry = registry
     worker = Worker(client, registry, settings)
-    await worker.start()
+    try:
+        await worker.start()
+    except BaseException:
+        if worker._control is not None:
+            await worker._control.close()
+        await client.close()
+        raise
     return worker
 
 
