@@ -33,7 +33,12 @@ async def ticker(ctx: WorkflowHandlerContext[Any]) -> int:
     return os.getpid()
 
 
+async def plain(ctx: WorkflowHandlerContext[Any]) -> dict[str, Any]:
+    return {"pid": os.getpid()}
+
+
 define_workflow("sup-pid", handler=pid_job)
+define_workflow("sup-plain", handler=plain)
 define_workflow("sup-hog", handler=hog)
 if os.environ.get("SUP_TEST_CRON"):
     define_workflow("sup-tick", handler=ticker, cron=[CronTrigger("* * * * * *", timezone="UTC", id="sup-tick")])

@@ -163,9 +163,27 @@ async def test_http_health_readiness_and_metrics(client: RedflowClient, start_su
     body = await wait_until(lambda: _get(port, "/readyz"), timeout_s=20, what="ready")
     assert body["ready"] is True and len(body["workers"]) == 2
     assert _get(port, "/healthz") == {"ok": True}
-    text = await asyncio.to_thread(_fetch_text, port, "/metrics")
-    names = {f.name for f in text_string_to_metric_families(text)}
-    assert {"redflow_worker_processes", "redflow_inflight_runs", "redflow_leader"} <= names
+    handles = [await client.run_by_name("sup-pid", {"sleep": 0}) for _ in range(10)]
+    await asyncio.gather(*(h.result(timeout_ms=20_000) for h in handles))
+
+    async def scraped() -> dict | None:
+        text = await asyncio.to_thread(_fetch_text, port, "/metrics")
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        backlog = families.get("redflow_queue_backlog")
+        return families if backlog and backlog.samples else None
+
+    families = await wait_until(scraped, timeout_s=20, what="leader's backlog sample")
+    expected = {
+        "redflow_runs", "redflow_run_duration_seconds", "redflow_step_duration_seconds", "redflow_queue_backlog",
+        "redflow_queue_oldest_ready_age_seconds", "redflow_inflight_runs", "redflow_leader",
+        "redflow_worker_restarts", "redflow_event_loop_lag_seconds", "redflow_redis_roundtrip_seconds",
+        "redflow_worker_processes",
+    }
+    assert expected <= set(families), sorted(expected - set(families))
+    runs = {(s.labels["workflow"], s.labels["outcome"]): s.value for s in families["redflow_runs"].samples
+            if s.name == "redflow_runs_total"}
+    assert runs[("sup-pid", "started")] == 10 and runs[("sup-pid", "succeeded")] == 10
+    assert sum(s.value for s in families["redflow_leader"].samples) == 1
     sup.send_signal(signal.SIGTERM)
     assert sup.wait(timeout=30) == 0
 
@@ -230,3 +248,62 @@ def _get(port: int, path: str) -> dict | None:
         return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2).read())
     except Exception:
         return None
+
+
+async def test_embedded_server_killed_and_restarted_keeps_a_scheduled_run(tmp_path, prefix: str) -> None:
+    import re
+    from datetime import datetime, timedelta
+
+    from redflow import create_client
+
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDFLOW_TEST_REDIS_URL")}
+    env.update(SUP_TEST_URL="redis://127.0.0.1:1", SUP_TEST_PREFIX=prefix)  # the import-time client stays unused
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "redflow.supervisor", "--import", "tests.process.sup_apps", "--prefix", prefix,
+         "--procs", "1", "--data-dir", str(tmp_path / "data"), "--lease-ms", "1500"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert sup.stderr is not None
+        url = None
+        for line in sup.stderr:
+            found = re.search(r"started embedded Valkey at (redis://\S+)", line)
+            if found:
+                url = found.group(1)
+                break
+        assert url is not None
+        client = create_client(url=url, prefix=prefix)
+        try:
+            await wait_until(lambda: client.get_workflow_meta("sup-plain"), timeout_s=20, what="worker registered")
+            handle = await client.run_by_name("sup-plain", {}, run_at=datetime.now() + timedelta(seconds=4))
+            await asyncio.sleep(2)  # appendfsync everysec: let the enqueue reach the AOF on disk
+            server = next(p for p in psutil.Process(sup.pid).children() if "valkey" in p.name())
+            server.kill()
+
+            async def restarted() -> bool:
+                kids = [p for p in psutil.Process(sup.pid).children() if "valkey" in p.name()]
+                return bool(kids) and kids[0].pid != server.pid
+
+            await wait_until(restarted, timeout_s=20, what="embedded server restarted")
+            result = await wait_until(lambda: _result_or_none(client, handle.id), timeout_s=30, what="run done")
+            assert "pid" in result
+        finally:
+            await client.close()
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(timeout=30) == 0
+    finally:
+        if sup.poll() is None:
+            for child in _children(sup.pid):
+                child.kill()
+            sup.kill()
+            sup.wait()
+        if sup.stderr is not None:
+            sup.stderr.close()
+
+
+async def _result_or_none(client: RedflowClient, run_id: str) -> dict | None:
+    try:
+        state = await client.get_run(run_id)
+    except Exception:
+        return None  # the server is still coming back
+    return state["output"] if state and state["status"] == "succeeded" else None

@@ -11,8 +11,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from .. import observability
 from .._redis.errors import RedisError
-from ..ids import new_run_id
+from ..ids import new_run_id, run_id_time_ms
 from ..storage.codes import Code
 from .cron import CronScheduler
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("redflow.leader")
 
+BACKLOG_SAMPLE_S = 5.0
+
 
 class LeaderDuties:
     def __init__(self, worker: Worker) -> None:
@@ -29,6 +32,8 @@ class LeaderDuties:
         self._next_cleanup = 0.0
         self.cron = CronScheduler(worker)
         self._event_timer: asyncio.TimerHandle | None = None
+        self._next_sample = 0.0
+        self._sampled_queues: set[str] = set()
 
     async def tick(self, beat: Heartbeat) -> None:
         worker = self._worker
@@ -39,13 +44,32 @@ class LeaderDuties:
             if beat.next_event_due_ms >= 0:
                 await self.deliver_due_events(beat.server_ms, beat.next_event_due_ms)
             now = asyncio.get_running_loop().time()
+            if observability.enabled() and now >= self._next_sample:
+                self._next_sample = now + BACKLOG_SAMPLE_S
+                await self.sample_backlog(beat.server_ms)
             if now >= self._next_cleanup:
                 self._next_cleanup = now + worker.settings.cleanup_interval_s
                 await self.cleanup()
         except RedisError as exc:
             log.warning("leader %s: duty failed (%s); retried next heartbeat", worker.id, exc)
 
+    async def sample_backlog(self, server_ms: int) -> None:
+        """Backlog gauges per queue (ready, scheduled, age of the oldest ready run)."""
+        client = self._worker.client
+        stats = await client.get_stats()
+        for queue, sizes in stats["backlog"].items():
+            observability.set_gauge("backlog", sizes["ready"], queue, "ready")
+            observability.set_gauge("backlog", sizes["scheduled"], queue, "scheduled")
+            oldest = await client.redis.execute("LINDEX", client.keys.ready(queue), -1)
+            age = max(0.0, (server_ms - run_id_time_ms(oldest.decode())) / 1000) if oldest else 0.0
+            observability.set_gauge("oldest", age, queue)
+            self._sampled_queues.add(queue)
+
     def step_down(self) -> None:
+        for queue in self._sampled_queues:  # a former leader's samples must not outweigh the new one's
+            observability.set_gauge("backlog", 0, queue, "ready")
+            observability.set_gauge("backlog", 0, queue, "scheduled")
+            observability.set_gauge("oldest", 0, queue)
         self.cron.stop()
         if self._event_timer is not None:
             self._event_timer.cancel()

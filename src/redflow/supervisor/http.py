@@ -48,6 +48,12 @@ def readiness(supervisor: Supervisor) -> tuple[bool, dict[str, Any]]:
 
 
 def metrics_text(supervisor: Supervisor) -> str:
+    """The workers' Prometheus samples merged across processes, plus the supervisor's own."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(supervisor.metrics_dir))  # type: ignore[no-untyped-call]
+    merged = generate_latest(registry).decode()
     statuses = supervisor.worker_statuses()
     lines = [
         "# HELP redflow_worker_processes Worker processes reporting to this supervisor.",
@@ -56,21 +62,8 @@ def metrics_text(supervisor: Supervisor) -> str:
         "# HELP redflow_worker_restarts_total Worker processes restarted or recycled.",
         "# TYPE redflow_worker_restarts_total counter",
         f"redflow_worker_restarts_total {sum(s.restarts for s in supervisor.slots)}",
-        "# HELP redflow_inflight_runs Runs executing now, per worker process.",
-        "# TYPE redflow_inflight_runs gauge",
     ]
-    lines += [f'redflow_inflight_runs{{pid="{s["pid"]}"}} {s.get("active_runs", 0)}' for s in statuses]
-    lines += [
-        "# HELP redflow_runs_processed_total Runs finished by each worker process since it started.",
-        "# TYPE redflow_runs_processed_total counter",
-    ]
-    lines += [f'redflow_runs_processed_total{{pid="{s["pid"]}"}} {s.get("runs_done", 0)}' for s in statuses]
-    lines += [
-        "# HELP redflow_leader 1 when a worker process of this supervisor is the elected leader.",
-        "# TYPE redflow_leader gauge",
-        f"redflow_leader {1 if any(s.get('leader') for s in statuses) else 0}",
-    ]
-    return "\n".join(lines) + "\n"
+    return merged + "\n".join(lines) + "\n"
 
 
 def _handler_class(supervisor: Supervisor) -> type[BaseHTTPRequestHandler]:

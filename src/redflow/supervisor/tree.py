@@ -49,6 +49,10 @@ class Supervisor:
         self.config = config
         self.slots = [Slot(i) for i in range(config.procs)]
         self.status_dir = Path(tempfile.mkdtemp(prefix="redflow-status-"))
+        self.metrics_dir = self.status_dir / "metrics"
+        self.metrics_dir.mkdir()
+        # Worker processes record Prometheus samples here (see redflow.observability).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         self.url = config.url or ""
         self.embedded: EmbeddedServer | None = None
         self._stopping = False
@@ -77,6 +81,7 @@ class Supervisor:
                 self._enforce_memory_budget()
                 self._restart_due()
                 self._watch_leader()
+                self._watch_embedded()
             return self._shutdown()
         finally:
             if self._http is not None:
@@ -130,6 +135,7 @@ class Supervisor:
             code = os.waitstatus_to_exitcode(status)
             uptime = time.monotonic() - slot.started_at
             (self.status_dir / f"worker-{slot.pid}.json").unlink(missing_ok=True)
+            _mark_dead(slot.pid)
             slot.pid = None
             if self._stopping:
                 continue
@@ -168,6 +174,17 @@ class Supervisor:
                 slot.draining = True
                 _signal(slot.pid, signal.SIGTERM)
 
+    def _watch_embedded(self) -> None:
+        """Restart the embedded server if it died; its AOF on disk brings the data back."""
+        server = self.embedded
+        if server is None or server.process is None or server.process.poll() is None:
+            return
+        log.error("embedded server exited (code %s); restarting it on port %d", server.process.returncode, server.port)
+        try:
+            server.start()
+        except Exception as exc:  # retried on the next pass
+            log.error("embedded server failed to restart: %s", exc)
+
     # --- status ---------------------------------------------------------------------------------------------
     def worker_statuses(self) -> list[dict[str, Any]]:
         statuses = []
@@ -189,6 +206,12 @@ class Supervisor:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+
+def _mark_dead(pid: int) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def _signal(pid: int | None, sig: signal.Signals) -> None:

@@ -14,13 +14,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ..durations import duration_ms
 from ..encoding import decode, encode, encode_output
 from ..errors import CanceledError, RateLimitExceededError, RedflowError, UnknownWorkflowError, WaitForInputError
+from ..observability import count_run, observe_step
 from ..retries import retry_delay_ms, serialize_error
 from ..step import LeaseLostError, StepApi, Suspended, input_wait_info
 from ..storage.codes import Code
@@ -47,6 +49,10 @@ class Execution:
     steps: StepApi | None = None
     settled: bool = False  # its outcome (terminal, retry, suspend) is written: nothing to hand back
     cancel_requested: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    def count(self, outcome: str) -> None:
+        count_run(self.claimed.header.w, outcome, time.monotonic() - self.started)
 
 
 class _RedisBackend:
@@ -63,6 +69,8 @@ class _RedisBackend:
         code = await self._worker.store.record_step(run.id, run.token, encode_step(record))
         if code is Code.STALE:
             raise LeaseLostError(run.id)
+        if record.k == "run":
+            observe_step(run.header.w, (record.t1 - record.t0) / 1000)
 
     async def suspend(
         self, name: str, position: int, kind: str, *, delay_ms: int = -1, due_ms: int = 0,
@@ -87,6 +95,7 @@ class _RedisBackend:
             self._ex.cancel_requested = True
             raise CanceledError(f"run {run.id} was canceled")
         self._ex.settled = True
+        self._ex.count("suspended")
         raise Suspended(run.id)
 
     async def start_child(
@@ -202,6 +211,7 @@ async def _run(worker: Worker, ex: Execution) -> None:
         ex.settled = True
         return
     run = RunContext(id=claimed.id, workflow=h.w, queue=h.q, attempt=h.a, max_attempts=h.m)
+    count_run(h.w, "started")
     input_value = raw_input = decode(claimed.input)
     backend = _RedisBackend(worker, ex)
     steps = StepApi(run, ex.signal, claimed.steps, backend, worker.max_payload_bytes)
@@ -243,10 +253,11 @@ async def _run(worker: Worker, ex: Execution) -> None:
             return
         await _fail_attempt(worker, ex, run, raw_input, error)
         return
-    code, _ = await store.finish(
+    code, status = await store.finish(
         claimed.id, claimed.token, worker.id, "succeeded", data, False, worker.retention_ms, h.q, h.pq
     )
     ex.settled = True
+    ex.count(status or "succeeded")
     if code is Code.STALE:
         raise LeaseLostError(claimed.id)
 
@@ -259,6 +270,7 @@ async def _finish_canceled(worker: Worker, ex: Execution) -> None:
         claimed.header.pq,
     )
     ex.settled = True
+    ex.count("canceled")
     if code is Code.STALE:
         raise LeaseLostError(claimed.id)
 
@@ -278,6 +290,8 @@ async def _fail_attempt(
     if delay is not None:
         code = await worker.store.retry(claimed.id, claimed.token, worker.id, run.queue, delay, payload)
         ex.settled = code is not Code.CANCELED
+        if ex.settled:
+            ex.count("retried")
         if code is Code.STALE:
             raise LeaseLostError(claimed.id)
         if code is not Code.CANCELED:
@@ -288,6 +302,7 @@ async def _fail_attempt(
         claimed.header.pq,
     )
     ex.settled = True
+    ex.count(status or "failed")
     if code is Code.STALE:
         raise LeaseLostError(claimed.id)
     if hook and status == "failed":

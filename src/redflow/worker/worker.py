@@ -16,6 +16,7 @@ import socket
 import uuid
 from typing import Any
 
+from .. import observability
 from .._redis.client import RedisClient
 from .._redis.connection import Connection
 from .._redis.errors import RedisError
@@ -77,6 +78,8 @@ class Worker:
             loop.create_task(self._claim_loop(), name=f"redflow-claim:{self.id}"),
             loop.create_task(self._heartbeat_loop(), name=f"redflow-heartbeat:{self.id}"),
         ]
+        if observability.enabled():
+            self._tasks.append(loop.create_task(self._measure_loop_lag(), name=f"redflow-lag:{self.id}"))
         log.info("worker %s started on queues %s (concurrency %d)", self.id, self.queues, self.settings.concurrency)
 
     async def stop(self, grace_period_ms: int | None = None) -> None:
@@ -230,11 +233,19 @@ class Worker:
             log.warning("worker %s: blocking wait exceeded %.1fs; reopening its connection", self.id, watchdog)
             conn.close()
 
+    async def _measure_loop_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            before = loop.time()
+            await asyncio.sleep(1.0)
+            observability.set_gauge("loop_lag", max(0.0, loop.time() - before - 1.0))
+
     def _spawn(self, ex: Execution) -> None:
         if ex.claimed.id in self._early_cancels:
             self._early_cancels.discard(ex.claimed.id)
             ex.cancel_requested = True
         self.active[ex.claimed.id] = ex
+        observability.set_gauge("inflight", len(self.active))
         ex.task = asyncio.get_running_loop().create_task(self._execute(ex))
 
     async def _execute(self, ex: Execution) -> None:
@@ -251,15 +262,18 @@ class Worker:
             log.exception("run %s: internal error in the executor", ex.claimed.id)
         finally:
             self.active.pop(ex.claimed.id, None)
+            observability.set_gauge("inflight", len(self.active))
             self.runs_done += 1
             self._slot_freed.set()
 
     # --- liveness and leadership -------------------------------------------------------------------------
     async def _heartbeat_once(self) -> None:
         s = self.settings
-        beat = await self.store.heartbeat(self.id, s.lease_ms, s.leader_lease_ms, not self._stopping)
-        state, leader = beat.state, beat.leader
         loop = asyncio.get_running_loop()
+        sent = loop.time()
+        beat = await self.store.heartbeat(self.id, s.lease_ms, s.leader_lease_ms, not self._stopping)
+        observability.set_gauge("redis_rtt", loop.time() - sent)
+        state, leader = beat.state, beat.leader
         self._last_renewal = loop.time()
         if self._lease_guard is not None:
             self._lease_guard.cancel()
@@ -278,6 +292,7 @@ class Worker:
         was_leader = self.is_leader
         self.is_leader = leader.startswith(self.id + ":")
         self.leader_value = leader if self.is_leader else ""
+        observability.set_gauge("leader", 1.0 if self.is_leader else 0.0)
         if self.is_leader != was_leader:
             log.info("worker %s %s leader (%s)", self.id, "became" if self.is_leader else "is no longer", leader)
         if self._leader is not None:
