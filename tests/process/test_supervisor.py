@@ -258,7 +258,7 @@ async def test_embedded_server_killed_and_restarted_keeps_a_scheduled_run(tmp_pa
 
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDFLOW_TEST_REDIS_URL")}
     env.update(SUP_TEST_URL="redis://127.0.0.1:1", SUP_TEST_PREFIX=prefix)  # the import-time client stays unused
-    sup = subprocess.Popen(
+    sup = subprocess.Popen(  # noqa: ASYNC220 (started once, before any await)
         [sys.executable, "-m", "redflow.supervisor", "--import", "tests.process.sup_apps", "--prefix", prefix,
          "--procs", "1", "--data-dir", str(tmp_path / "data"), "--lease-ms", "1500"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
