@@ -6,10 +6,15 @@ partition sort by creation time (to the millisecond) and a retried enqueue can r
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# base64.b32encode speaks RFC 4648's alphabet; this maps it onto Crockford's, digit for digit.
+_FROM_RFC4648 = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET)
+_last_ms = -1
+_last_prefix = ""
 
 
 def _b32(value: int, length: int) -> str:
@@ -21,9 +26,12 @@ def _b32(value: int, length: int) -> str:
 
 
 def new_run_id(partition: str, now_ms: int | None = None) -> str:
+    global _last_ms, _last_prefix
     ms = int(time.time() * 1000) if now_ms is None else now_ms
-    rand = int.from_bytes(os.urandom(10), "big")
-    return f"{_b32(ms, 10)}{_b32(rand, 16)}-{partition}"
+    if ms != _last_ms:
+        _last_ms, _last_prefix = ms, _b32(ms, 10)
+    rand = base64.b32encode(os.urandom(10)).decode().translate(_FROM_RFC4648)
+    return f"{_last_prefix}{rand}-{partition}"
 
 
 def run_id_time_ms(run_id: str) -> int:

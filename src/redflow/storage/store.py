@@ -35,6 +35,7 @@ _stores: weakref.WeakSet[Store] = weakref.WeakSet()
 def _forget_after_fork() -> None:
     for store in list(_stores):
         store._ready = None  # a future of the parent's event loop
+        store._is_ready = False
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -47,9 +48,12 @@ class Store:
         self.keys = keys
         self.scripts = ScriptRunner(redis)
         self._ready: asyncio.Future[None] | None = None
+        self._is_ready = False
 
     async def ensure_ready(self) -> None:
         """Check the storage layout and load the scripts, once per store."""
+        if self._is_ready:
+            return
         if self._ready is None:
             self._ready = asyncio.ensure_future(self._prepare())
         try:
@@ -57,6 +61,7 @@ class Store:
         except BaseException:
             self._ready = None
             raise
+        self._is_ready = True
 
     async def _prepare(self) -> None:
         k = self.keys
