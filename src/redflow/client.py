@@ -298,10 +298,15 @@ class RedflowClient(EventsMixin, QueriesMixin):
         for r in history:
             if r.k != "attempt" and r.a in attempts:
                 attempts[r.a]["steps"].append(step_state(r))
-        succeeded = [t for t in attempts.values() if t["status"] == "succeeded"]
-        if succeeded:  # the output is stored once, with the run
+        header = await self.store.read_header(run_id)
+        if header is not None and header.s == "succeeded" and header.a not in attempts:
+            # A succeeded attempt is not written to the history: the run record describes it.
             out = await self.store.redis.execute("HGET", self.keys.results, run_id)
-            succeeded[0]["output"] = None if out is None else decode(out)
+            attempts[header.a] = AttemptTrace(
+                attempt=header.a, status="succeeded", started_at=header.st or 0, finished_at=header.f or 0,
+                output=None if out is None else decode(out), error=None,
+                steps=[step_state(r) for r in history if r.k != "attempt" and r.n and r.a == header.a],
+            )
         return [attempts[a] for a in sorted(attempts)]
 
     async def get_run_stream(self, run_id: str, *, limit: int | None = None) -> list[RunStreamRecord]:

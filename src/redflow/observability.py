@@ -12,16 +12,22 @@ import os
 from typing import Any
 
 _metrics: dict[str, Any] | None = None
+_enabled: bool | None = None  # decided once per process, on first use (after the supervisor's fork)
 
 
 def enabled() -> bool:
-    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    global _enabled
+    if _enabled is None:
+        _enabled = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    return _enabled
 
 
 def metrics() -> dict[str, Any] | None:
     """The metric objects, created on first use; None when metrics are off."""
     global _metrics
-    if _metrics is None and enabled():
+    if not enabled():
+        return None
+    if _metrics is None:
         from prometheus_client import Counter, Gauge, Histogram
 
         buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)

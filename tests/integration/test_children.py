@@ -48,7 +48,8 @@ async def test_run_workflow_returns_child_output_and_frees_the_parent_slot(
     assert parent_runs == [1, 1]  # one attempt: the first run, and the replay once the child ended
     kids = await client.store.children_of(handle.id)
     assert len(kids) == 2 and result["fire"] in kids
-    assert not worker.active
+    assert (await client.make_run_handle(result["fire"]).result(timeout_ms=10_000))["doubled"] == 2
+    await wait_until(lambda: not worker.active, what="worker idle")
 
 
 async def test_failed_child_raises_in_parent_and_is_not_cached(

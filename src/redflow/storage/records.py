@@ -29,6 +29,7 @@ class RunHeader(msgspec.Struct, omit_defaults=True):
     p: str | None = None  # parent run id
     pq: str | None = None  # parent's queue, when the parent waits for this run to end
     cr: int | None = None  # cancel requested at, ms
+    e: int | None = None  # 1 while an error from an earlier attempt is stored
 
 
 class StepRecord(msgspec.Struct, omit_defaults=True):
@@ -88,7 +89,7 @@ def parse_claim(reply: list[Any]) -> tuple[int, list[ClaimedRun]]:
             ClaimedRun(
                 id=reply[i].decode(),
                 kind=reply[i + 1].decode(),
-                token=str(reply[i + 2]).encode(),
+                token=reply[i + 2] if isinstance(reply[i + 2], bytes) else str(reply[i + 2]).encode(),
                 header=_header_decoder.decode(reply[i + 3]),
                 input=reply[i + 4],
                 steps=decode_steps(reply[i + 5]),

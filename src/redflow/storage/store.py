@@ -157,7 +157,7 @@ class Store:
 
     async def finish(
         self, run_id: str, token: bytes, worker_id: str, status: str, payload: bytes, hook: bool,
-        retention_ms: int, queue: str, parent_queue: str | None = None,
+        retention_ms: int, queue: str, parent_queue: str | None = None, flags: str = "sc",
     ) -> tuple[Code, str]:
         """End a running run; returns the final status (canceled when cancellation was requested)."""
         k = self.keys
@@ -166,7 +166,7 @@ class Store:
             [k.runs, k.leases, k.results, k.errors, k.index, k.expiry, k.owned(worker_id), k.limits, k.held,
              k.ready(queue), k.bell(queue), k.steps, k.mutexes, k.stream(run_id),
              *self._parent_keys(parent_queue, with_steps=False)],
-            (run_id, token, status, payload, 1 if hook else 0, retention_ms, k.done_channel(run_id)),
+            (run_id, token, status, payload, 1 if hook else 0, retention_ms, k.done_channel(run_id), flags),
         )
         code = Code(reply[0])
         return code, reply[1].decode() if code is Code.OK else ""

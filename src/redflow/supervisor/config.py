@@ -98,8 +98,10 @@ def parse_config(argv: list[str] | None = None) -> SupervisorConfig:
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse already printed the problem
-        raise ConfigurationError("invalid command line") from exc
+    except SystemExit as exc:
+        if exc.code in (0, None):  # --help
+            raise
+        raise ConfigurationError("invalid command line (see --help)") from exc
 
     def as_int(name: str, value: object, minimum: int) -> int:
         try:

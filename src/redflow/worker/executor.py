@@ -254,7 +254,8 @@ async def _run(worker: Worker, ex: Execution) -> None:
         await _fail_attempt(worker, ex, run, raw_input, error)
         return
     code, status = await store.finish(
-        claimed.id, claimed.token, worker.id, "succeeded", data, False, worker.retention_ms, h.q, h.pq
+        claimed.id, claimed.token, worker.id, "succeeded", data, False, worker.retention_ms, h.q, h.pq,
+        finish_flags(definition),
     )
     ex.settled = True
     ex.count(status or "succeeded")
@@ -262,12 +263,19 @@ async def _run(worker: Worker, ex: Execution) -> None:
         raise LeaseLostError(claimed.id)
 
 
+def finish_flags(definition: Any) -> str:
+    """What finish.lua must do besides ending the run: end a stream (s), free capacity (c)."""
+    if definition is None:
+        return "sc"
+    return ("s" if definition.options.stream else "") + ("c" if definition.options.max_concurrency else "")
+
+
 async def _finish_canceled(worker: Worker, ex: Execution) -> None:
     claimed = ex.claimed
     payload = encode({"name": "CanceledError", "kind": "canceled", "message": f"run {claimed.id} was canceled"})
     code, _ = await worker.store.finish(
         claimed.id, claimed.token, worker.id, "canceled", payload, False, worker.retention_ms, claimed.header.q,
-        claimed.header.pq,
+        claimed.header.pq, finish_flags(worker.registry.get(claimed.header.w)),
     )
     ex.settled = True
     ex.count("canceled")
@@ -299,7 +307,7 @@ async def _fail_attempt(
     hook = definition.options.on_failure is not None
     code, status = await worker.store.finish(
         claimed.id, claimed.token, worker.id, "failed", payload, hook, worker.retention_ms, claimed.header.q,
-        claimed.header.pq,
+        claimed.header.pq, finish_flags(definition),
     )
     ex.settled = True
     ex.count(status or "failed")

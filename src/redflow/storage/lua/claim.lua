@@ -27,7 +27,8 @@
 -- ARGV[3] max scheduled runs to promote per queue
 -- RETURNS {C.STALE_WORKER} when the worker's liveness lease lapsed
 --       | {C.OK, ms until the next scheduled run (-1: none), then 7 fields per run:
---          id, kind ('run'|'hook'|'admit'), token, header JSON, input JSON, steps, error JSON or ''}
+--          id, kind ('run'|'hook'|'admit'), token, header JSON, input JSON, steps ('' for a first
+--          attempt that never ran), error JSON (hooks only, else '')}
 --!include common
 
 local now = now_ms()
@@ -37,6 +38,18 @@ if not alive or tonumber(alive) < now then
 end
 
 local want = tonumber(ARGV[2])
+-- Per-call caches and batched writes: one token counter bump, one HSET of leases, one SADD.
+local token_base = nil
+local leases, owned = {}, {}
+local limits_cache, admission_cache = {}, {}
+local function limit_of(w)
+  if limits_cache[w] == nil then limits_cache[w] = redis.call('HGET', KEYS[12], w) or false end
+  return limits_cache[w]
+end
+local function needs_admission(w)
+  if admission_cache[w] == nil then admission_cache[w] = redis.call('HEXISTS', KEYS[14], w) == 1 end
+  return admission_cache[w]
+end
 local promote = tonumber(ARGV[3])
 local out = {C.OK, -1}
 local next_due = nil
@@ -90,22 +103,23 @@ for k = 16, #KEYS, 3 do
     if raw then
       local h = cjson.decode(raw)
       local kind = nil
-      local limit = nil
-      if h.s == 'queued' and not h.hd then limit = redis.call('HGET', KEYS[12], h.w) end
+      local fresh = false
+      local limit = false
+      if h.s == 'queued' and not h.hd then limit = limit_of(h.w) end
       if limit and running_count(KEYS[6], h.w) >= tonumber(limit) then
         hold(adm, id, h)
         redis.call('HSET', KEYS[1], id, cjson.encode(h))
       elseif h.s == 'queued' and not h.hd and h.mf and not take_mutex(adm, id, h) then
         hold_for_mutex(adm, id, h)
         redis.call('HSET', KEYS[1], id, cjson.encode(h))
-      elseif h.s == 'queued' and not h.hd and h.a == 0 and not h.rc
-          and redis.call('HEXISTS', KEYS[14], h.w) == 1 then
+      elseif h.s == 'queued' and not h.hd and h.a == 0 and not h.rc and needs_admission(h.w) then
         kind = 'admit'
       elseif h.s == 'queued' and not h.hd then
         kind = 'run'
         if h.rc then
           h.rc = nil
         else
+          fresh = h.a == 0  -- a first attempt that never ran has no history to replay
           h.a = h.a + 1
           h.x = nil
         end
@@ -116,19 +130,21 @@ for k = 16, #KEYS, 3 do
         kind = 'hook'
       end
       if kind then
-        local token = redis.call('INCR', KEYS[8])
+        if not token_base then token_base = redis.call('INCR', KEYS[8]) end
+        local token = token_base .. '.' .. got
         h.o = ARGV[1]
         local encoded = cjson.encode(h)
         redis.call('HSET', KEYS[1], id, encoded)
-        redis.call('HSET', KEYS[5], id, token)
-        redis.call('SADD', KEYS[9], id)
+        leases[#leases + 1] = id
+        leases[#leases + 1] = token
+        owned[#owned + 1] = id
         out[#out + 1] = id
         out[#out + 1] = kind
         out[#out + 1] = token
         out[#out + 1] = encoded
         out[#out + 1] = redis.call('HGET', KEYS[2], id) or 'null'
-        out[#out + 1] = redis.call('HGET', KEYS[3], id) or ''
-        out[#out + 1] = redis.call('HGET', KEYS[4], id) or ''
+        out[#out + 1] = fresh and '' or (redis.call('HGET', KEYS[3], id) or '')
+        out[#out + 1] = kind == 'hook' and (redis.call('HGET', KEYS[4], id) or '') or ''
         got = got + 1
       end
     end
@@ -139,6 +155,10 @@ for k = 16, #KEYS, 3 do
     local at = tonumber(head[2])
     if not next_due or at < next_due then next_due = at end
   end
+end
+if #leases > 0 then
+  redis.call('HSET', KEYS[5], unpack(leases))
+  redis.call('SADD', KEYS[9], unpack(owned))
 end
 if next_due then
   out[2] = math.max(0, next_due - now)

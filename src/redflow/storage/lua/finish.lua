@@ -29,6 +29,7 @@
 -- ARGV[5] 1 when an on_failure hook must run, else 0
 -- ARGV[6] retention in ms
 -- ARGV[7] done channel of the run
+-- ARGV[8] flags: 's' when the workflow streams (end its stream), 'c' when it has a max_concurrency
 -- RETURNS {C.OK, final status} | {C.STALE}
 --!include common
 
@@ -43,11 +44,17 @@ if h.cr then
   status, payload, hook = 'canceled', canceled_error(id, h, h.cx or ''), '0'
 end
 h.f = now
-attempt_line(KEYS[12], id, h, status, status == 'succeeded' and 'null' or payload, now)
+if status ~= 'succeeded' then
+  -- A succeeded attempt's trace is the run itself; other endings are recorded in the history.
+  attempt_line(KEYS[12], id, h, status, payload, now)
+end
 set_status(KEYS[5], id, h, status)
 if status == 'succeeded' then
   redis.call('HSET', KEYS[3], id, payload)
-  redis.call('HDEL', KEYS[4], id)
+  if h.e then
+    redis.call('HDEL', KEYS[4], id)
+    h.e = nil
+  end
 else
   redis.call('HSET', KEYS[4], id, payload)
 end
@@ -61,11 +68,14 @@ end
 redis.call('HSET', KEYS[1], id, cjson.encode(h))
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[6]), id)
 redis.call('PUBLISH', ARGV[7], status)
-if redis.call('EXISTS', KEYS[14]) == 1 then
+local flags = ARGV[8] or ''
+if string.find(flags, 's', 1, true) and redis.call('EXISTS', KEYS[14]) == 1 then
   redis.call('XADD', KEYS[14], '*', 'end', status)  -- tells stream readers the run ended
 end
-release_held({runs = KEYS[1], index = KEYS[5], limits = KEYS[8], held = KEYS[9], ready = KEYS[10],
-  bell = KEYS[11]}, h.q, h.w)
+if string.find(flags, 'c', 1, true) then
+  release_held({runs = KEYS[1], index = KEYS[5], limits = KEYS[8], held = KEYS[9], ready = KEYS[10],
+    bell = KEYS[11]}, h.q, h.w)
+end
 release_mutex({runs = KEYS[1], mutexes = KEYS[13], held = KEYS[9], ready = KEYS[10], bell = KEYS[11]}, id, h)
 if h.pq and #KEYS >= 19 then
   resume_waiter({runs = KEYS[1], index = KEYS[5], waits = KEYS[15], waiters = KEYS[16], steps = KEYS[12],

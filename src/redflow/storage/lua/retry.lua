@@ -34,6 +34,7 @@ local due = now + tonumber(ARGV[3])
 if ARGV[5] ~= '1' then attempt_line(KEYS[11], id, h, 'failed', ARGV[4], now) end
 h.av = due
 h.o = nil
+h.e = 1  -- an error is stored: a later success clears it
 if ARGV[5] == '1' then h.rc = 1 end
 set_status(KEYS[4], id, h, 'scheduled')
 redis.call('HSET', KEYS[1], id, cjson.encode(h))

@@ -9,16 +9,18 @@ local function create_run(k, id, workflow, queue, input, max_attempts, run_at, p
     redis.call('ZADD', k.children, 0, parent .. ':' .. id)
     if parent_queue and parent_queue ~= '' then h.pq = parent_queue end
   end
-  redis.call('ZADD', k.index, 0, 'w:' .. wf_tag(h) .. ':' .. id)
+  local status = run_at > now and 'scheduled' or 'queued'
+  local wf = wf_tag(h)
+  redis.call('ZADD', k.index, 0, 'w:' .. wf .. ':' .. id, 0, 's:' .. status .. ':' .. id,
+    0, 'ws:' .. wf .. ':' .. status .. ':' .. id)
+  h.s = status
   if run_at > now then
     h.av = run_at
-    set_status(k.index, id, h, 'scheduled')
     local head = redis.call('ZRANGE', k.sched, 0, 0, 'WITHSCORES')
     redis.call('ZADD', k.sched, run_at, id)
     if not head[2] or run_at < tonumber(head[2]) then ring(k.bell) end
   else
     h.av = now
-    set_status(k.index, id, h, 'queued')
     redis.call('LPUSH', k.ready, id)
     ring(k.bell)
   end

@@ -1,0 +1,1 @@
+"""redflow's benchmark harness: ``python -m bench`` (see bench/README.md)."""
