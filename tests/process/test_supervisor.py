@@ -307,3 +307,18 @@ async def _result_or_none(client: RedflowClient, run_id: str) -> dict | None:
     except Exception:
         return None  # the server is still coming back
     return state["output"] if state and state["status"] == "succeeded" else None
+
+
+async def test_run_budget_recycles_a_worker_without_losing_runs(
+    client: RedflowClient, start_supervisor: Start
+) -> None:
+    sup = start_supervisor("--procs", "1", "--concurrency", "2", "--max-runs-per-proc", "5", "--grace-period", "5")
+    (first,) = await _workers(sup, 1)
+    handles = [await client.run_by_name("sup-pid", {"sleep": 0.01}) for _ in range(12)]
+    results = await asyncio.gather(*(h.result(timeout_ms=40_000) for h in handles))
+    pids = {r["pid"] for r in results}
+    assert first.pid in pids and len(pids) >= 2  # the first process was replaced after its budget
+    for h in handles:
+        assert await counter(client, f"body:{h.id}") == 1
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=30) == 0

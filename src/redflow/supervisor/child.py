@@ -56,6 +56,7 @@ async def _main(config: SupervisorConfig, url: str, slot: int, status_dir: Path)
             grace_period_ms=int(config.grace_period_s * 1000), lease_ms=config.lease_ms,
         )
     )
+    worker.run_budget = config.max_runs_per_proc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -65,18 +66,27 @@ async def _main(config: SupervisorConfig, url: str, slot: int, status_dir: Path)
     try:
         while not stop.is_set():
             _write_status(status_file, worker, slot)
-            if config.max_runs_per_proc is not None and worker.runs_done >= config.max_runs_per_proc:
-                log.info("worker process %d ran %d runs: recycling", os.getpid(), worker.runs_done)
+            if worker.budget_spent.is_set():
+                log.info("worker process %d claimed its %d runs: recycling", os.getpid(), worker.runs_claimed)
                 code = RECYCLE
                 break
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(0.5):
-                    await stop.wait()
+                    await _first(stop, worker.budget_spent)
     finally:
         await worker.stop()
         with contextlib.suppress(OSError):
             status_file.unlink()
     return code
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 def _write_status(path: Path, worker: Worker, slot: int) -> None:

@@ -58,6 +58,9 @@ class Worker:
         self._early_cancels: set[str] = set()
         self.stopped = asyncio.Event()
         self.runs_done = 0
+        self.runs_claimed = 0
+        self.run_budget: int | None = None  # claim at most this many runs, then set budget_spent
+        self.budget_spent = asyncio.Event()
         self.ready = False  # registered, scripts loaded, and the last heartbeat succeeded
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -193,10 +196,16 @@ class Worker:
                     await self._slot_freed.wait()
                     continue
                 want = min(free, s.claim_batch_size)
+                if self.run_budget is not None:
+                    want = min(want, self.run_budget - self.runs_claimed)
+                    if want <= 0:
+                        self.budget_spent.set()
+                        return
                 code, next_due_ms, runs = await self.store.claim(self.id, self.queues, want, s.promote_batch)
                 if code is Code.STALE_WORKER:
                     await self._heartbeat_once()
                     continue
+                self.runs_claimed += len(runs)
                 for claimed in runs:
                     self._spawn(Execution(claimed=claimed, signal=asyncio.Event()))
                 self._early_cancels.clear()  # any request older than this claim is for a run not ours
