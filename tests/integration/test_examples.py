@@ -28,6 +28,10 @@ def test_quickstart_runs_end_to_end() -> None:
         ("child_workflows.py", "total: 14 | failed child raised in parent: yes"),
         ("cron.py", "the cron trigger fired 2 runs"),
         ("cancellation.py", "child result(): CanceledError: parent run <parent id> canceled"),
+        ("admission.py", "third sms: rate_limited | retryAfterMs > 0: True"),
+        ("validation.py", "runs written by the rejected call: 0"),
+        ("streams.py", "live, resumed reader: stream their progress"),
+        ("human_input.py", "'approved': True, 'by': 'ana', 'attempt': 1} | calls: {'prepare': 1, 'approve': 2}"),
     ],
 )
 def test_example_runs_and_prints(example: str, expected: str) -> None:
