@@ -235,8 +235,9 @@ class QueriesMixin:
 
     async def reset_runs(self) -> int:
         """Development only: delete every run and event under the prefix, keep workflow registrations."""
-        keep = {self.keys.version, self.keys.workflows, self.keys.subscribers, self.keys.subscriber_index,
-                self.keys.crons, self.keys.cron_last, self.keys.cron_version}
+        k = self.keys
+        keep = {k.version, k.workflows, k.subscribers, k.subscriber_index, k.crons, k.cron_last, k.cron_version,
+                k.limits, k.admission, k.workers, k.leader, k.epoch, k.seq}
         return await self._delete_prefix(keep)
 
     async def reset_state(self) -> int:
@@ -247,7 +248,7 @@ class QueriesMixin:
         redis = self.store.redis
         cursor = b"0"
         deleted = 0
-        pattern = f"{self.keys.prefix}:*"
+        pattern = f"{self.keys.prefix}:{{*"  # only this prefix's partitions, not longer prefixes
         while True:
             cursor, keys = await redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
             doomed = [key for key in keys if key.decode() not in keep]

@@ -99,3 +99,26 @@ async def test_mutex_one_running_run_per_key_released_on_durable_waits(
         running[key] = running.get(key, 0) + (1 if kind == "start" else -1)
         assert running[key] <= 1, "two runs held one mutex key at once"
     assert await client.redis.execute("HLEN", client.keys.mutexes) == 0
+
+
+async def test_max_concurrency_holds_with_admission_options_too(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
+    from redflow import WorkflowRateLimitOptions
+
+    live: list[int] = []
+    peak = {"n": 0}
+
+    async def handler(ctx: WorkflowHandlerContext) -> int:
+        live.append(1)
+        peak["n"] = max(peak["n"], len(live))
+        await asyncio.sleep(0.05)
+        live.pop()
+        return ctx.input
+
+    wf = define_workflow("adm-both", handler=handler, max_concurrency=1, registry=registry,
+                         throttle=WorkflowRateLimitOptions(key=lambda i: "k", limit=100, period="1m"))
+    await make_worker(concurrency=10)
+    handles = [await client.enqueue_definition(wf, i) for i in range(6)]
+    assert sorted(await asyncio.gather(*(h.result(timeout_ms=20_000) for h in handles))) == list(range(6))
+    assert peak["n"] == 1

@@ -150,8 +150,9 @@ async def _admit(worker: Worker, ex: Execution) -> bool:
     h = claimed.header
     definition = worker.registry.get(h.w)
     if definition is None:
+        # Attempt 0 stays 0 (no keep-attempt flag), so the next claim sends it to admission again.
         error = serialize_error(UnknownWorkflowError(h.w))
-        await worker.store.retry(claimed.id, claimed.token, worker.id, h.q, UNKNOWN_WORKFLOW_DEFER_MS, error, True)
+        await worker.store.retry(claimed.id, claimed.token, worker.id, h.q, UNKNOWN_WORKFLOW_DEFER_MS, error, False)
         ex.settled = True
         return False
     options = definition.options

@@ -17,6 +17,7 @@
 -- KEYS[13] held
 -- KEYS[14] seq
 -- KEYS[15] ready        q:<queue>:ready
+-- KEYS[16] limits
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] throttle limit (0 = none)
@@ -29,13 +30,23 @@
 -- ARGV[10] mutex field <tag(wf)><key> ('' = no mutex)
 -- RETURNS {C.OK, header JSON} (started: status running, attempt 1)
 --       | {C.RETRY, due ms} (throttled: scheduled) | {C.TERMINAL, retry after ms} (rate limited: failed)
---       | {C.EXISTING} (held: another run holds its mutex) | {C.STALE}
+--       | {C.EXISTING} (held: its mutex is taken, or the workflow is at max_concurrency) | {C.STALE}
 --!include common
 
 local id = ARGV[1]
 if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then return {C.STALE} end
 local h = cjson.decode(redis.call('HGET', KEYS[1], id))
 local now = now_ms()
+
+local limit = redis.call('HGET', KEYS[16], h.w)
+if limit and running_count(KEYS[3], h.w) >= tonumber(limit) then
+  hold({runs = KEYS[1], held = KEYS[13], seq = KEYS[14]}, id, h)
+  h.o = nil
+  redis.call('HSET', KEYS[1], id, cjson.encode(h))
+  redis.call('HDEL', KEYS[2], id)
+  redis.call('SREM', KEYS[4], id)
+  return {C.EXISTING}
+end
 
 if ARGV[10] ~= '' then
   h.mf = ARGV[10]

@@ -45,6 +45,8 @@ if bound then
         if not head[2] or due < tonumber(head[2]) then ring(KEYS[6]) end
       end
       redis.call('HSET', KEYS[1], bound, cjson.encode(h))
+      -- The key must outlive the run's (moved) start, so a later call still finds it.
+      redis.call('PEXPIREAT', KEYS[8], (h.av or now) + period)
       return {C.EXISTING, bound, h.s}
     end
   end

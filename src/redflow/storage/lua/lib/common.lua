@@ -103,8 +103,8 @@ end
 -- workflow has capacity. `k` holds runs, index, limits, held, ready, bell.
 local function release_held(k, queue, w)
   local limit = redis.call('HGET', k.limits, w)
-  if not limit then return end
-  local free = tonumber(limit) - running_count(k.index, w)
+  local free = 1000  -- no limit any more: release what was held under the old one, in batches
+  if limit then free = tonumber(limit) - running_count(k.index, w) end
   if free <= 0 then return end
   local p = tag(queue) .. tag(w)
   local members = redis.call('ZRANGEBYLEX', k.held, '[' .. p, '[' .. p .. '\255', 'LIMIT', 0, free)
