@@ -142,8 +142,10 @@ class QueriesMixin:
         scanned = 0
         cursor = p.cursor
         exhausted = False
+        post_filtered = bool(p.queue or needle is not None or p.parent_run_id)
         while len(runs) < limit and scanned < SEARCH_SCAN_LIMIT:
-            chunk = min(200, SEARCH_SCAN_LIMIT - scanned)
+            # Without a filter the index cannot serve, one page of ids is exactly the answer.
+            chunk = min(200 if post_filtered else limit, SEARCH_SCAN_LIMIT - scanned)
             ids = await self._ids(prefixes, cursor, chunk, descending, p.created_after, p.created_before, key)
             if not ids:
                 exhausted = True

@@ -58,8 +58,13 @@ async def test_filtered_page_cost_does_not_grow_with_history(redis_url: str, pre
     try:
         await _fill(small, wf, 100)
         await _fill(big, wf, 100_000)
-        small_cost = min([await _page_cost(small) for _ in range(3)])
-        big_cost = min([await _page_cost(big) for _ in range(3)])
+        # Best of several rounds, interleaved: the machine is shared, and only the floor is comparable.
+        small_costs, big_costs = [], []
+        for _ in range(5):
+            small_costs.append(await _page_cost(small))
+            big_costs.append(await _page_cost(big))
+        small_cost, big_cost = min(small_costs), min(big_costs)
+        print(f"page of 50: {big_cost:.0f} us at 100k runs, {small_cost:.0f} us at 100")
         assert big_cost <= 3 * small_cost, f"page of 50: {big_cost:.0f} us at 100k runs, {small_cost:.0f} us at 100"
     finally:
         for c in (small, big):
