@@ -132,6 +132,36 @@ class RedflowClient(EventsMixin, QueriesMixin):
             parent_run_id=parent_run_id,
         )
 
+    async def enqueue_many(
+        self,
+        definition: WorkflowDefinition[Any],
+        inputs: list[Any],
+        *,
+        run_at: datetime | None = None,
+        queue_override: str | None = None,
+        chunk_size: int = 1000,
+    ) -> list[RunHandle]:
+        """Start one run per input with one Redis command per ``chunk_size`` runs (the batched
+        enqueue path). Inputs are validated and encoded before anything is written; idempotency keys
+        and debounce do not apply here."""
+        if not 1 <= chunk_size <= 5000:
+            raise ConfigurationError(f"chunk_size must be between 1 and 5000, got {chunk_size}")
+        if run_at is not None and not isinstance(run_at, datetime):
+            raise ConfigurationError(f"run_at for workflow {definition.name!r} must be a datetime, got {run_at!r}")
+        what = f"input of workflow {definition.name!r}"
+        encoded = [encode_payload(definition.prepare_input(value), what, self.max_payload_bytes) for value in inputs]
+        await self.store.ensure_ready()
+        queue = queue_override or definition.options.queue
+        run_at_ms = datetime_ms(run_at) if run_at is not None else 0
+        partition = self.keys.partition
+        ids = [new_run_id(partition) for _ in encoded]
+        await asyncio.gather(*(
+            self.store.enqueue_batch(ids[i:i + chunk_size], definition.name, queue, encoded[i:i + chunk_size],
+                                     definition.max_attempts, run_at_ms)
+            for i in range(0, len(ids), chunk_size)
+        ))
+        return [RunHandle(self, run_id) for run_id in ids]
+
     async def _enqueue_debounced(
         self, definition: WorkflowDefinition[Any], input: Any, queue_override: str | None, parent_run_id: str | None
     ) -> RunHandle:

@@ -199,3 +199,31 @@ async def test_create_client_accepts_a_redis_py_client(redis_url: str, prefix: s
     finally:
         await client.close()
         await rp.aclose()
+
+
+async def test_enqueue_many_is_one_command_per_chunk_and_safe_to_retry(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
+    from redflow import PayloadEncodingError
+
+    async def handler(ctx: WorkflowHandlerContext) -> int:
+        return ctx.input * 2
+
+    wf = define_workflow("batched", handler=handler, registry=registry)
+    await client.store.ensure_ready()
+    before = client.redis.counters.commands
+    handles = await client.enqueue_many(wf, list(range(2500)), chunk_size=1000)
+    assert client.redis.counters.commands - before == 3
+    assert len({h.id for h in handles}) == 2500
+    assert await client.store.enqueue_batch([handles[0].id], "batched", "default", [b"7"], 3, 0) == 0  # retry
+    keys_before = sorted(await client.redis.execute("KEYS", f"{client.prefix}:*"))
+    index_before = await client.redis.execute("ZCARD", client.keys.index)
+    with pytest.raises(PayloadEncodingError):
+        await client.enqueue_many(wf, [1, 2, object()])
+    assert sorted(await client.redis.execute("KEYS", f"{client.prefix}:*")) == keys_before
+    assert await client.redis.execute("ZCARD", client.keys.index) == index_before  # nothing half-written
+    later = await client.enqueue_many(wf, [5], run_at=datetime.now() + timedelta(milliseconds=300))
+    assert (await client.get_run(later[0].id))["status"] == "scheduled"
+    await make_worker(concurrency=100)
+    results = await asyncio.gather(*(h.result(timeout_ms=30_000) for h in handles + later))
+    assert results == [i * 2 for i in range(2500)] + [10]

@@ -44,6 +44,7 @@ SCRIPT_NAMES = (
     "admit",
     "debounce",
     "stream_write",
+    "enqueue_batch",
 )
 
 

@@ -113,6 +113,17 @@ class Store:
         )
         return Code(reply[0]), reply[1].decode(), reply[2].decode()
 
+    async def enqueue_batch(
+        self, run_ids: list[str], workflow: str, queue: str, inputs: list[bytes], max_attempts: int, run_at_ms: int
+    ) -> int:
+        k = self.keys
+        reply = await self.scripts.call(
+            "enqueue_batch",
+            (k.runs, k.inputs, k.index, k.ready(queue), k.scheduled(queue), k.bell(queue)),
+            (workflow, queue, max_attempts, len(run_ids), run_at_ms, *run_ids, *inputs),
+        )
+        return int(reply[1])
+
     async def debounce(
         self, run_id: str, workflow: str, queue: str, input_json: bytes, max_attempts: int, key: str,
         period_ms: int, timeout_ms: int, parent_run_id: str | None,
