@@ -398,8 +398,11 @@ class RedflowClient(EventsMixin, QueriesMixin):
         subscriber = self._subscriber
         channel = self.keys.done_channel(run_id)
         changed = asyncio.Event()
+        pushed: list[bytes] = []
 
-        def on_message(_payload: bytes | None) -> None:
+        def on_message(payload: bytes | None) -> None:
+            if payload is not None:
+                pushed.append(payload)
             changed.set()
 
         loop = asyncio.get_running_loop()
@@ -422,6 +425,13 @@ class RedflowClient(EventsMixin, QueriesMixin):
                         await changed.wait()
                 except builtins.TimeoutError:
                     continue
+                for message in pushed:
+                    head, sep, body = message.partition(b"\n")
+                    done = head.decode()
+                    if sep and done in TERMINAL_STATUSES:
+                        # The completion message carries the outcome: no read needed.
+                        return _result_of(run_id, done, body if done == "succeeded" else None,
+                                          None if done == "succeeded" else body)
         finally:
             subscriber.unsubscribe(channel, on_message)
 

@@ -51,7 +51,8 @@ Key (type) — contents — lifetime:
   crons (hash)            trigger id -> cron trigger definition           permanent
   cron_last (hash)        trigger id -> last slot fired or skipped (ms)   permanent
   cron_version (string)   bumped when triggers change                     permanent
-Channels: done:<run id> (a run reached a terminal status; payload = status); ctl:<worker id>
+Channels: done:<run id> (a run reached a terminal status; payload = status, then a newline and the
+output or error JSON when it is small); ctl:<worker id>
 (cancellation requests for runs that worker holds; payload = run id).
 """
 

@@ -67,7 +67,12 @@ else
 end
 redis.call('HSET', KEYS[1], id, cjson.encode(h))
 redis.call('ZADD', KEYS[6], now + tonumber(ARGV[6]), id)
-redis.call('PUBLISH', ARGV[7], status)
+-- The message carries the outcome when it is small, so a waiting result() needs no read.
+if #payload <= 16384 then
+  redis.call('PUBLISH', ARGV[7], status .. '\n' .. payload)
+else
+  redis.call('PUBLISH', ARGV[7], status)
+end
 local flags = ARGV[8] or ''
 if string.find(flags, 's', 1, true) and redis.call('EXISTS', KEYS[14]) == 1 then
   redis.call('XADD', KEYS[14], '*', 'end', status)  -- tells stream readers the run ended
