@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+from .snapshot import freeze
+
+freeze()  # before anything imports redflow
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())

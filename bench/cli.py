@@ -7,16 +7,15 @@ import asyncio
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import server
+from . import server, snapshot
 from .baselines_runner import BASELINES, Baseline, DriverParams, drain_n, prepare, run_driver, selected_scenarios
-from .redflow_scenarios import REPO, SCENARIOS, Params, Scenarios
+from .redflow_scenarios import SCENARIOS, Params, Scenarios
 from .report import Results
 
 QUICK = Params(n=3000, serial_n=1000, batched_n=5000, latency_n=200, latency_budget_s=10.0, idle_s=5.0)
@@ -39,13 +38,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-s", type=float)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="results folder")
     return p.parse_args(argv)
-
-
-def git_state() -> tuple[str, bool]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
-
-    return git("rev-parse", "HEAD") or "unknown", bool(git("status", "--porcelain", "--untracked-files=no"))
 
 
 def machine() -> dict[str, Any]:
@@ -82,7 +74,11 @@ async def run(args: argparse.Namespace) -> Results:
         if getattr(args, name) is not None:
             setattr(params, name, getattr(args, name))
     scenarios, run_ours, baselines = select(args.only, args.no_baselines)
-    sha, dirty = git_state()
+    frozen = snapshot.state()
+    if frozen:
+        sha, dirty = str(frozen["git_sha"]), bool(frozen["dirty"])
+    else:  # imported without bench/__main__.py: the code may change during the run
+        sha, dirty = snapshot.git_state()
     venvs = prepare(baselines, log=lambda msg: print(msg, flush=True))
     with server.BenchServer(args.url, args.redis_server) as srv:
         redis = server.connect(srv.url)
@@ -93,6 +89,7 @@ async def run(args: argparse.Namespace) -> Results:
             "quick": args.quick, "repetitions": args.reps, "params": vars(params),
             "command": "python -m bench " + shlex.join(sys.argv[1:]), "server": srv.describe(),
             "server_version": version, "machine": machine(),
+            "src_digest": frozen.get("src_digest", ""), "frozen_src": bool(frozen),
         }
         results = Results(args.reps, meta)
         ours = results.system("redflow", "redflow (this tree, concurrency 100)")
@@ -123,11 +120,12 @@ async def run(args: argparse.Namespace) -> Results:
                     metrics, errors, settings = {}, {"driver": f"{type(exc).__name__}: {exc}"}, ""
                 info = results.systems[b.name]
                 info.settings = settings or info.settings
-                info.errors += [f"{k}: {v}" for k, v in errors.items()]
+                info.errors += [f"rep {rep + 1}, {k}: {v}" for k, v in errors.items()]
                 results.add(b.name, rep, metrics)
                 print(f"   {b.name}: {len(metrics)} metrics in {time.monotonic() - t:.1f}s"
                       + (f", errors: {errors}" if errors else ""), flush=True)
     results.meta["wall_seconds"] = time.monotonic() - started
+    results.meta["git_sha_at_end"] = snapshot.git_state()[0]
     return results
 
 
@@ -137,7 +135,7 @@ async def run_ours_rep(sc: Scenarios, names: list[str], results: Results, rep: i
         try:
             metrics = await getattr(sc, name)()
         except Exception as exc:
-            results.systems["redflow"].errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            results.systems["redflow"].errors.append(f"rep {rep + 1}, {name}: {type(exc).__name__}: {exc}")
             print(f"   redflow {name}: FAILED {exc}", flush=True)
             continue
         results.add("redflow", rep, metrics)

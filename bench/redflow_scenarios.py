@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redflow
 from redflow import RedflowClient, WorkflowDefinition, create_client, set_default_client
 from redflow._redis.client import RedisClient
 
-from . import server
+from . import server, snapshot
 from .workflows import WORKFLOWS, registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,6 +94,16 @@ class WorkerProc:
                 await self.proc.wait()
 
 
+def check_frozen(stats: dict[str, Any]) -> None:
+    """The worker must run the copy of src/redflow taken at start (see bench/snapshot.py)."""
+    frozen = snapshot.state()
+    if not frozen:
+        return
+    for who, path in (("bench worker", stats.get("redflow_file")), ("harness", redflow.__file__)):
+        if not str(path).startswith(str(frozen["src"])):
+            raise RuntimeError(f"the {who} imported redflow from {path}, not from the frozen copy")
+
+
 def succeeded_count_args(client: RedflowClient) -> tuple[str, str, str, str]:
     return ("ZLEXCOUNT", client.keys.index, "[s:succeeded:", "(s:succeeded;")
 
@@ -166,6 +177,7 @@ class Scenarios:
             worker = await WorkerProc.start(self.url, client.prefix, self.p.concurrency)
             t1 = await self._wait_succeeded(meter, client, n, worker, timeout_s=60 + n / 20)
             stats = await worker.stop()
+            check_frozen(stats)
             measuring = own.commands - own_a
             c = await server.total_commands(meter)
             prefix = client.prefix

@@ -21,6 +21,7 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "latency_p99_ms": ("ms", "lower", "enqueue->result p99, light load"),
     "latency_mean_ms": ("ms", "lower", "enqueue->result mean"),
     "latency_samples": ("samples", "higher", "latency samples taken"),
+    "latency_missed_wakeups": ("waits", "lower", "result waits that missed their wake-up (2 s stall)"),
     "server_cmds_per_run": ("cmds", "lower", "server commands per finished run (commandstats)"),
     "server_3step_cmds_per_run": ("cmds", "lower", "server commands per finished 3-step run"),
     "enqueue_server_cmds_per_run": ("cmds", "lower", "server commands per enqueue (commandstats)"),
@@ -190,6 +191,9 @@ class Results:
             f"- machine: {m['machine']['nproc']} cores, {m['machine']['cpu']}, Python {m['machine']['python']}, "
             f"{m['server_version']} ({m['server']})",
             f"- command: `{m['command']}`",
+            f"- code under test: src/redflow copied at start (digest {m.get('src_digest') or '-'})"
+            + (f"; HEAD moved to {m['git_sha_at_end'][:12]} during the run"
+               if m.get("git_sha_at_end", m["git_sha"]) != m["git_sha"] else ""),
             "",
             "## redflow",
             "",

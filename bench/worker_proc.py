@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 
+import redflow
 from redflow import StartWorkerOptions, start_worker
 
 from .workflows import registry
@@ -52,6 +53,7 @@ async def main(args: argparse.Namespace) -> None:
     stats["commands"] = counters.commands
     stats["writes"] = counters.writes
     stats["by_name"] = dict(counters.by_name)
+    stats["redflow_file"] = redflow.__file__
     await worker.stop(grace_period_ms=2000)
     print("stats " + json.dumps(stats), flush=True)
 

@@ -25,6 +25,7 @@ def test_harness_runs_every_redflow_scenario(redis_url: str, tmp_path: Path) -> 
     data = json.loads((tmp_path / "latest.json").read_text())
     assert data["systems"]["redflow"]["errors"] == []
     assert list(data["systems"]) == ["redflow"]
+    assert data["meta"]["frozen_src"] and data["meta"]["src_digest"]
     medians = {r["metric"]: r["median"] for r in data["results"] if r["system"] == "redflow"}
     for metric in (
         "enqueue_serial_per_s", "enqueue_batched_per_s", "drain_per_s", "drain_3step_per_s", "latency_p50_ms",
