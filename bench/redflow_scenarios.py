@@ -155,9 +155,14 @@ class Scenarios:
             t = time.perf_counter()
             await enqueue_batched(WORKFLOWS["echo"], self.p.batched_n, self.p.chunk)
             elapsed = time.perf_counter() - t
+            inputs = [{"i": i} for i in range(self.p.batched_n)]
+            t = time.perf_counter()
+            await client.enqueue_many(WORKFLOWS["echo"], inputs, chunk_size=1000)
+            many_elapsed = time.perf_counter() - t
         finally:
             await self._done(client)
-        return {"enqueue_batched_per_s": self.p.batched_n / elapsed}
+        return {"enqueue_batched_per_s": self.p.batched_n / elapsed,
+                "enqueue_many_per_s": self.p.batched_n / many_elapsed}
 
     async def drain(self, workflow: str = "echo") -> dict[str, float]:
         """Fill the queue, start the worker, time it until the last run is succeeded; memory and commands.

@@ -12,6 +12,7 @@ from typing import Any
 METRICS: dict[str, tuple[str, str, str]] = {
     "enqueue_serial_per_s": ("runs/s", "higher", "serial enqueue (await each)"),
     "enqueue_batched_per_s": ("runs/s", "higher", "batched enqueue (gather chunks)"),
+    "enqueue_many_per_s": ("runs/s", "higher", "batched enqueue path (enqueue_many, 1 command per 1000 runs)"),
     "enqueue_client_cmds_per_run": ("cmds", "lower", "client commands per enqueue"),
     "drain_per_s": ("runs/s", "higher", "drain, echo workflow"),
     "drain_3step_per_s": ("runs/s", "higher", "drain, 3-step workflow"),
