@@ -268,6 +268,53 @@ class Scenarios:
         return {"idle_cmds_per_s": stats["idle_commands"] / stats["idle_seconds"]}
 
 
+    async def waits(self) -> dict[str, float]:
+        """Wake-up lateness of durable sleeps, cancel latency of running runs, fan-out to 10 subscribers."""
+        from redflow import CanceledError
+
+        from .workflows import FANOUT_EVENT
+
+        client = await self._client("waits")
+        worker = await WorkerProc.start(self.url, client.prefix, self.p.concurrency)
+        try:
+            # Sleeps: 50 runs sleeping 200-700 ms; lateness = wake time - the due time stored with the step.
+            sleepers = [await WORKFLOWS["sleeper"].run({"ms": 200 + 10 * i}) for i in range(50)]
+            woke = await asyncio.gather(*(h.result(timeout_ms=60_000) for h in sleepers))
+            late = []
+            for handle, woke_ms in zip(sleepers, woke, strict=True):
+                steps = await client.get_run_steps(handle.id)
+                late.append(woke_ms - steps[0]["wait_until_at"])
+            # Cancel: from cancel_run() to result() raising CanceledError, for a run that is running.
+            cancels = []
+            for _ in range(30):
+                handle = await WORKFLOWS["cancelable"].run({})
+                while (await client.get_run(handle.id) or {}).get("status") != "running":  # noqa: ASYNC110
+                    await asyncio.sleep(0.002)
+                t = time.perf_counter()
+                await client.cancel_run(handle.id)
+                try:
+                    await handle.result(timeout_ms=30_000)
+                except CanceledError:
+                    cancels.append(time.perf_counter() - t)
+            # Fan-out: one event, 10 subscriber runs, until all of them finished.
+            fanouts = []
+            for i in range(20):
+                t = time.perf_counter()
+                handles = await client.emit_event(FANOUT_EVENT, {"i": i})
+                await asyncio.gather(*(h.result(timeout_ms=30_000) for h in handles))
+                fanouts.append(time.perf_counter() - t)
+        finally:
+            await worker.stop()
+            await self._done(client)
+        late.sort()
+        return {
+            "sleep_lateness_p50_ms": statistics.median(late),
+            "sleep_lateness_max_ms": late[-1],
+            "cancel_latency_p50_ms": statistics.median(cancels) * 1000,
+            "fanout_10_ms": statistics.median(fanouts) * 1000,
+        }
+
+
 async def sample(one: Callable[[int], Awaitable[float]], n: int, budget_s: float, warmup: int = 10) -> list[float]:
     """Up to ``n`` timed calls after a warm-up, within ``budget_s`` (at least 3)."""
     for i in range(warmup):
@@ -291,4 +338,4 @@ def latency_metrics(samples_s: list[float]) -> dict[str, float]:
 
 
 # Run in this order: the latency scenario warms the server's script cache before the drains measure memory.
-SCENARIOS = ("enqueue_serial", "enqueue_batched", "latency", "drain", "drain_3step", "idle")
+SCENARIOS = ("enqueue_serial", "enqueue_batched", "latency", "drain", "drain_3step", "idle", "waits")

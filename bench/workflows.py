@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from redflow import WorkflowHandlerContext, WorkflowRegistry, define_workflow
+from redflow import EventTrigger, WorkflowHandlerContext, WorkflowRegistry, define_workflow
 
 QUEUE = "bench"
 registry = WorkflowRegistry()
@@ -28,3 +28,31 @@ echo = define_workflow("bench-echo", handler=_echo, queue=QUEUE, registry=regist
 three_step = define_workflow("bench-three-step", handler=_three_steps, queue=QUEUE, registry=registry)
 
 WORKFLOWS = {"echo": echo, "three_step": three_step}
+
+
+async def _sleeper(ctx: WorkflowHandlerContext[Any]) -> Any:
+    """Sleeps durably for ``ms``; returns when it woke (unix ms, this machine's clock)."""
+    import time
+
+    await ctx.step.wait_for("nap", ctx.input["ms"])
+    return int(time.time() * 1000)
+
+
+async def _wait_for_cancel(ctx: WorkflowHandlerContext[Any]) -> Any:
+    import asyncio
+
+    await asyncio.Event().wait()  # runs until canceled
+
+
+async def _subscriber(ctx: WorkflowHandlerContext[Any]) -> Any:
+    return ctx.input
+
+
+sleeper = define_workflow("bench-sleeper", handler=_sleeper, queue=QUEUE, registry=registry)
+cancelable = define_workflow("bench-cancelable", handler=_wait_for_cancel, queue=QUEUE, registry=registry)
+FANOUT_EVENT = "bench.fanout"
+for _i in range(10):
+    define_workflow(f"bench-subscriber-{_i}", handler=_subscriber, queue=QUEUE, registry=registry,
+                    event=[EventTrigger(name=FANOUT_EVENT)])
+
+WORKFLOWS.update({"sleeper": sleeper, "cancelable": cancelable})

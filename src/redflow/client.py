@@ -8,6 +8,8 @@ import os
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from ._redis.client import RedisClient, ServerAddress
 from ._redis.pubsub import Subscriber
 from .client_events import EventsMixin
@@ -309,6 +311,12 @@ class RedflowClient(EventsMixin, QueriesMixin):
         latest: dict[str, StepRecord] = {}
         for record in await self.store.read_steps(run_id):
             if record.k != "attempt" and record.n:  # not attempt ends, nor the handler's own input waits
+                earlier = latest.get(record.n)
+                if earlier is not None and record.s == "done":
+                    # A wait's resolution keeps when the wait started and until when it was due.
+                    record = msgspec.structs.replace(
+                        record, t0=record.t0 or earlier.t0, u=record.u if record.u is not None else earlier.u
+                    )
                 latest[record.n] = record
         return [step_state(r) for r in sorted(latest.values(), key=lambda r: r.q)]
 

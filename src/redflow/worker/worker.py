@@ -49,6 +49,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._block_conn: Connection | None = None
+        self._block_client_id = 0
         self._last_renewal = 0.0
         self._registered = False
         self._to_release: dict[str, Execution] = {}
@@ -226,21 +227,40 @@ class Worker:
                 backoff = min(backoff * 2, 5.0)
 
     async def _block(self, timeout_s: float) -> None:
-        """Wait for a bell on any of our queues (or the next due time)."""
+        """Wait for a bell on any of our queues, or until the next due time.
+
+        A server checks blocking timeouts only on its cron tick (100 ms at the default hz), so a due
+        time is not left to BRPOP's timeout: a local timer unblocks the wait (CLIENT UNBLOCK) on time.
+        """
         conn = self._block_conn
         if conn is None or conn.closed:
-            conn = self._block_conn = await self.store.redis.dedicated()
+            conn = await self.store.redis.dedicated()
+            self._block_client_id = int(await conn.execute("CLIENT", "ID"))
+            self._block_conn = conn
             if self._stopping:
                 conn.close()
                 return
         bells = [self.store.keys.bell(q) for q in self.queues]
-        watchdog = timeout_s + self.settings.watchdog_slack_s
+        block_s = self.settings.block_timeout_s
+        timer = None
+        if timeout_s < block_s:
+            client_id = self._block_client_id
+            timer = asyncio.get_running_loop().call_later(timeout_s, self._unblock, client_id)
+        watchdog = block_s + self.settings.watchdog_slack_s
         try:
             async with asyncio.timeout(watchdog):
-                await conn.execute("BRPOP", *bells, f"{timeout_s:.3f}")
+                await conn.execute("BRPOP", *bells, f"{block_s:.3f}")
         except TimeoutError:
             log.warning("worker %s: blocking wait exceeded %.1fs; reopening its connection", self.id, watchdog)
             conn.close()
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _unblock(self, client_id: int) -> None:
+        fut = self.store.redis.send_now(("CLIENT", "UNBLOCK", client_id))
+        if fut is not None:  # a failure only means the wait ends at BRPOP's own timeout
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _measure_loop_lag(self) -> None:
         loop = asyncio.get_running_loop()
