@@ -29,11 +29,12 @@ class Baseline:
 BASELINES: tuple[Baseline, ...] = (
     Baseline(
         "redflow-0.1.9", "redflow 0.1.9 default (concurrency 1)", "redflow019", "redflow019_driver.py",
-        ("enqueue_serial", "latency", "drain", "idle"), ("--concurrency", "1"), n_scale=1 / 6,
+        ("enqueue_serial", "latency", "drain", "drain_3step", "idle"), ("--concurrency", "1"), n_scale=1 / 6,
     ),
     Baseline(
         "redflow-0.1.9-c100", "redflow 0.1.9 best (concurrency 100, max_concurrency 10000)", "redflow019",
-        "redflow019_driver.py", ("latency", "drain"), ("--concurrency", "100", "--max-concurrency", "10000"),
+        "redflow019_driver.py", ("latency", "drain", "drain_3step"),
+        ("--concurrency", "100", "--max-concurrency", "10000"),
         n_scale=2 / 3,
     ),
     Baseline("saq", "SAQ (concurrency 100)", "saq", "saq_driver.py", ("enqueue_serial", "latency", "drain"),
@@ -48,6 +49,7 @@ BASELINES: tuple[Baseline, ...] = (
 # A redflow scenario selected with --only turns on these driver scenarios.
 DRIVER_SCENARIOS = {
     "drain": ("drain", "raw", "redispy"),
+    "drain_3step": ("drain_3step",),
     "enqueue_serial": ("enqueue_serial", "raw", "redispy"),
     "latency": ("latency", "raw"),
     "idle": ("idle",),

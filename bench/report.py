@@ -45,8 +45,8 @@ METRICS: dict[str, tuple[str, str, str]] = {
 
 # (redflow metric, baseline metric): compared against every system that has the baseline metric
 SAME_METRIC = (
-    "drain_per_s", "enqueue_serial_per_s", "latency_p50_ms", "latency_p99_ms", "server_cmds_per_run",
-    "bytes_per_run", "idle_cmds_per_s",
+    "drain_per_s", "drain_3step_per_s", "enqueue_serial_per_s", "latency_p50_ms", "latency_p99_ms",
+    "server_cmds_per_run", "bytes_per_run", "idle_cmds_per_s",
 )
 CEILING = (
     ("enqueue_serial_per_s", "evalsha_serial_per_s"),

@@ -28,6 +28,19 @@ def workflow(args: Any) -> Any:
     return define_workflow("bench-echo", handler=echo, queue="bench", **extra)
 
 
+def three_step_workflow(args: Any) -> Any:
+    async def identity(x: Any) -> Any:
+        return x
+
+    async def three_steps(ctx: Any) -> Any:
+        a = await ctx.step.run("a", identity, ctx.input)
+        b = await ctx.step.run("b", identity, a)
+        return await ctx.step.run("c", identity, b)
+
+    extra = {"max_concurrency": args.max_concurrency} if args.max_concurrency > 0 else {}
+    return define_workflow("bench-three-step", handler=three_steps, queue="bench", **extra)
+
+
 def prefix(args: Any, scenario: str) -> str:
     return f"rfb019:{args.tag}:{scenario}"
 
@@ -41,6 +54,7 @@ def worker_argv(args: Any, scenario: str) -> list[str]:
 
 async def worker_main(args: Any) -> None:
     workflow(args)
+    three_step_workflow(args)
     worker = await start_worker(
         StartWorkerOptions(app="bench", url=args.url, prefix=f"rfb019:{args.tag}", concurrency=args.concurrency)
     )
@@ -64,18 +78,27 @@ async def succeeded(client: Any) -> int:
 
 def scenarios(args: Any) -> dict[str, Any]:
     wf = workflow(args)
+    wf3 = three_step_workflow(args)
 
     async def drain() -> dict[str, float]:
+        return await drain_of(wf, "drain")
+
+    async def drain_3step() -> dict[str, float]:
+        metrics = await drain_of(wf3, "drain3")
+        return {"drain_3step_per_s": metrics["drain_per_s"], "drain_3step_seconds": metrics["drain_seconds"],
+                "server_3step_cmds_per_run": metrics["server_cmds_per_run"]}
+
+    async def drain_of(wf: Any, scenario: str) -> dict[str, float]:
         meter = common.Meter(args.url)
         mem0 = meter.used_memory()  # before this driver's connections exist
-        client = client_for(args, "drain")
+        client = client_for(args, scenario)
         cost = await common.poll_cost(meter, lambda: succeeded(client))
         own_a = meter.own
         a = meter.commands()
         for start in range(0, args.n, CHUNK):
             await asyncio.gather(*(wf.run({"i": i}) for i in range(start, min(start + CHUNK, args.n))))
         b = meter.commands()
-        worker = common.WorkerProcess(worker_argv(args, "drain"))
+        worker = common.WorkerProcess(worker_argv(args, scenario))
         try:
             t1, polls = await common.wait_done(lambda: succeeded(client), args.n, worker, 120 + args.n / 5)
         finally:
@@ -85,7 +108,7 @@ def scenarios(args: Any) -> dict[str, Any]:
         await client.close()
         await asyncio.sleep(0.2)  # let the server drop the closed connections
         mem1 = meter.used_memory()
-        meter.delete_matching(prefix(args, "drain") + ":*")
+        meter.delete_matching(prefix(args, scenario) + ":*")
         return common.drain_metrics(args.n, worker.ready_ts, t1, (a, b, c), own, polls * cost, (mem0, mem1))
 
     async def enqueue_serial() -> dict[str, float]:
@@ -133,7 +156,8 @@ def scenarios(args: Any) -> dict[str, Any]:
         meter.delete_matching(prefix(args, "idle") + ":*")
         return {"idle_cmds_per_s": (b - a - 1) / elapsed}
 
-    return {"drain": drain, "enqueue_serial": enqueue_serial, "latency": latency, "idle": idle}
+    return {"drain": drain, "drain_3step": drain_3step, "enqueue_serial": enqueue_serial, "latency": latency,
+            "idle": idle}
 
 
 if __name__ == "__main__":
