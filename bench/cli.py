@@ -18,7 +18,8 @@ from .baselines_runner import BASELINES, Baseline, DriverParams, drain_n, prepar
 from .redflow_scenarios import SCENARIOS, Params, Scenarios
 from .report import Results
 
-QUICK = Params(n=3000, serial_n=1000, batched_n=5000, latency_n=200, latency_budget_s=10.0, idle_s=5.0)
+QUICK = Params(n=3000, serial_n=1000, batched_n=5000, latency_n=200, latency_budget_s=10.0, idle_s=5.0,
+               cleanup_n=20_000)
 FULL = Params(n=10000, serial_n=5000, batched_n=20000, latency_n=1000, latency_budget_s=60.0, idle_s=30.0)
 
 
@@ -36,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batched-n", type=int)
     p.add_argument("--latency-n", type=int)
     p.add_argument("--idle-s", type=float)
+    p.add_argument("--cleanup-n", type=int, help="expired runs the retention-cleanup scenario deletes")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="results folder")
     return p.parse_args(argv)
 
@@ -70,7 +72,7 @@ def select(only: str | None, no_baselines: bool) -> tuple[set[str] | None, bool,
 async def run(args: argparse.Namespace) -> Results:
     started = time.monotonic()
     params = QUICK if args.quick else FULL
-    for name in ("n", "serial_n", "batched_n", "latency_n", "idle_s"):
+    for name in ("n", "serial_n", "batched_n", "latency_n", "idle_s", "cleanup_n"):
         if getattr(args, name) is not None:
             setattr(params, name, getattr(args, name))
     scenarios, run_ours, baselines = select(args.only, args.no_baselines)

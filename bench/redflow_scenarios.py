@@ -33,6 +33,7 @@ class Params:
     latency_budget_s: float = 30.0
     idle_s: float = 30.0
     concurrency: int = 100
+    cleanup_n: int = 100_000
 
 
 class WorkerProc:
@@ -315,6 +316,65 @@ class Scenarios:
         }
 
 
+    async def cleanup(self) -> dict[str, float]:
+        """Retention: runs deleted per second by cleanup_expired_runs_now once they all expired."""
+        client = await self._client("cleanup")
+        n = self.p.cleanup_n
+        worker = await WorkerProc.start(self.url, client.prefix, self.p.concurrency)
+        meter = server.connect(self.url)
+        try:
+            await client.enqueue_many(WORKFLOWS["echo"], [{"i": i} for i in range(n)], chunk_size=1000)
+            await self._wait_succeeded(meter, client, n, worker, timeout_s=60 + n / 20)
+            await worker.stop()
+            t = time.perf_counter()
+            deleted = await client.cleanup_expired_runs_now(reference_time_ms=2**45)
+            elapsed = time.perf_counter() - t
+        finally:
+            await meter.close()
+            await self._done(client)
+        if deleted != n:
+            raise RuntimeError(f"cleanup deleted {deleted} of {n} runs")
+        return {"cleanup_runs_per_s": n / elapsed}
+
+    async def supervisor(self) -> dict[str, float]:
+        """Drain through ``python -m redflow.supervisor`` with --procs 1 and 2 (enqueued once workers are up)."""
+        import os
+        import signal
+
+        metrics: dict[str, float] = {}
+        for procs in (1, 2):
+            client = await self._client(f"supervisor{procs}")
+            meter = server.connect(self.url)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "redflow.supervisor", "--import", "bench.supervisor_app", "--url", self.url,
+                "--prefix", client.prefix, "--procs", str(procs), "--concurrency", str(self.p.concurrency),
+                "--log-level", "WARNING", cwd=REPO, env=dict(os.environ), stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            try:
+                deadline = time.monotonic() + 60
+                while int(await client.redis.execute("ZCARD", client.keys.workers)) < procs:
+                    if time.monotonic() > deadline or proc.returncode is not None:
+                        raise RuntimeError(f"the supervisor's {procs} worker(s) did not register")
+                    await asyncio.sleep(0.05)
+                n = self.p.n
+                count_cmd = succeeded_count_args(client)
+                t = time.perf_counter()
+                await client.enqueue_many(WORKFLOWS["echo"], [{"i": i} for i in range(n)], chunk_size=1000)
+                while int(await meter.execute(*count_cmd)) < n:
+                    if time.perf_counter() - t > 60 + n / 20:
+                        raise RuntimeError(f"supervisor drain with --procs {procs} timed out")
+                    await asyncio.sleep(0.005)
+                metrics[f"supervisor_procs{procs}_drain_per_s"] = n / (time.perf_counter() - t)
+            finally:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+                    await asyncio.wait_for(proc.wait(), 60)
+                await meter.close()
+                await self._done(client)
+        return metrics
+
+
 async def sample(one: Callable[[int], Awaitable[float]], n: int, budget_s: float, warmup: int = 10) -> list[float]:
     """Up to ``n`` timed calls after a warm-up, within ``budget_s`` (at least 3)."""
     for i in range(warmup):
@@ -338,4 +398,5 @@ def latency_metrics(samples_s: list[float]) -> dict[str, float]:
 
 
 # Run in this order: the latency scenario warms the server's script cache before the drains measure memory.
-SCENARIOS = ("enqueue_serial", "enqueue_batched", "latency", "drain", "drain_3step", "idle", "waits")
+SCENARIOS = ("enqueue_serial", "enqueue_batched", "latency", "drain", "drain_3step", "idle", "waits", "cleanup",
+             "supervisor")

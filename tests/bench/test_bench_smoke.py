@@ -12,13 +12,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_harness_runs_every_redflow_scenario(redis_url: str, tmp_path: Path) -> None:
     argv = [
         sys.executable, "-m", "bench", "--url", redis_url, "--no-baselines", "--reps", "1", "--n", "200",
-        "--serial-n", "100", "--batched-n", "200", "--latency-n", "20", "--idle-s", "1", "--out", str(tmp_path),
+        "--serial-n", "100", "--batched-n", "200", "--latency-n", "20", "--idle-s", "1", "--cleanup-n", "300",
+        "--out", str(tmp_path),
     ]
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=50)
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "wall time" in proc.stdout
 
@@ -30,6 +31,8 @@ def test_harness_runs_every_redflow_scenario(redis_url: str, tmp_path: Path) -> 
     for metric in (
         "enqueue_serial_per_s", "enqueue_batched_per_s", "drain_per_s", "drain_3step_per_s", "latency_p50_ms",
         "latency_p99_ms", "server_cmds_per_run", "worker_cmds_per_run", "bytes_per_run", "idle_cmds_per_s",
+        "sleep_lateness_p50_ms", "cancel_latency_p50_ms", "fanout_10_ms", "cleanup_runs_per_s",
+        "supervisor_procs1_drain_per_s", "supervisor_procs2_drain_per_s",
     ):
         assert metric in medians, f"{metric} missing from {sorted(medians)}"
     assert all(r["git_sha"] and r["repetitions"] == 1 for r in data["results"])
