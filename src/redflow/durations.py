@@ -36,13 +36,6 @@ def datetime_ms(value: datetime) -> int:
     return int(value.timestamp() * 1000)
 
 
-def target_ms(value: Any, what: str) -> int:
-    """An absolute point in epoch ms: a datetime, or a duration from now."""
-    if isinstance(value, datetime):
-        return datetime_ms(value)
-    return int(time.time() * 1000) + duration_ms(value, what)
-
-
 def delay_ms(value: Any, what: str) -> int:
     """A relative delay in ms: a duration, or the time left until a datetime (never negative)."""
     if isinstance(value, datetime):

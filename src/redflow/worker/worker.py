@@ -21,7 +21,7 @@ from .._redis.client import RedisClient
 from .._redis.connection import Connection
 from .._redis.errors import RedisError
 from .._redis.pubsub import Subscriber
-from ..client import RedflowClient, create_client
+from ..client import RedflowClient, create_client, default_prefix
 from ..encoding import encode
 from ..registry import WorkflowRegistry, get_default_registry
 from ..storage.codes import Code
@@ -377,7 +377,7 @@ async def start_worker(options: StartWorkerOptions) -> Worker:
     if not settings.queues:
         settings.queues = registry.queues() or ["default"]
     if isinstance(options.redis, RedisClient):
-        client = RedflowClient(options.redis, prefix=options.prefix or _env_prefix(), app=options.app)
+        client = RedflowClient(options.redis, prefix=options.prefix or default_prefix(), app=options.app)
     else:
         client = create_client(app=options.app, redis=options.redis, url=options.url, prefix=options.prefix)
     client.registry = registry
@@ -391,8 +391,3 @@ async def start_worker(options: StartWorkerOptions) -> Worker:
         raise
     return worker
 
-
-def _env_prefix() -> str:
-    from ..client import default_prefix
-
-    return default_prefix()
