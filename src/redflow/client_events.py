@@ -22,10 +22,14 @@ if TYPE_CHECKING:
 FANOUT_STATUSES = frozenset({"pending", "completed", "partial", "failed", "no-subscribers"})
 
 
-def _check_name(value: Any, what: str) -> str:
+def check_event_name(value: Any, what: str) -> str:
+    """An event name or correlation key: a non-empty string, used exactly as given, so one without
+    leading or trailing whitespace (emit_event and wait_for_event apply this same rule)."""
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(f"{what} must be a non-empty string, got {value!r}")
-    return value.strip()
+    if value != value.strip():
+        raise ConfigurationError(f"{what} must not have leading or trailing whitespace, got {value!r}")
+    return value
 
 
 class EventsMixin:
@@ -79,13 +83,14 @@ class EventsMixin:
         parent_run_id: str | None = None,
     ) -> EmitEventResult:
         """Like emit_event, with the event id and the runs the event resumed."""
-        name = _check_name(event_name, "event_name")
-        corr = None if correlation_key is None else _check_name(correlation_key, "correlation_key")
-        eid = None if event_id is None else _check_name(event_id, "event_id")
-        if idempotency_key is not None:
-            _check_name(idempotency_key, "idempotency_key")
+        name = check_event_name(event_name, "event_name")
+        corr = None if correlation_key is None else check_event_name(correlation_key, "correlation_key")
+        eid = None if event_id is None else check_event_name(event_id, "event_id")
+        if idempotency_key is not None and (not isinstance(idempotency_key, str) or not idempotency_key.strip()):
+            raise ConfigurationError(f"idempotency_key must be a non-empty string, got {idempotency_key!r}")
         if emit_at is not None and not isinstance(emit_at, datetime):
             raise ConfigurationError(f"emit_at of event {name!r} must be a datetime, got {emit_at!r}")
+        emit_at_ms = datetime_ms(emit_at, f"emit_at of event {name!r}") if emit_at is not None else 0
         data = encode_payload(input, f"payload of event {name!r}", self.max_payload_bytes)
         await self.store.ensure_ready()
         generated = new_run_id(self.keys.partition)
@@ -93,7 +98,7 @@ class EventsMixin:
         ttl = IDEMPOTENCY_TTL_SEC if idempotency_ttl is None else int(idempotency_ttl)
         code, bound_id, record = await self.events.emit(
             eid, name, data, correlation_key=corr, parent_run_id=parent_run_id,
-            emit_at_ms=datetime_ms(emit_at) if emit_at else 0, idempotency_key=idempotency_key,
+            emit_at_ms=emit_at_ms, idempotency_key=idempotency_key,
             idempotency_ttl_s=min(ttl, self.retention_ms // 1000), retention_ms=self.retention_ms,
             run_id_prefix=generated[:24], run_id_suffix="-" + self.keys.partition,
         )
@@ -136,6 +141,13 @@ class EventsMixin:
     async def list_event_definitions(self) -> list[dict[str, Any]]:
         await self.store.ensure_ready()
         return await self.events.event_definitions()
+
+    async def list_cron_triggers(self) -> list[dict[str, Any]]:
+        """Registered cron triggers: id, workflow, queue, expression, timezone, input, last_slot_ms,
+        and ``orphaned`` (with ``orphaned_since``, the first slot not fired): no live worker
+        defines the trigger's workflow, so the leader does not fire it."""
+        await self.store.ensure_ready()
+        return await self.events.list_crons()
 
     async def cancel_run(self, run_id: str, *, reason: str = "") -> bool:
         """Cancel a run and every run its steps started; True if this call canceled it."""

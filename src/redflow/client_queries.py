@@ -236,21 +236,28 @@ class QueriesMixin:
         return total
 
     async def reset_runs(self) -> int:
-        """Development only: delete every run and event under the prefix, keep workflow registrations."""
+        """Development only: delete every run and event under the prefix, keep workflow registrations;
+        returns how many keys were deleted."""
+        from .storage.event_store import registration_keys
+
         k = self.keys
         keep = {k.version, k.workflows, k.subscribers, k.subscriber_index, k.crons, k.cron_last, k.cron_version,
-                k.limits, k.admission, k.workers, k.leader, k.epoch, k.seq}
+                k.limits, k.admission, k.workers, k.leader, k.epoch, k.seq, *registration_keys(k)}
         return await self._delete_prefix(keep)
 
     async def reset_state(self) -> int:
-        """Development only: delete everything under the prefix (scans the keyspace)."""
+        """Development only: delete everything under the prefix (scans the keyspace); returns how
+        many keys were deleted."""
         return await self._delete_prefix(set())
 
     async def _delete_prefix(self, keep: set[str]) -> int:
         redis = self.store.redis
         cursor = b"0"
         deleted = 0
-        pattern = f"{self.keys.prefix}:{{*"  # only this prefix's partitions, not longer prefixes
+        # Only this prefix's partitions, not longer prefixes. SCAN MATCH is a glob: the prefix's glob
+        # characters are escaped so it matches itself only (PartitionKeys refuses braces in it).
+        literal = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in self.keys.prefix)
+        pattern = f"{literal}:{{*"
         while True:
             cursor, keys = await redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
             doomed = [key for key in keys if key.decode() not in keep]

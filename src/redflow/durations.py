@@ -31,13 +31,30 @@ def duration_ms(value: Any, what: str) -> int:
     )
 
 
-def datetime_ms(value: datetime) -> int:
-    """Epoch ms of a datetime; a naive datetime is taken as local time."""
-    return int(value.timestamp() * 1000)
+# The latest point in time redflow stores: 5000-01-01T00:00:00Z. Its epoch ms have 14 digits; Lua
+# numbers and cjson keep 14 significant digits, so every stored time up to this bound is exact.
+MAX_TIME_MS = 95_617_584_000_000
+
+
+def datetime_ms(value: datetime, what: str = "time") -> int:
+    """Epoch ms of a datetime (a naive one is taken as local time), at most MAX_TIME_MS: a later
+    time is refused with a ConfigurationError naming ``what`` and the value."""
+    try:
+        ms = int(value.timestamp() * 1000)
+    except (OverflowError, OSError, ValueError) as exc:
+        if value.year < 5000:
+            raise ConfigurationError(f"{what} {value.isoformat()} has no epoch timestamp: {exc}") from None
+        ms = MAX_TIME_MS + 1
+    if ms > MAX_TIME_MS:
+        raise ConfigurationError(
+            f"{what} {value.isoformat()} is too far in the future: redflow stores times up to the year 5000 "
+            "(5000-01-01T00:00:00Z)"
+        )
+    return ms
 
 
 def delay_ms(value: Any, what: str) -> int:
     """A relative delay in ms: a duration, or the time left until a datetime (never negative)."""
     if isinstance(value, datetime):
-        return max(0, datetime_ms(value) - int(time.time() * 1000))
+        return max(0, datetime_ms(value, what) - int(time.time() * 1000))
     return duration_ms(value, what)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from .client_events import check_event_name
 from .durations import datetime_ms, duration_ms
 from .encoding import decode, encode, encode_output
 from .errors import (
@@ -272,8 +273,7 @@ class StepApi:
     ) -> ReceivedEvent | None:
         """Wait durably for an event with this name and correlation key; None when ``timeout`` passes."""
         for label, value in (("event_name", event_name), ("correlation_key", correlation_key)):
-            if not isinstance(value, str) or not value.strip():
-                raise RedflowError(f"{self._where(name)}: {label} must be a non-empty string, got {value!r}")
+            check_event_name(value, f"{self._where(name)}: {label}")  # the rule emit_event applies
         position, record = self._enter(name)
         if record is not None and record.s == "done":
             return decode(record.o) if record.r == "event" else None

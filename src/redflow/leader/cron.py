@@ -4,6 +4,11 @@ Each (trigger, slot) fires at most once: cron_fire.lua keeps the last slot handl
 run id is derived from (trigger, slot), so racing or successive leaders cannot fire a slot twice. After
 downtime only the most recent missed slot fires (it is, by definition, less than one period old);
 older missed slots are never fired.
+
+A trigger whose workflow no live worker defines (by the registrations workers record when they start,
+see EventStore.live_workflows) is orphaned: its slots do not fire, it is recorded as orphaned and the
+leader logs a warning once. It fires again from the first slot after a worker that defines the
+workflow registers.
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ class CronScheduler:
         self._offset_ms = 0
         self._timer: asyncio.TimerHandle | None = None
         self._firing: asyncio.Task[None] | None = None
+        self._orphans: set[str] = set()
         self.skipped = 0
 
     def server_now_ms(self) -> int:
@@ -132,9 +138,15 @@ class CronScheduler:
     async def on_beat(self, beat: Heartbeat) -> None:
         self._offset_ms = beat.server_ms - int(time.time() * 1000)
         if beat.cron_version != self._version:
-            self._triggers, self._last = await self._worker.client.events.load_crons()
+            await self.reload()
             self._version = beat.cron_version
         await self.fire_due()
+
+    async def reload(self) -> None:
+        """Load the triggers, their last handled slots and which are orphaned from Redis."""
+        events = self._worker.client.events
+        self._triggers, self._last = await events.load_crons()
+        self._orphans = set(await events.cron_orphans())
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -146,6 +158,8 @@ class CronScheduler:
         """Fire every trigger whose latest slot is due and unfired; returns how many runs started."""
         now = self.server_now_ms() if now_ms is None else now_ms
         fired = 0
+        defined: set[str] | None = None
+        checked = False  # the workflows live workers define are read once, when a slot is due
         for tid, record in self._triggers.items():
             zone = trigger_zone(record.get("timezone"))
             latest = latest_slot(record["expression"], zone, now)
@@ -154,11 +168,40 @@ class CronScheduler:
             slot, period = latest
             if slot <= self._last.get(tid, 0) or now - slot >= period:
                 continue
+            if not checked:
+                defined, checked = await self._live_workflows(now), True
+            if defined is not None and record["workflow"] not in defined:
+                await self._orphaned(tid, record["workflow"], slot)
+                self._last[tid] = slot
+                continue
+            if tid in self._orphans:
+                await self._worker.client.events.clear_cron_orphaned(tid)
+                self._orphans.discard(tid)
+                log.info("cron %s: workflow %r is defined by a live worker again; the trigger fires", tid,
+                         record["workflow"])
             code = await self.fire_slot(tid, slot, record)
             self._last[tid] = slot
             fired += code is Code.CREATED
         self._schedule(now)
         return fired
+
+    async def _live_workflows(self, now_ms: int) -> set[str] | None:
+        """What live workers define (None: no registration recorded), and what this leader defines."""
+        defined = await self._worker.client.events.live_workflows(now_ms)
+        registry = getattr(self._worker, "registry", None)
+        if defined is not None and registry is not None:
+            defined |= {d.name for d in registry.definitions()}
+        return defined
+
+    async def _orphaned(self, tid: str, workflow: str, slot_ms: int) -> None:
+        """Do not fire the slot of a trigger whose workflow no live worker defines; report it once."""
+        first = await self._worker.client.events.mark_cron_orphaned(tid, workflow, slot_ms)
+        if first or tid not in self._orphans:
+            log.warning(
+                "cron %s: workflow %r is defined by no live worker (removed from every build?); the trigger "
+                "does not fire until a worker that defines the workflow starts", tid, workflow,
+            )
+        self._orphans.add(tid)
 
     async def fire_slot(self, tid: str, slot_ms: int, record: dict[str, Any]) -> Code:
         worker = self._worker

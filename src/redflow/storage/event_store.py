@@ -10,10 +10,20 @@ from ..encoding import decode, encode
 from ..errors import ConfigurationError
 from ..validation import json_schema_issues, validation_error
 from .codes import Code
-from .keys import event_member_prefix, tag
+from .keys import PartitionKeys, event_member_prefix, tag
 from .store import Store
 
 EVENT_BUFFER_BOUND = 64
+# A registration counts as a live worker's this long before that worker shows up in the workers set.
+REGISTRATION_GRACE_MS = 15_000
+# Registrations of workers absent from the workers set are forgotten this long after they were made.
+REGISTRATION_RETENTION_MS = 3_600_000
+
+
+def registration_keys(k: PartitionKeys) -> tuple[str, str]:
+    """The hashes of registrations (worker id -> {"workflows": [...], "at": ms}: what each started
+    worker defines) and of orphaned cron triggers (trigger id -> {"workflow", "since": slot ms})."""
+    return f"{k.base}:registrations", f"{k.base}:cron_orphans"
 
 
 class EventStore:
@@ -23,17 +33,31 @@ class EventStore:
         self.redis = store.redis
 
     # --- registration ------------------------------------------------------------------------------
+    @property
+    def registrations_key(self) -> str:
+        return registration_keys(self.keys)[0]
+
+    @property
+    def cron_orphans_key(self) -> str:
+        return registration_keys(self.keys)[1]
+
     async def register(
         self,
         workflows: dict[str, dict[str, Any]],
         subscriptions: dict[str, list[str]],
         crons: dict[str, dict[str, Any]],
         server_now_ms: int,
+        *,
+        worker_id: str | None = None,
     ) -> None:
         """Publish what this build defines: for each of its workflows, the event subscriptions and
-        cron triggers it has now replace whatever an earlier build registered for that workflow."""
+        cron triggers it has now replace whatever an earlier build registered for that workflow.
+        A build whose event contracts disagree with the registered ones is refused before anything
+        is written. With ``worker_id``, also records that this worker defines these workflows (the
+        leader does not fire a trigger whose workflow no live worker defines)."""
         k = self.keys
         redis = self.redis
+        await self._check_contracts(workflows, subscriptions)
         old_subs = await redis.execute("ZRANGE", k.subscriber_index, 0, -1)
         old_crons = await redis.execute("HGETALL", k.crons)
         stale_subs = []
@@ -47,7 +71,6 @@ class EventStore:
         if stale_subs:
             await redis.execute("ZREM", k.subscriber_index, *stale_subs)
             await redis.execute("HDEL", k.subscribers, *stale_subs)
-        await self._check_contracts(workflows, subscriptions)
         for workflow, events in subscriptions.items():
             meta = workflows[workflow]
             for event in events:
@@ -72,6 +95,9 @@ class EventStore:
                 changed = True
             # A new trigger first fires at its next slot, not at a slot before it existed.
             await redis.execute("HSETNX", k.cron_last, trigger_id, server_now_ms)
+        # This build defines these workflows: none of their triggers is orphaned (or stale) now.
+        if crons or stale_crons:
+            await redis.execute("HDEL", self.cron_orphans_key, *crons, *stale_crons)
         if changed:
             await redis.execute("INCR", k.cron_version)
         admission = {w: m["admission"] for w, m in workflows.items() if m.get("admission")}
@@ -86,26 +112,67 @@ class EventStore:
             await redis.execute("HSET", k.limits, *[x for item in limited.items() for x in item])
         if unlimited:
             await redis.execute("HDEL", k.limits, *unlimited)
+        if worker_id is not None:
+            await self._record_registration(worker_id, sorted(workflows), server_now_ms)
+
+    async def _record_registration(self, worker_id: str, workflows: list[str], now_ms: int) -> None:
+        """Record what ``worker_id`` defines, and forget workers gone for REGISTRATION_RETENTION_MS."""
+        key = self.registrations_key
+        await self.redis.execute("HSET", key, worker_id, encode({"workflows": workflows, "at": now_ms}))
+        registrations = await self._registrations(now_ms)
+        gone = [wid for wid, (live, at) in registrations.items()
+                if not live and at < now_ms - REGISTRATION_RETENTION_MS and wid != worker_id]
+        if gone:
+            await self.redis.execute("HDEL", key, *gone)
+
+    async def _registrations(self, now_ms: int) -> dict[str, tuple[bool, int]]:
+        """Each recorded worker id -> (whether it counts as live, see live_workflows; registered at)."""
+        flat = await self.redis.execute("HGETALL", self.registrations_key)
+        if not flat:
+            return {}
+        listed = {m.decode() for m in await self.redis.execute("ZRANGE", self.keys.workers, 0, -1)}
+        out: dict[str, tuple[bool, int]] = {}
+        for i in range(0, len(flat), 2):
+            wid, record = flat[i].decode(), decode(flat[i + 1])
+            at = int(record.get("at", 0))
+            out[wid] = (wid in listed or at > now_ms - REGISTRATION_GRACE_MS, at)
+        return out
+
+    async def live_workflows(self, now_ms: int) -> set[str] | None:
+        """The workflows some live worker defines, from the registrations workers record at start;
+        None when no registration is recorded (no evidence either way). A worker is live while it
+        is in the workers set (until it resigns or is reaped), and for REGISTRATION_GRACE_MS after it
+        registered (it registers just before its first heartbeat)."""
+        flat = await self.redis.execute("HGETALL", self.registrations_key)
+        if not flat:
+            return None
+        live = await self._registrations(now_ms)
+        out: set[str] = set()
+        for i in range(0, len(flat), 2):
+            if live.get(flat[i].decode(), (False, 0))[0]:
+                out.update(decode(flat[i + 1]).get("workflows", []))
+        return out
 
     async def _check_contracts(
         self, workflows: dict[str, dict[str, Any]], subscriptions: dict[str, list[str]]
     ) -> None:
         """Every subscriber of an event must accept the same input schema: that schema is the
         event's contract. A build that disagrees with the others is refused at start."""
+        mine: dict[str, list[tuple[str, bytes]]] = {}
         for workflow, events in subscriptions.items():
-            mine = workflows[workflow].get("input_json_schema")
+            schema = canonical(workflows[workflow].get("input_json_schema"))
             for event in events:
-                others = [s for s in await self.subscribers_of(event) if s["workflow"] not in workflows]
-                others += [
-                    {"workflow": w, "input_json_schema": workflows[w].get("input_json_schema")}
-                    for w, evs in subscriptions.items() if event in evs and w != workflow
-                ]
-                for other in others:
-                    if canonical(other.get("input_json_schema")) != canonical(mine):
-                        raise ConfigurationError(
-                            f"event {event!r}: subscribers {workflow!r} and {other['workflow']!r} declare different "
-                            "input schemas; all subscribers of an event must share one schema (its contract)"
-                        )
+                mine.setdefault(event, []).append((workflow, schema))
+        for event, ours in mine.items():
+            theirs = [(s["workflow"], canonical(s.get("input_json_schema")))
+                      for s in await self.subscribers_of(event) if s["workflow"] not in workflows]
+            workflow, schema = ours[0]
+            other = next((w for w, c in theirs + ours if c != schema), None)
+            if other is not None:
+                raise ConfigurationError(
+                    f"event {event!r}: subscribers {workflow!r} and {other!r} declare different "
+                    "input schemas; all subscribers of an event must share one schema (its contract)"
+                )
 
     async def subscribers_of(self, event: str) -> list[dict[str, Any]]:
         prefix = tag(event).encode()
@@ -260,6 +327,33 @@ class EventStore:
         crons = {crons_raw[i].decode(): decode(crons_raw[i + 1]) for i in range(0, len(crons_raw), 2)}
         last = {last_raw[i].decode(): int(last_raw[i + 1]) for i in range(0, len(last_raw), 2)}
         return crons, last
+
+    async def cron_orphans(self) -> dict[str, dict[str, Any]]:
+        flat = await self.redis.execute("HGETALL", self.cron_orphans_key)
+        return {flat[i].decode(): decode(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def mark_cron_orphaned(self, trigger_id: str, workflow: str, slot_ms: int) -> bool:
+        """Record the trigger as orphaned; True if it was not recorded as such already."""
+        record = encode({"workflow": workflow, "since": slot_ms})
+        return bool(await self.redis.execute("HSETNX", self.cron_orphans_key, trigger_id, record))
+
+    async def clear_cron_orphaned(self, trigger_id: str) -> None:
+        await self.redis.execute("HDEL", self.cron_orphans_key, trigger_id)
+
+    async def list_crons(self) -> list[dict[str, Any]]:
+        """Every registered trigger with its last handled slot and whether it is orphaned."""
+        crons, last = await self.load_crons()
+        orphans = await self.cron_orphans()
+        out: list[dict[str, Any]] = []
+        for tid, record in sorted(crons.items()):
+            orphan = orphans.get(tid)
+            out.append({
+                "id": tid, "workflow": record.get("workflow"), "queue": record.get("queue"),
+                "expression": record.get("expression"), "timezone": record.get("timezone"),
+                "input": record.get("input"), "last_slot_ms": last.get(tid),
+                "orphaned": orphan is not None, "orphaned_since": orphan.get("since") if orphan else None,
+            })
+        return out
 
     async def cron_fire(self, trigger_id: str, slot_ms: int, run_id: str, record: dict[str, Any]) -> Code:
         k = self.keys

@@ -34,8 +34,8 @@
 -- ARGV[12] waiter member prefix (<len>:<event>:<len>:<key>:), '' without a correlation key
 -- ARGV[13] event buffer member prefix, '' without a correlation key
 -- ARGV[14] event buffer bound per (event, key)
--- ARGV[15] first 24 characters of the subscriber run ids (time-sortable, random); the i-th
---          subscriber's run id is that, two base32 characters for i, and ARGV[16]
+-- ARGV[15] a fresh run id's first 24 characters (time-sortable, random); the i-th subscriber's run
+--          id is its first 20 characters, six base32 characters for i, and ARGV[16]
 -- ARGV[16] run id suffix ('-<partition>')
 -- ARGV[17] number of queues named below
 -- ARGV[18..] queue names
@@ -43,6 +43,30 @@
 --       | {C.NOT_FOUND} (deliver of an unknown event) | {C.TERMINAL, event id} (conflicting reuse)
 --!include common
 --!include runs
+
+-- The data JSON of an event_data record, byte for byte as emitted. The record is written below as
+-- '{"id":<id>,"name":<name>,"data":<data>,"ts":<ts>}' with id and name encoded by cjson, so the data
+-- starts right after that fixed head and ends before the last ',"ts":' (ts is a plain number).
+-- User JSON is never decoded here: cjson would round numbers and turn [] into {}.
+local function data_slice(record, id, name)
+  local head = '{"id":' .. cjson.encode(id) .. ',"name":' .. cjson.encode(name) .. ',"data":'
+  local tail = string.find(record, ',"ts":[-+.%deE]+}$')
+  if string.sub(record, 1, #head) ~= head or not tail then error('emit: malformed event data record of ' .. id) end
+  return string.sub(record, #head + 1, tail - 1)
+end
+
+-- Six Crockford base32 characters of i: with the 20 characters before them, the i-th subscriber's
+-- run id is distinct from every other subscriber's of the same event (for i < 32^6).
+local B32 = '0123456789ABCDEFGHJKMNPQRSTVWXYZ'
+local function b32_index(i)
+  local out = ''
+  for _ = 1, 6 do
+    local d = i % 32
+    out = string.sub(B32, d + 1, d + 1) .. out
+    i = math.floor(i / 32)
+  end
+  return out
+end
 
 local id = ARGV[1]
 local mode = ARGV[9]
@@ -128,15 +152,13 @@ end
 
 local data = redis.call('HGET', KEYS[5], id)
 local input = ARGV[3]
-if mode == 'deliver' then
-  input = cjson.encode(cjson.decode(data).data)
-end
+if mode == 'deliver' then input = data_slice(data, id, rec.name) end
+if #subscribers >= 32 ^ 6 then return redis.error_reply('emit: too many subscribers for event ' .. ARGV[2]) end
 local deliveries = {}
-local b32 = '0123456789ABCDEFGHJKMNPQRSTVWXYZ'
+local run_id_head = string.sub(ARGV[15], 1, 20)
 for i, sub in ipairs(subscribers) do
   local q = queues[sub.queue]
-  local hi, lo = math.floor(i / 32) % 32 + 1, i % 32 + 1
-  local run_id = ARGV[15] .. string.sub(b32, hi, hi) .. string.sub(b32, lo, lo) .. ARGV[16]
+  local run_id = run_id_head .. b32_index(i) .. ARGV[16]
   if redis.call('HEXISTS', KEYS[1], run_id) == 0 then
     create_run({runs = KEYS[1], inputs = KEYS[2], index = KEYS[3], ready = q.ready, sched = q.sched,
       bell = q.bell, children = KEYS[15]}, run_id, sub.workflow, sub.queue, input, sub.max_attempts, 0,
