@@ -8,8 +8,6 @@ import os
 from datetime import datetime
 from typing import Any
 
-import msgspec
-
 from ._redis.client import RedisClient, ServerAddress
 from ._redis.pubsub import Subscriber
 from .client_events import EventsMixin
@@ -179,10 +177,12 @@ class RedflowClient(EventsMixin, QueriesMixin):
         period = duration_ms(options.period, f"debounce period of workflow {definition.name!r}")
         timeout = 0 if options.timeout is None else duration_ms(options.timeout, "debounce timeout")
         await self.store.ensure_ready()
-        _, run_id, _ = await self.store.debounce(
+        code, run_id, _ = await self.store.debounce(
             new_run_id(self.keys.partition), definition.name, queue_override or definition.options.queue, data,
             definition.max_attempts, key.strip(), period, timeout, parent_run_id,
         )
+        if code is Code.CANCELED:
+            raise CanceledError(f"run {parent_run_id} was canceled: it cannot start a run of {definition.name!r}")
         return RunHandle(self, run_id)
 
     async def run_by_name(
@@ -196,12 +196,8 @@ class RedflowClient(EventsMixin, QueriesMixin):
         queue_override: str | None = None,
         max_attempts_override: int | None = None,
         parent_run_id: str | None = None,
-        parent_queue: str | None = None,
     ) -> RunHandle:
-        """Start a run of a workflow known by name, locally or from a worker's registration.
-
-        ``parent_queue`` is internal: set when the parent run will wait for this run to end.
-        """
+        """Start a run of a workflow known by name, locally or from a worker's registration."""
         definition = self._registry().get(workflow_name)
         if definition is not None and definition.options.debounce is not None:
             return await self._enqueue_debounced(definition, input, queue_override, parent_run_id)
@@ -224,7 +220,6 @@ class RedflowClient(EventsMixin, QueriesMixin):
             idempotency_ttl=idempotency_ttl,
             run_at=run_at,
             parent_run_id=parent_run_id,
-            parent_queue=parent_queue,
         )
 
     async def emit_workflow(
@@ -269,7 +264,6 @@ class RedflowClient(EventsMixin, QueriesMixin):
         idempotency_ttl: int | None,
         run_at: datetime | None,
         parent_run_id: str | None,
-        parent_queue: str | None = None,
     ) -> RunHandle:
         what = f"input of workflow {workflow!r}"
         data = encode_payload(input, what, self.max_payload_bytes)
@@ -287,10 +281,11 @@ class RedflowClient(EventsMixin, QueriesMixin):
             raise ConfigurationError(f"idempotency_ttl for workflow {workflow!r} must be positive, got {ttl}")
         await self.store.ensure_ready()
         run_id = new_run_id(self.keys.partition)
-        _, bound_id, _ = await self.store.enqueue(
+        code, bound_id, _ = await self.store.enqueue(
             run_id, workflow, queue, data, max_attempts, run_at_ms, idempotency_key, ttl, parent_run_id,
-            parent_queue,
         )
+        if code is Code.CANCELED:
+            raise CanceledError(f"run {parent_run_id} was canceled: it cannot start a run of {workflow!r}")
         return RunHandle(self, bound_id)
 
     # --- reading ------------------------------------------------------------------------------------
@@ -310,41 +305,37 @@ class RedflowClient(EventsMixin, QueriesMixin):
         await self.store.ensure_ready()
         latest: dict[str, StepRecord] = {}
         for record in await self.store.read_steps(run_id):
-            if record.k != "attempt" and record.n:  # not attempt ends, nor the handler's own input waits
-                earlier = latest.get(record.n)
-                if earlier is not None and record.s == "done":
-                    # A wait's resolution keeps when the wait started and until when it was due.
-                    record = msgspec.structs.replace(
-                        record, t0=record.t0 or earlier.t0, u=record.u if record.u is not None else earlier.u
-                    )
-                latest[record.n] = record
-        return [step_state(r) for r in sorted(latest.values(), key=lambda r: r.q)]
+            if record.name:  # not the handler's own input waits
+                latest[record.name] = record
+        return [step_state(r) for r in sorted(latest.values(), key=lambda r: r.position)]
 
     async def get_run_attempts(self, run_id: str) -> list[AttemptTrace]:
         """One trace per attempt that ended (failed and retried, or final), with its steps."""
         await self.store.ensure_ready()
-        history = await self.store.read_steps(run_id)
-        attempts: dict[int, AttemptTrace] = {}
-        for r in history:
-            if r.k != "attempt":
-                continue
-            attempts[r.a] = AttemptTrace(
-                attempt=r.a, status=r.r or "", started_at=r.t0, finished_at=r.t1,
-                output=decode(r.o) if r.r == "succeeded" else None,
-                error=decode(r.o) if r.r != "succeeded" else None, steps=[],
-            )
-        for r in history:
-            if r.k != "attempt" and r.a in attempts:
-                attempts[r.a]["steps"].append(step_state(r))
         header = await self.store.read_header(run_id)
-        if header is not None and header.s == "succeeded" and header.a not in attempts:
-            # A succeeded attempt is not written to the history: the run record describes it.
-            out = await self.store.redis.execute("HGET", self.keys.results, run_id)
-            attempts[header.a] = AttemptTrace(
-                attempt=header.a, status="succeeded", started_at=header.st or 0, finished_at=header.f or 0,
-                output=None if out is None else decode(out), error=None,
-                steps=[step_state(r) for r in history if r.k != "attempt" and r.n and r.a == header.a],
+        if header is None:
+            return []
+        history, ended = await asyncio.gather(
+            self.store.read_steps(run_id), self.store.read_attempts(run_id, header.attempt)
+        )
+        attempts: dict[int, AttemptTrace] = {}
+        for r in ended:
+            attempts[r.attempt] = AttemptTrace(
+                attempt=r.attempt, status=r.status, started_at=r.started_at_ms, finished_at=r.finished_at_ms,
+                output=decode(r.payload) if r.status == "succeeded" else None,
+                error=decode(r.payload) if r.status != "succeeded" else None, steps=[],
             )
+        if header.status == "succeeded" and header.attempt not in attempts:
+            # A succeeded attempt has no attempt record: the run record describes it.
+            out = await self.store.read_output(run_id)
+            attempts[header.attempt] = AttemptTrace(
+                attempt=header.attempt, status="succeeded", started_at=header.attempt_started_at_ms or 0,
+                finished_at=header.finished_at_ms or 0, output=None if out is None else decode(out), error=None,
+                steps=[],
+            )
+        for step in history:
+            if step.name and step.attempt in attempts:
+                attempts[step.attempt]["steps"].append(step_state(step))
         return [attempts[a] for a in sorted(attempts)]
 
     async def get_run_stream(self, run_id: str, *, limit: int | None = None) -> list[RunStreamRecord]:
@@ -379,14 +370,14 @@ class RedflowClient(EventsMixin, QueriesMixin):
         is not waiting for input (a run already queued or running returns its handle)."""
         await self.store.ensure_ready()
         header = await self.store.read_header(run_id)
-        if header is None or header.s in TERMINAL_STATUSES:
+        if header is None or header.status in TERMINAL_STATUSES:
             return None
-        if header.s in ("queued", "running"):
+        if header.status in ("queued", "running"):
             return RunHandle(self, run_id)
         wait = await self.store.read_wait(run_id)
-        if wait is None or wait.get("k") != "input":
+        if wait is None or wait.kind != "input":
             return None
-        schema = (wait.get("info") or {}).get("schema")
+        schema = decode(wait.info).get("schema") if wait.info else None
         if schema:
             issues = json_schema_issues(schema, form)
             if issues:
@@ -395,7 +386,7 @@ class RedflowClient(EventsMixin, QueriesMixin):
         new_input = None if input is None else encode_payload(
             input, f"input of run {run_id}", self.max_payload_bytes
         )
-        code, _ = await self.store.resume_input(run_id, header.q, form_json, new_input)
+        code, _ = await self.store.resume_input(run_id, header.queue, form_json, new_input)
         return RunHandle(self, run_id) if code is Code.OK else None
 
     async def wait_for_result(self, run_id: str, *, timeout_ms: int = DEFAULT_RESULT_TIMEOUT_MS) -> Any:
@@ -460,20 +451,20 @@ def _result_of(run_id: str, status: str, out: bytes | None, err: bytes | None) -
 
 def step_state(r: StepRecord) -> StepState:
     status = "succeeded"
-    if r.s == "wait":
+    if r.state == "wait":
         status = "running"
-    elif r.r in ("failed", "canceled"):
-        status = r.r
-    elif r.k == "child" and r.r == "timeout":
+    elif r.resolution in ("failed", "canceled"):
+        status = r.resolution
+    elif r.kind == "child" and r.resolution == "timeout":
         status = "failed"
-    state = StepState(name=r.n, seq=r.q, attempt=r.a, status=status, started_at=r.t0, finished_at=r.t1,
-                      output=decode(r.o))
-    if r.k != "run":
-        state["kind"] = r.k
-    if r.u is not None:
-        state["wait_until_at"] = r.u
-    if r.ch is not None:
-        state["child_run_id"] = r.ch
+    state = StepState(name=r.name, seq=r.position, attempt=r.attempt, status=status, started_at=r.started_at_ms,
+                      finished_at=r.finished_at_ms, output=decode(r.output))
+    if r.kind != "run":
+        state["kind"] = r.kind
+    if r.wait_until_ms is not None:
+        state["wait_until_at"] = r.wait_until_ms
+    if r.child_id is not None:
+        state["child_run_id"] = r.child_id
     return state
 
 
@@ -482,19 +473,19 @@ def run_state(
 ) -> RunState:
     return RunState(
         id=run_id,
-        workflow=h.w,
-        queue=h.q,
-        status=h.s,  # type: ignore[typeddict-item]
+        workflow=h.workflow,
+        queue=h.queue,
+        status=h.status,  # type: ignore[typeddict-item]
         input=None if inp is None else decode(inp),
         output=None if out is None else decode(out),
         error=None if err is None else decode(err),
-        attempt=h.a,
-        max_attempts=h.m,
-        created_at=h.c,
-        available_at=h.av,
-        started_at=h.sa,
-        finished_at=h.f,
-        parent_run_id=h.p,
+        attempt=h.attempt,
+        max_attempts=h.max_attempts,
+        created_at=h.created_at_ms,
+        available_at=h.available_at_ms,
+        started_at=h.started_at_ms,
+        finished_at=h.finished_at_ms,
+        parent_run_id=h.parent_id,
     )
 
 

@@ -150,24 +150,28 @@ class EventsMixin:
         return await self.events.list_crons()
 
     async def cancel_run(self, run_id: str, *, reason: str = "") -> bool:
-        """Cancel a run and every run its steps started; True if this call canceled it."""
+        """Cancel a run and every run its steps started; True if this call canceled it.
+
+        The cascade is durable: the run is recorded as canceling its descendants in the same script
+        that cancels it, and the leader finishes a cascade this call could not (the client died)."""
         await self.store.ensure_ready()
-        code, _ = await self._cancel_one(run_id, reason)
+        code, _ = await self.store.cancel(run_id, reason, self.retention_ms)
         if code is not Code.OK:
             return False
+        await self.cancel_descendants(run_id)
+        return True
+
+    async def cancel_descendants(self, run_id: str) -> None:
+        """Cancel every descendant of a canceled run, then mark its cascade done (idempotent)."""
         pending, seen = [run_id], {run_id}
+        walked: list[str] = []
         while pending:
             parent = pending.pop()
+            walked.append(parent)
             for child in await self.store.children_of(parent):
                 if child not in seen:
                     seen.add(child)
-                    await self._cancel_one(child, f"parent run {parent} canceled")
+                    await self.store.cancel(child, f"parent run {parent} canceled", self.retention_ms)
                     pending.append(child)
-        return True
-
-    async def _cancel_one(self, run_id: str, reason: str) -> tuple[Code, str]:
-        for _ in range(3):
-            code, outcome = await self.store.cancel(run_id, reason, self.retention_ms)
-            if code is not Code.RETRY:
-                return code, outcome
-        return Code.RETRY, ""
+        for parent in walked:
+            await self.store.cascade_done(parent)

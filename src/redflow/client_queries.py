@@ -112,9 +112,10 @@ class QueriesMixin:
                 continue
             h = decode_header(raw)
             out.append(ListedRun(
-                id=run_id, workflow=h.w, queue=h.q, status=h.s, error=decode(err) if err else None,
-                created_at=h.c, cursor=run_id, available_at=h.av, started_at=h.sa, finished_at=h.f,
-                attempt=h.a, max_attempts=h.m, parent_run_id=h.p,
+                id=run_id, workflow=h.workflow, queue=h.queue, status=h.status, error=decode(err) if err else None,
+                created_at=h.created_at_ms, cursor=run_id, available_at=h.available_at_ms,
+                started_at=h.started_at_ms, finished_at=h.finished_at_ms, attempt=h.attempt,
+                max_attempts=h.max_attempts, parent_run_id=h.parent_id,
             ))
         return out
 

@@ -128,14 +128,12 @@ class StepApi:
         self._names_at: dict[int, str] = {}
         self.resume_form: tuple[Any] | None = None  # the form of the latest resolved input wait
         for record in history:
-            if record.k == "attempt":
+            if record.kind == "input" and record.state == "done" and record.resolution == "input":
+                self.resume_form = (decode(record.output),)
+            if record.name == "":  # an input wait raised by the handler itself, not a step
                 continue
-            if record.k == "input" and record.s == "done" and record.r == "input":
-                self.resume_form = (decode(record.o),)
-            if record.n == "":  # an input wait raised by the handler itself, not a step
-                continue
-            self._latest[record.n] = record
-            self._names_at.setdefault(record.q, record.n)
+            self._latest[record.name] = record
+            self._names_at.setdefault(record.position, record.name)
         self._seen: set[str] = set()
         self._position = 0
         self.input_timeout_ms = -1  # how long an input wait lasts; the worker sets the retention window
@@ -167,12 +165,12 @@ class StepApi:
         position = self._position
         recorded = self._names_at.get(position)
         record = self._latest.get(name)
-        if (recorded is not None and recorded != name) or (record is not None and record.q != position):
+        if (recorded is not None and recorded != name) or (record is not None and record.position != position):
             raise NonDeterminismError(
                 f"run {self._run.id} of workflow {self._run.workflow!r}: the handler asked for step {name!r} "
                 f"as step #{position}, but the run's history has "
                 + (f"{recorded!r} there" if recorded is not None and recorded != name else
-                   f"{name!r} as step #{record.q if record else '?'}")
+                   f"{name!r} as step #{record.position if record else '?'}")
                 + "; the handler code changed in a way that cannot replay this run"
             )
         return position, record
@@ -182,7 +180,8 @@ class StepApi:
 
     async def _record(self, name: str, position: int, data: bytes, kind: str, started: int, **extra: Any) -> None:
         record = StepRecord(
-            n=name, q=position, a=self._run.attempt, o=msgspec.Raw(data), t0=started, t1=_now_ms(), k=kind, **extra
+            name=name, position=position, attempt=self._run.attempt, output=msgspec.Raw(data), started_at_ms=started,
+            finished_at_ms=_now_ms(), kind=kind, **extra
         )
         await self._backend.record(record)
         self._latest[name] = record
@@ -190,7 +189,8 @@ class StepApi:
     def _resolved(self, name: str, position: int, kind: str, resolution: str, raw: bytes, **extra: Any) -> None:
         """Mirror a wait resolved at once by the backend (it recorded the resolution itself)."""
         self._latest[name] = StepRecord(
-            n=name, q=position, a=self._run.attempt, o=msgspec.Raw(raw), s="done", k=kind, r=resolution, **extra
+            name=name, position=position, attempt=self._run.attempt, output=msgspec.Raw(raw), state="done", kind=kind,
+            resolution=resolution, **extra
         )
 
     # --- steps ------------------------------------------------------------------------------------------
@@ -204,9 +204,9 @@ class StepApi:
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` once for this run and return its recorded output."""
         position, record = self._enter(name)
-        if record is not None and record.s == "ok":
-            return decode(record.o)
-        if record is not None and record.k == "input" and record.s == "done" and record.r == "timeout":
+        if record is not None and record.state == "ok":
+            return decode(record.output)
+        if record is not None and record.kind == "input" and record.state == "done" and record.resolution == "timeout":
             raise TimeoutError(f"{self._where(name)}: nobody answered its wait_for_input in time")
         signal = asyncio.Event()
         if self._run_signal.is_set():
@@ -249,10 +249,10 @@ class StepApi:
         ``timeout_ms`` is accepted for API compatibility; a sleep ends at its target.
         """
         position, record = self._enter(name)
-        if record is not None and record.s in ("ok", "done"):
+        if record is not None and record.state in ("ok", "done"):
             return None
-        if record is not None and record.u is not None:
-            await self._backend.suspend(name, position, "sleep", due_ms=record.u)
+        if record is not None and record.wait_until_ms is not None:
+            await self._backend.suspend(name, position, "sleep", due_ms=record.wait_until_ms)
             return None
         if isinstance(target, datetime):
             due = datetime_ms(target)
@@ -275,14 +275,15 @@ class StepApi:
         for label, value in (("event_name", event_name), ("correlation_key", correlation_key)):
             check_event_name(value, f"{self._where(name)}: {label}")  # the rule emit_event applies
         position, record = self._enter(name)
-        if record is not None and record.s == "done":
-            return decode(record.o) if record.r == "event" else None
+        if record is not None and record.state == "done":
+            return decode(record.output) if record.resolution == "event" else None
         consumed = tuple(
-            decode(r.o)["id"] for r in self._latest.values() if r.k == "event" and r.r == "event" and r.n != name
+            decode(r.output)["id"] for r in self._latest.values()
+            if r.kind == "event" and r.resolution == "event" and r.name != name
         )
         kwargs: dict[str, Any] = {"event": (event_name, correlation_key), "consumed": consumed}
-        if record is not None and record.u is not None:
-            kwargs["due_ms"] = record.u
+        if record is not None and record.wait_until_ms is not None:
+            kwargs["due_ms"] = record.wait_until_ms
         elif isinstance(timeout, datetime):
             kwargs["due_ms"] = datetime_ms(timeout)
         else:
@@ -306,9 +307,13 @@ class StepApi:
         """Start a child run and return its output; the parent waits durably (slot freed)."""
         position, record = self._enter(name)
         attempt = self._run.attempt
-        if record is not None and record.s == "done" and (record.r == "succeeded" or record.a == attempt):
-            return await self._child_outcome(name, record.r or "", record.o, record.ch or "")
-        child_id = record.ch if record is not None and record.s == "wait" and record.a == attempt else None
+        if record is not None and record.state == "done" and (
+            record.resolution == "succeeded" or record.attempt == attempt
+        ):
+            return await self._child_outcome(name, record.resolution or "", record.output, record.child_id or "")
+        child_id = None
+        if record is not None and record.state == "wait" and record.attempt == attempt:
+            child_id = record.child_id
         if child_id is None:
             child_id = await self._backend.start_child(
                 name, workflow, input, wait=True, run_at=run_at, queue_override=queue_override,
@@ -317,7 +322,7 @@ class StepApi:
             )
         delay = -1 if timeout_ms is None else duration_ms(timeout_ms, f"timeout_ms of {self._where(name)}")
         resolution, raw = await self._backend.suspend(name, position, "child", delay_ms=delay, child_id=child_id)
-        self._resolved(name, position, "child", resolution, raw, ch=child_id)
+        self._resolved(name, position, "child", resolution, raw, child_id=child_id)
         return await self._child_outcome(name, resolution, raw, child_id)
 
     async def _child_outcome(self, name: str, resolution: str, raw: bytes, child_id: str) -> Any:
@@ -347,14 +352,14 @@ class StepApi:
     ) -> str:
         """Start a child run without waiting for it; returns its id (the same id on every replay)."""
         position, record = self._enter(name)
-        if record is not None and record.s == "ok":
-            return str(decode(record.o))
+        if record is not None and record.state == "ok":
+            return str(decode(record.output))
         started = _now_ms()
         child_id = await self._backend.start_child(
             name, workflow, input, wait=False, run_at=run_at, queue_override=queue_override,
             idempotency_key=idempotency_key or f"step-child:{self._run.id}:{name}", idempotency_ttl=idempotency_ttl,
         )
-        await self._record(name, position, self._encode(child_id, name), "emit", started, ch=child_id)
+        await self._record(name, position, self._encode(child_id, name), "emit", started, child_id=child_id)
         return child_id
 
     async def emit_event(
@@ -372,8 +377,8 @@ class StepApi:
     ) -> list[str]:
         """Emit an event from this run (once, whatever the replays); returns the subscriber run ids."""
         position, record = self._enter(name)
-        if record is not None and record.s == "ok":
-            return list(decode(record.o))
+        if record is not None and record.state == "ok":
+            return list(decode(record.output))
         started = _now_ms()
         run_ids = await self._backend.emit_event(
             event_name, input, correlation_key=correlation_key,

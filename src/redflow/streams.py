@@ -107,7 +107,7 @@ class RunStreamReader:
                     if self._drain:
                         return
                     header = await self._store.read_header(self._run_id)
-                    if header is None or header.s in TERMINAL_STATUSES:
+                    if header is None or header.status in TERMINAL_STATUSES:
                         return  # ended without streaming anything after the cursor
         finally:
             await self.aclose()

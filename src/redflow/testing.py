@@ -50,7 +50,7 @@ class _InlineBackend:
         self._counter = 0
 
     async def record(self, record: StepRecord) -> None:
-        self._steps.append(InlineStepResult(name=record.n, status="succeeded", output=decode(record.o)))
+        self._steps.append(InlineStepResult(name=record.name, status="succeeded", output=decode(record.output)))
 
     async def suspend(
         self, name: str, position: int, kind: str, *, delay_ms: int = -1, due_ms: int = 0,
@@ -105,7 +105,7 @@ async def run_inline(
     result = InlineRunResult()
     overrides = dict(step_overrides or {})
     history = [
-        StepRecord(n=name, q=0, a=attempt, o=msgspec.Raw(encode(value)))
+        StepRecord(name=name, position=0, attempt=attempt, output=msgspec.Raw(encode(value)))
         for name, value in overrides.items()
     ]
     run = RunContext(
@@ -137,7 +137,7 @@ class _InlineSteps(StepApi):
         self._seen.add(name)
         self._position += 1
         record = self._latest.get(name)
-        if record is not None and record.k == "run" and record.s == "ok":
+        if record is not None and record.kind == "run" and record.state == "ok":
             return self._position, record
         return self._position, None
 

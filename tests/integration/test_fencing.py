@@ -20,7 +20,7 @@ async def test_stale_token_writes_are_rejected_after_reap(client: RedflowClient,
     code, _, runs = await store.claim("old", ["default"], 10, 10)
     assert code is Code.OK and [r.id for r in runs] == [handle.id]
     old_token = runs[0].token
-    line = encode_step(StepRecord(n="s", q=1, a=1))
+    line = encode_step(StepRecord(name="s", position=1, attempt=1))
     assert await store.record_step(handle.id, old_token, line) is Code.OK
     await client.redis.execute("ZADD", client.keys.workers, 0, "old")  # its lease lapsed
 
@@ -33,12 +33,12 @@ async def test_stale_token_writes_are_rejected_after_reap(client: RedflowClient,
 
     code, _, runs = await store.claim("leader", ["default"], 10, 10)
     assert [r.id for r in runs] == [handle.id]
-    assert runs[0].header.a == 1 and runs[0].header.x == 1  # same attempt, one lapse counted
-    assert [s.n for s in runs[0].steps] == ["s"]  # the recorded step survives
+    assert runs[0].header.attempt == 1 and runs[0].header.lapses == 1  # same attempt, one lapse counted
+    assert [s.name for s in runs[0].steps] == ["s"]  # the recorded step survives
     assert await store.record_step(handle.id, old_token, line) is Code.STALE
     assert (await store.finish(handle.id, old_token, "old", "succeeded", b"1", False, 1000, "default"))[0] is Code.STALE
     assert await store.retry(handle.id, old_token, "old", "default", 0, b"{}") is Code.STALE
-    assert await store.release(handle.id, old_token, "old", "default") is Code.STALE
+    assert await store.release(handle.id, old_token, "old", "default", 1000) is Code.STALE
     state = await client.get_run(handle.id)
     assert state is not None and state["status"] == "running"
     assert await store.finish(handle.id, runs[0].token, "leader", "succeeded", b"2", False, 1000, "default") == (
@@ -73,7 +73,7 @@ async def test_third_lapse_fails_run_as_crashed_and_queues_its_hook(
         wid = f"w{lapse}"
         await store.heartbeat(wid, 60_000, 60_000, False)
         _, _, runs = await store.claim(wid, ["default"], 1, 10)
-        assert [r.kind for r in runs] == ["run"] and runs[0].header.a == 1
+        assert [r.kind for r in runs] == ["run"] and runs[0].header.attempt == 1
         await client.redis.execute("ZADD", client.keys.workers, 0, wid)
         code, taken, crashed, _ = await store.reap(leader, wid, 3, 60_000, 10)
         assert (code, taken, crashed) == (Code.OK, 1, 1 if lapse == 3 else 0)

@@ -56,7 +56,7 @@ async def _all_done(client: RedflowClient, handles: list) -> bool:
     if not last or last["status"] != "succeeded":
         return False
     states = await asyncio.gather(*(client.store.read_header(h.id) for h in handles))
-    return all(s is not None and s.s == "succeeded" for s in states)
+    return all(s is not None and s.status == "succeeded" for s in states)
 
 
 async def test_concurrent_runs_share_socket_writes(

@@ -22,7 +22,7 @@ SCHEMA = {"type": "object", "properties": {"approved": {"type": "boolean"}}, "re
 
 async def _waiting(client: RedflowClient, run_id: str) -> bool:
     wait = await client.store.read_wait(run_id)
-    return bool(wait and wait.get("k") == "input")
+    return bool(wait and wait.kind == "input")
 
 
 async def test_wait_for_input_raised_from_a_step_reruns_only_that_step(

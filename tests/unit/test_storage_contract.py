@@ -30,23 +30,46 @@ def hash_slot(key: str) -> int:
     return _crc16(key.encode()) % 16384
 
 
+def _libs(raw: str) -> str:
+    return "".join(_read(f"lib/{lib}.lua") for lib in re.findall(r"^--!include (\w+)", raw, re.MULTILINE))
+
+
 @pytest.mark.parametrize("name", SCRIPT_NAMES)
 def test_script_header_matches_body(name: str) -> None:
     script = load_scripts()[name]
     raw = _read(f"{name}.lua")
     assert raw.startswith(f"-- {name}:"), "the header opens with the script's name and purpose"
     assert script.key_names, "KEYS are listed"
-    used = {int(i) for i in re.findall(r"KEYS\[(\d+)\]", raw.split("\n\n", 1)[-1])}
-    declared = len(script.key_names)
+    body = raw.split("\n\n", 1)[-1]
+    declared = set(script.key_names)
+    by_index = {int(i) for i in re.findall(r"KEYS\[(\d+)\]", body)}
+    by_name = set(re.findall(r"\bK\.(\w+)", body))
+    assert by_name <= declared, f"{name} uses undeclared keys {by_name - declared}"
     if script.variadic_keys:
-        assert max(used, default=0) <= declared - 1 or "KEYS[k" in raw or "#KEYS" in raw
+        assert max(by_index, default=0) <= len(script.key_names) - 1 or "#KEYS" in body or "KEYS[k" in body
     else:
-        assert used <= set(range(1, declared + 1)), f"{name} uses undeclared KEYS {used}"
-        assert used == set(range(1, declared + 1)) or name == "enqueue", f"{name} declares unused KEYS"
-    used_args = {int(i) for i in re.findall(r"ARGV\[(\d+)\]", raw.split("\n\n", 1)[-1])}
+        assert by_index <= set(range(1, len(script.key_names) + 1)), f"{name} uses undeclared KEYS {by_index}"
+    libs = _libs(raw)
+    for i, key in enumerate(script.fixed_keys, 1):
+        used = f"KEYS[{i}]" in body or re.search(rf"\bK\.{key}\b", body + libs)
+        assert used or name == "enqueue", f"{name} declares unused key {key}"
+    used_args = {int(i) for i in re.findall(r"ARGV\[(\d+)\]", body)}
     if not script.variadic_args:
         assert used_args <= set(range(1, script.arg_count + 1)), f"{name} uses undeclared ARGV {used_args}"
     assert "-- RETURNS" in raw
+
+
+NAMED_KEY_SCRIPTS = ("claim", "step", "finish", "hook_done", "retry", "release", "reap", "suspend", "cancel", "admit",
+                     "history")
+
+
+@pytest.mark.parametrize("name", NAMED_KEY_SCRIPTS)
+def test_script_keys_are_partition_keys_or_given(name: str) -> None:
+    """A header key is either a partition-wide key of that name or one the caller names (owned, ...)."""
+    given = {"owned", "stream", "throttle_counter", "rate_counter", "idempotency", "debounce", "queues",
+             "ready", "scheduled", "sched", "bell", "parent", "event", "cron", "event_idempotency"}
+    for key in load_scripts()[name].key_names:
+        assert key in PartitionKeys.__slots__ or key in given or not key.isidentifier(), f"{name}: key {key}"
 
 
 @pytest.mark.parametrize("name", SCRIPT_NAMES)
@@ -67,8 +90,8 @@ def test_no_script_builds_key_names() -> None:
                 continue
             # KEYS[i], or a local bound to KEYS entries (queue triples, a table of KEYS, a chosen key)
             assert target.startswith(
-                ("KEYS[", "ready", "sched", "bell", "q[", "q.", "k.", "index_key", "bell_key", "steps_key",
-                 "waits_key", "waiters_key", "outcome_key", "counter")
+                ("KEYS[", "K.", "ready", "sched", "bell", "q[", "q.", "k.", "index_key", "bell_key", "steps_key",
+                 "waits_key", "waiters_key", "outcome_key", "counter", "runs_key", "sched_key")
             ), (
                 f"{name}: {call[0]} on {target} is not a key from KEYS"
             )
@@ -81,7 +104,7 @@ async def test_every_call_keeps_its_keys_in_one_slot(client) -> None:
     calls: list[tuple[str, list[str]]] = []
     original = ScriptRunner.call
 
-    async def recording(self, name, keys, args):  # type: ignore[no-untyped-def]
+    async def recording(self, name, keys, args):  # type: ignore[no-untyped-def]  # every call ends here
         calls.append((name, list(keys)))
         return await original(self, name, keys, args)
 

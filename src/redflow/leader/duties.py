@@ -40,6 +40,7 @@ class LeaderDuties:
         try:
             if beat.lapsed_workers:
                 await self.reap()
+            await self.cancel_cascades()
             await self.cron.on_beat(beat)
             if beat.next_event_due_ms >= 0:
                 await self.deliver_due_events(beat.server_ms, beat.next_event_due_ms)
@@ -127,6 +128,12 @@ class LeaderDuties:
                     )
                 if not left or not taken:
                     break
+
+    async def cancel_cascades(self) -> None:
+        """Finish cancel cascades a client left half done (it died, or lost its connection)."""
+        client = self._worker.client
+        for run_id in await self._worker.store.cascade_pending(50):
+            await client.cancel_descendants(run_id)
 
     async def cleanup(self) -> None:
         """Delete runs past their retention deadline, in bounded batches."""

@@ -20,8 +20,13 @@ class Code(IntEnum):
     NOT_FOUND = 7
     RESOLVED = 8  # a wait was satisfied at once (event already buffered, child already ended)
     CANCELED = 9  # the run's cancellation was requested: it must end as canceled
-    RETRY = 10  # the caller's view of dynamic keys was stale: re-read and call again
+    RETRY = 10  # emit: the caller did not name every queue the delivery needs; nothing was written
     TERMINAL = 11  # the run already ended
+    NEED_QUEUES = 12  # the transition needs the keys of the queues listed after the code; nothing was written
+    WRONG_STATUS = 13  # the run is not in a state this transition starts from; the current status follows
+    THROTTLED = 14  # admission: the run waits for its throttle window (due ms follows, -1 behind others)
+    RATE_LIMITED = 15  # admission: the run failed as rate limited (retry-after ms follows)
+    HELD = 16  # admission: the run waits for its mutex or for workflow capacity
 
 
 def lua_prelude() -> str:

@@ -14,7 +14,9 @@ Key (type) — contents — lifetime:
   inputs (hash)           run id -> input JSON                            until retention
   results (hash)          run id -> output JSON (succeeded)               until retention
   errors (hash)           run id -> last error JSON                       until retention
-  steps (hash)            run id -> step records, one JSON per line       until retention
+  steps (hash)            <run id> -> line count, <run id>:<n> -> step record n (JSON line);
+                          append-only (a wait's line is replaced by its resolution)  until retention
+  attempts (hash)         <run id>:<attempt> -> how that attempt ended (JSON)  until retention
   leases (hash)           run id -> fencing token of the current attempt  while running
   index (zset, lex)       s:<status>:<id>, w:<n>:<wf>:<id>, ws:<n>:<wf>:<status>:<id>  until retention
                           (<n> = length of the workflow name, so no name is a prefix of another)
@@ -29,8 +31,10 @@ Key (type) — contents — lifetime:
   q:<queue>:bell (list)   at most one token: wakes a worker blocked on it  popped by workers
   idem:<n>:<wf>:<key>     run id for an idempotency key (string)          EX idempotency TTL
   children (zset, lex)    <parent id>:<child id> for runs started by steps  until retention
+  cascade (zset)          canceled run id -> time: its descendants are being canceled  until done
   waits (hash)            run id -> the durable wait it is suspended in    while waiting
-  waiters (zset, lex)     <len>:<event>:<len>:<key>:<run id> event waits   while waiting
+  waiters (zset, lex)     <len>:<event>:<len>:<key>:<run id> event waits,  while waiting
+                          c:<child id>:<parent id> parents waiting for a child
   events (hash)           event id -> event record (fan-out summary)      until retention
   event_data (hash)       event id -> {id, name, data, ts} JSON           until retention
   event_index (zset, lex) a:<ts>:<id>, n:<len>:<name>:<ts>:<id>           until retention
@@ -47,7 +51,9 @@ Key (type) — contents — lifetime:
   rb:<n>:<wf>:<key> (str) rate-limit window counter                       PX the window
   db:<n>:<wf>:<key> (str) the pending run of a debounce key               PX the debounce deadline
   stream:<run id> (stream) values a run streamed; an "end" entry when it ends  PX the retention window
-  held (zset, lex)        <n>:<queue>:<n>:<wf>:<seq>:<id> runs waiting for capacity  while held
+  held (zset, lex)        runs waiting outside the ready lists, FIFO per group:  while held
+                          c:<n>:<wf>:<seq>:<id> (max_concurrency), m:<n>:<mutex>:<seq>:<id>,
+                          t:<n>:<throttle group>:<seq>:<id> (throttle queue)
   crons (hash)            trigger id -> cron trigger definition           permanent
   cron_last (hash)        trigger id -> last slot fired or skipped (ms)   permanent
   cron_version (string)   bumped when triggers change                     permanent
@@ -60,7 +66,7 @@ from __future__ import annotations
 
 from ..errors import ConfigurationError
 
-STORAGE_VERSION = "redflow-storage-2"
+STORAGE_VERSION = "redflow-storage-3"
 DEFAULT_PARTITION = "p0"
 
 # Keys the 0.1.x reference layout creates at the top of its prefix; finding one means another layout.
@@ -90,7 +96,9 @@ class PartitionKeys:
 
     __slots__ = (
         "admission",
+        "attempts",
         "base",
+        "cascade",
         "children",
         "cron_last",
         "cron_version",
@@ -137,6 +145,8 @@ class PartitionKeys:
         self.results = f"{base}:results"
         self.errors = f"{base}:errors"
         self.steps = f"{base}:steps"
+        self.attempts = f"{base}:attempts"
+        self.cascade = f"{base}:cascade"
         self.leases = f"{base}:leases"
         self.index = f"{base}:index"
         self.expiry = f"{base}:expiry"

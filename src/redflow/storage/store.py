@@ -10,11 +10,21 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .._redis.client import RedisClient
-from ..encoding import decode
 from ..errors import StorageLayoutError
 from .codes import Code
 from .keys import STORAGE_VERSION, PartitionKeys, tag
-from .records import ClaimedRun, RunHeader, StepRecord, decode_header, decode_steps, parse_claim
+from .records import (
+    AttemptRecord,
+    ClaimedRun,
+    RunHeader,
+    StepRecord,
+    WaitRecord,
+    decode_attempt,
+    decode_header,
+    decode_steps,
+    decode_wait,
+    parse_claim,
+)
 from .scripts import ScriptRunner
 
 log = logging.getLogger("redflow.storage")
@@ -46,7 +56,7 @@ class Store:
         _stores.add(self)
         self.redis = redis
         self.keys = keys
-        self.scripts = ScriptRunner(redis)
+        self.scripts = ScriptRunner(redis, keys)
         self._ready: asyncio.Future[None] | None = None
         self._is_ready = False
 
@@ -96,9 +106,9 @@ class Store:
         idempotency_key: str | None,
         idempotency_ttl_s: int,
         parent_run_id: str | None,
-        parent_queue: str | None = None,
     ) -> tuple[Code, str, str]:
-        """Create a run. ``parent_queue`` is given when the parent will wait for this run to end."""
+        """Create a run: (CREATED | EXISTING, run id, status), or (CANCELED, '', '') when its parent
+        was canceled."""
         k = self.keys
         keys = [k.runs, k.inputs, k.index, k.ready(queue), k.scheduled(queue), k.bell(queue), k.children]
         ttl = 0
@@ -108,9 +118,10 @@ class Store:
         reply = await self.scripts.call(
             "enqueue",
             keys,
-            (run_id, workflow, queue, input_json, max_attempts, run_at_ms, ttl, parent_run_id or "",
-             parent_queue or ""),
+            (run_id, workflow, queue, input_json, max_attempts, run_at_ms, ttl, parent_run_id or ""),
         )
+        if reply[0] == Code.CANCELED:
+            return Code.CANCELED, "", ""
         return Code(reply[0]), reply[1].decode(), reply[2].decode()
 
     async def enqueue_batch(
@@ -135,19 +146,16 @@ class Store:
              k.debounce(workflow, key)),
             (run_id, workflow, queue, input_json, max_attempts, period_ms, timeout_ms, parent_run_id or ""),
         )
+        if reply[0] == Code.CANCELED:
+            return Code.CANCELED, "", ""
         return Code(reply[0]), reply[1].decode(), reply[2].decode()
 
     async def claim(
         self, worker_id: str, queues: Sequence[str], max_runs: int, promote: int
     ) -> tuple[Code, int, list[ClaimedRun]]:
-        k = self.keys
-        keys = [
-            k.runs, k.inputs, k.steps, k.errors, k.leases, k.index, k.workers, k.seq, k.owned(worker_id),
-            k.waits, k.waiters, k.limits, k.held, k.admission, k.mutexes,
-        ]
-        for queue in queues:
-            keys += (k.ready(queue), k.scheduled(queue), k.bell(queue))
-        reply = await self.scripts.call("claim", keys, (worker_id, max_runs, promote, *queues))
+        reply = await self.scripts.run(
+            "claim", (worker_id, max_runs, promote), queues=queues, owned=self.keys.owned(worker_id)
+        )
         code = Code(reply[0])
         if code is not Code.OK:
             return code, -1, []
@@ -155,53 +163,39 @@ class Store:
         return code, next_due, runs
 
     async def record_step(self, run_id: str, token: bytes, line: bytes) -> Code:
-        k = self.keys
-        return Code(await self.scripts.call("step", (k.leases, k.steps), (run_id, token, line)))
+        reply = await self.scripts.run("step", (run_id, token, line))
+        return Code(reply[0])
 
-    def _parent_keys(self, parent_queue: str | None, with_steps: bool = True) -> list[str]:
-        """Keys a transition needs to resume a parent waiting for the run to end."""
-        if not parent_queue:
-            return []
-        k = self.keys
-        steps = [k.steps] if with_steps else []
-        return [k.waits, k.waiters, *steps, k.ready(parent_queue), k.scheduled(parent_queue), k.bell(parent_queue)]
+    def _queues(self, queue: str) -> list[str]:
+        """The queues a transition of a run on ``queue`` is given up front; others it asks for."""
+        return [queue]
 
     async def finish(
         self, run_id: str, token: bytes, worker_id: str, status: str, payload: bytes, hook: bool,
-        retention_ms: int, queue: str, parent_queue: str | None = None, flags: str = "sc",
+        retention_ms: int, queue: str,
     ) -> tuple[Code, str]:
         """End a running run; returns the final status (canceled when cancellation was requested)."""
         k = self.keys
-        reply = await self.scripts.call(
-            "finish",
-            [k.runs, k.leases, k.results, k.errors, k.index, k.expiry, k.owned(worker_id), k.limits, k.held,
-             k.ready(queue), k.bell(queue), k.steps, k.mutexes, k.stream(run_id),
-             *self._parent_keys(parent_queue, with_steps=False)],
-            (run_id, token, status, payload, 1 if hook else 0, retention_ms, k.done_channel(run_id), flags),
+        reply = await self.scripts.run(
+            "finish", (run_id, token, status, payload, 1 if hook else 0, retention_ms, k.done_channel(run_id)),
+            queues=self._queues(queue), owned=k.owned(worker_id), stream=k.stream(run_id),
         )
         code = Code(reply[0])
         return code, reply[1].decode() if code is Code.OK else ""
 
-    async def hook_done(self, run_id: str, token: bytes, worker_id: str, parent_queue: str | None = None) -> Code:
-        k = self.keys
-        keys = [k.runs, k.leases, k.owned(worker_id)]
-        if parent_queue:
-            keys += [k.index, k.errors, *self._parent_keys(parent_queue)]
-        return Code(await self.scripts.call("hook_done", keys, (run_id, token)))
+    async def hook_done(self, run_id: str, token: bytes, worker_id: str) -> Code:
+        reply = await self.scripts.run("hook_done", (run_id, token), owned=self.keys.owned(worker_id))
+        return Code(reply[0])
 
     async def retry(
         self, run_id: str, token: bytes, worker_id: str, queue: str, delay_ms: int, error: bytes,
         keep_attempt: bool = False,
     ) -> Code:
-        k = self.keys
-        return Code(
-            await self.scripts.call(
-                "retry",
-                (k.runs, k.leases, k.errors, k.index, k.owned(worker_id), k.scheduled(queue), k.bell(queue),
-                 k.limits, k.held, k.ready(queue), k.steps, k.mutexes),
-                (run_id, token, delay_ms, error, 1 if keep_attempt else 0),
-            )
+        reply = await self.scripts.run(
+            "retry", (run_id, token, delay_ms, error, 1 if keep_attempt else 0),
+            queues=self._queues(queue), owned=self.keys.owned(worker_id),
         )
+        return Code(reply[0])
 
     async def suspend(
         self,
@@ -222,15 +216,12 @@ class Store:
         info: bytes = b"",
     ) -> tuple[Code, str, bytes]:
         """Start a durable wait: (OK, '', b'') when suspended, (RESOLVED, resolution, output) when it
-        was satisfied at once, or (STALE | CANCELED, '', b'')."""
-        k = self.keys
-        reply = await self.scripts.call(
+        was satisfied at once, or (STALE | CANCELED | WRONG_STATUS, '', b'')."""
+        reply = await self.scripts.run(
             "suspend",
-            (k.runs, k.leases, k.index, k.owned(worker_id), k.steps, k.waits, k.waiters, k.scheduled(queue),
-             k.bell(queue), k.results, k.errors, k.event_buffer, k.event_data, k.limits, k.held, k.ready(queue),
-             k.mutexes),
             (run_id, token, step, position, kind, delay_ms, due_ms, waiter_member, child_id, buffer_prefix, info,
              *consumed_events),
+            queues=self._queues(queue), owned=self.keys.owned(worker_id),
         )
         code = Code(reply[0])
         if code is Code.RESOLVED:
@@ -243,15 +234,20 @@ class Store:
         header = await self.read_header(run_id)
         if header is None:
             return Code.NOT_FOUND, ""
-        keys = [k.runs, k.index, k.errors, k.expiry, k.waits, k.waiters, k.steps, k.scheduled(header.q), k.held]
-        if header.pq:
-            keys += [k.ready(header.pq), k.scheduled(header.pq), k.bell(header.pq)]
-        reply = await self.scripts.call(
-            "cancel", keys,
-            (run_id, reason, retention_ms, k.done_channel(run_id), k.control_channel_prefix()),
+        reply = await self.scripts.run(
+            "cancel", (run_id, reason, retention_ms, k.done_channel(run_id), k.control_channel_prefix()),
+            queues=self._queues(header.queue),
         )
         code = Code(reply[0])
         return code, reply[1].decode() if len(reply) > 1 else ""
+
+    async def cascade_pending(self, limit: int) -> list[str]:
+        """Canceled runs whose descendants are still being canceled, oldest first."""
+        ids = await self.redis.execute("ZRANGE", self.keys.cascade, 0, limit - 1)
+        return [i.decode() for i in ids]
+
+    async def cascade_done(self, run_id: str) -> None:
+        await self.redis.execute("ZREM", self.keys.cascade, run_id)
 
     async def admit(
         self, run_id: str, token: bytes, worker_id: str, queue: str, workflow: str,
@@ -261,15 +257,15 @@ class Store:
         """Admission of a first start; throttle and rate are (key, limit, period ms)."""
         k = self.keys
         placeholder = k.throttle(workflow, "")
-        reply = await self.scripts.call(
+        reply = await self.scripts.run(
             "admit",
-            (k.runs, k.leases, k.index, k.owned(worker_id), k.scheduled(queue), k.bell(queue), k.errors, k.expiry,
-             k.steps, k.throttle(workflow, throttle[0]) if throttle else placeholder,
-             k.rate_limit(workflow, rate[0]) if rate else placeholder, k.mutexes, k.held, k.seq, k.ready(queue),
-             k.limits),
             (run_id, token, throttle[1] if throttle else 0, throttle[2] if throttle else 0,
              rate[1] if rate else 0, rate[2] if rate else 0, 1 if hook else 0, retention_ms, k.done_channel(run_id),
-             tag(workflow) + tag(mutex_key) if mutex_key is not None else ""),
+             tag(workflow) + tag(mutex_key) if mutex_key is not None else "",
+             tag(workflow) + tag(throttle[0]) if throttle else ""),
+            queues=self._queues(queue), owned=k.owned(worker_id),
+            throttle_counter=k.throttle(workflow, throttle[0]) if throttle else placeholder,
+            rate_counter=k.rate_limit(workflow, rate[0]) if rate else placeholder,
         )
         code = Code(reply[0])
         if code is Code.OK:
@@ -288,9 +284,9 @@ class Store:
             return code, "", 0
         return code, reply[1].decode(), int(reply[2])
 
-    async def read_wait(self, run_id: str) -> dict[str, Any] | None:
+    async def read_wait(self, run_id: str) -> WaitRecord | None:
         raw = await self.redis.execute("HGET", self.keys.waits, run_id)
-        return None if raw is None else dict(decode(raw))
+        return None if raw is None else decode_wait(raw)
 
     async def resume_input(self, run_id: str, queue: str, form: bytes, new_input: bytes | None) -> tuple[Code, str]:
         k = self.keys
@@ -307,16 +303,13 @@ class Store:
         members = await self.redis.execute("ZRANGEBYLEX", self.keys.children, start, start + b"\xff")
         return [m.decode().split(":", 1)[1] for m in members]
 
-    async def release(self, run_id: str, token: bytes, worker_id: str, queue: str) -> Code:
+    async def release(self, run_id: str, token: bytes, worker_id: str, queue: str, retention_ms: int) -> Code:
         k = self.keys
-        return Code(
-            await self.scripts.call(
-                "release",
-                (k.runs, k.leases, k.index, k.owned(worker_id), k.ready(queue), k.bell(queue), k.limits, k.held,
-                 k.mutexes),
-                (run_id, token),
-            )
+        reply = await self.scripts.run(
+            "release", (run_id, token, retention_ms, k.done_channel(run_id)),
+            queues=self._queues(queue), owned=k.owned(worker_id),
         )
+        return Code(reply[0])
 
     # --- workers and leadership ---------------------------------------------------------------------
     async def heartbeat(
@@ -348,26 +341,30 @@ class Store:
         """Take back the runs of a lapsed worker: (code, taken back, failed as crashed, left)."""
         k = self.keys
         owned_key = k.owned(worker_id)
-        ids = await self.redis.execute("SRANDMEMBER", owned_key, batch)
-        queues: list[str] = []
-        if ids:
-            headers = await self.redis.execute("HMGET", k.runs, *ids)
-            queues = sorted({decode_header(h).q for h in headers if h is not None})
-        keys = [
-            k.workers, k.leader, k.runs, k.leases, k.index, k.errors, k.expiry, owned_key, k.limits, k.held, k.mutexes,
-        ]
-        for queue in queues:
-            keys += (k.ready(queue), k.bell(queue))
-        reply = await self.scripts.call(
-            "reap",
-            keys,
-            (leader, worker_id, max_lapses, retention_ms, k.done_channel_prefix(), batch, len(queues), *queues,
-             *ids),
-        )
-        code = Code(reply[0])
-        if code is not Code.OK:
-            return code, 0, 0, 0
-        return code, int(reply[1]), int(reply[2]), int(reply[3])
+        ids = [i.decode() for i in await self.redis.execute("SRANDMEMBER", owned_key, batch)]
+        headers = await self.redis.execute("HMGET", k.runs, *ids) if ids else []
+        queue_of = {i: decode_header(h).queue for i, h in zip(ids, headers, strict=True) if h is not None}
+
+        async def one(run_id: str) -> Any:
+            return await self.scripts.run(
+                "reap", (leader, worker_id, max_lapses, retention_ms, k.done_channel_prefix(), run_id),
+                queues=[queue_of[run_id]] if run_id in queue_of else [], owned=owned_key,
+            )
+
+        replies = await asyncio.gather(*(one(i) for i in ids)) if ids else [await one("")]
+        taken = crashed = 0
+        left = 0
+        for reply in replies:
+            code = Code(reply[0])
+            if code is not Code.OK:
+                return code, taken, crashed, 0
+            outcome = reply[1].decode()
+            taken += outcome != "gone"
+            crashed += outcome == "crashed"
+            left = int(reply[2])
+        if ids and left == 0:
+            return Code.OK, taken, crashed, 0
+        return Code.OK, taken, crashed, left
 
     async def cleanup(self, limit: int, cutoff_ms: int = 0, what: str = "both") -> tuple[int, int]:
         """Delete runs and events past retention: (runs deleted, events deleted)."""
@@ -375,7 +372,7 @@ class Store:
         reply = await self.scripts.call(
             "cleanup",
             (k.runs, k.inputs, k.results, k.errors, k.steps, k.leases, k.index, k.expiry, k.children,
-             k.events, k.event_data, k.event_index, k.event_expiry, k.event_buffer),
+             k.events, k.event_data, k.event_index, k.event_expiry, k.event_buffer, k.attempts),
             (limit, cutoff_ms, what),
         )
         return int(reply[1]), int(reply[2])
@@ -399,8 +396,19 @@ class Store:
         return decode_header(raw), inp, out, err
 
     async def read_steps(self, run_id: str) -> list[StepRecord]:
-        raw = await self.redis.execute("HGET", self.keys.steps, run_id)
-        return decode_steps(raw or b"")
+        reply = await self.scripts.run("history", (run_id,))
+        return decode_steps(reply[1] or b"")
+
+    async def read_attempts(self, run_id: str, attempts: int) -> list[AttemptRecord]:
+        """The records of attempts 1..``attempts`` that ended (a success has none: the run is its record)."""
+        if attempts <= 0:
+            return []
+        raws = await self.redis.execute("HMGET", self.keys.attempts, *(f"{run_id}:{a}" for a in range(1, attempts + 1)))
+        return [decode_attempt(r) for r in raws if r is not None]
+
+    async def read_output(self, run_id: str) -> bytes | None:
+        out: bytes | None = await self.redis.execute("HGET", self.keys.results, run_id)
+        return out
 
     async def read_outcome(self, run_id: str) -> tuple[str, bytes | None, bytes | None] | None:
         """(status, output, error) of a run."""
@@ -412,7 +420,7 @@ class Store:
         )
         if raw is None:
             return None
-        return decode_header(raw).s, out, err
+        return decode_header(raw).status, out, err
 
     async def write_workflows(self, metas: dict[str, bytes]) -> None:
         if metas:

@@ -6,7 +6,11 @@ Ordering invariants:
   hook_done, so a crash during the hook hands the hook to another worker;
 - a STALE reply means another worker owns the run now: this attempt stops without writing anything;
 - a run whose cancellation was requested ends as canceled (finish.lua enforces it) and never calls
-  on_failure.
+  on_failure;
+- a cancel interrupts only the handler (its own task), never the writes that settle an outcome, so a
+  cancel cannot leave a run owned and unsettled;
+- after on_failure ran, hook_done is retried (same token) rather than the hook handed back: a lost
+  reply never makes on_failure run twice.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from .._redis.errors import RedisError
 from ..durations import duration_ms
 from ..encoding import decode, encode, encode_output
 from ..errors import CanceledError, RateLimitExceededError, RedflowError, UnknownWorkflowError, WaitForInputError
@@ -46,13 +51,25 @@ class Execution:
     claimed: ClaimedRun
     signal: asyncio.Event
     task: asyncio.Task[None] | None = None
+    handler_task: asyncio.Future[Any] | None = None  # the user's handler; a cancel interrupts only this
     steps: StepApi | None = None
     settled: bool = False  # its outcome (terminal, retry, suspend) is written: nothing to hand back
     cancel_requested: bool = False
     started: float = field(default_factory=time.monotonic)
 
     def count(self, outcome: str) -> None:
-        count_run(self.claimed.header.w, outcome, time.monotonic() - self.started)
+        count_run(self.claimed.header.workflow, outcome, time.monotonic() - self.started)
+
+    def request_cancel(self) -> None:
+        """Cancel the run's handler; its outcome is then written as canceled."""
+        if self.cancel_requested or self.claimed.kind == "hook":
+            return
+        self.cancel_requested = True
+        self.signal.set()
+        if self.steps is not None:
+            self.steps.cancel_active()
+        if self.handler_task is not None:
+            self.handler_task.cancel()
 
 
 class _RedisBackend:
@@ -69,8 +86,8 @@ class _RedisBackend:
         code = await self._worker.store.record_step(run.id, run.token, encode_step(record))
         if code is Code.STALE:
             raise LeaseLostError(run.id)
-        if record.k == "run":
-            observe_step(run.header.w, (record.t1 - record.t0) / 1000)
+        if record.kind == "run":
+            observe_step(run.header.workflow, (record.finished_at_ms - record.started_at_ms) / 1000)
 
     async def suspend(
         self, name: str, position: int, kind: str, *, delay_ms: int = -1, due_ms: int = 0,
@@ -83,13 +100,13 @@ class _RedisBackend:
             buffer_prefix = event_member_prefix(*event)
             member = buffer_prefix + run.id
         code, resolution, raw = await self._worker.store.suspend(
-            run.id, run.token, self._worker.id, run.header.q, name, position, kind, delay_ms=delay_ms,
+            run.id, run.token, self._worker.id, run.header.queue, name, position, kind, delay_ms=delay_ms,
             due_ms=due_ms, waiter_member=member, child_id=child_id, buffer_prefix=buffer_prefix,
             consumed_events=consumed, info=info,
         )
         if code is Code.RESOLVED:
             return resolution, raw
-        if code is Code.STALE:
+        if code in (Code.STALE, Code.WRONG_STATUS):
             raise LeaseLostError(run.id)
         if code is Code.CANCELED:
             self._ex.cancel_requested = True
@@ -111,7 +128,6 @@ class _RedisBackend:
         handle = await self._worker.client.run_by_name(
             workflow_name, input, idempotency_key=idempotency_key, idempotency_ttl=idempotency_ttl,
             run_at=run_at, queue_override=queue_override, parent_run_id=run.id,
-            parent_queue=run.header.q if wait else None,
         )
         return handle.id
 
@@ -148,12 +164,16 @@ async def _admit(worker: Worker, ex: Execution) -> bool:
     """Apply mutex, rate limit and throttle to a first start; True when the run may execute now."""
     claimed = ex.claimed
     h = claimed.header
-    definition = worker.registry.get(h.w)
+    definition = worker.registry.get(h.workflow)
     if definition is None:
         # Attempt 0 stays 0 (no keep-attempt flag), so the next claim sends it to admission again.
-        error = serialize_error(UnknownWorkflowError(h.w))
-        await worker.store.retry(claimed.id, claimed.token, worker.id, h.q, UNKNOWN_WORKFLOW_DEFER_MS, error, False)
-        ex.settled = True
+        error = serialize_error(UnknownWorkflowError(h.workflow))
+        code = await worker.store.retry(claimed.id, claimed.token, worker.id, h.queue, UNKNOWN_WORKFLOW_DEFER_MS,
+                                        error)
+        if code is Code.CANCELED:
+            await _finish_canceled(worker, ex)
+            return False
+        _settled(ex, code, "deferred")
         return False
     options = definition.options
     limits: list[tuple[str, int, int] | None] = []
@@ -163,31 +183,31 @@ async def _admit(worker: Worker, ex: Execution) -> bool:
             value = definition.input_schema.validate(value)
         for config in (options.throttle, options.rate_limit):
             limits.append(None if config is None else (
-                admission_key(h.w, config.key, value), config.limit, duration_ms(config.period, "period")
+                admission_key(h.workflow, config.key, value), config.limit, duration_ms(config.period, "period")
             ))
-        mutex_key = None if options.mutex is None else admission_key(h.w, options.mutex, value)
+        mutex_key = None if options.mutex is None else admission_key(h.workflow, options.mutex, value)
     except Exception as error:
         # A key function that fails (or invalid input) fails the run: it can never be admitted.
-        code, _ = await worker.store.finish(
+        code, status = await worker.store.finish(
             claimed.id, claimed.token, worker.id, "failed", serialize_error(error), False, worker.retention_ms,
-            h.q, h.pq,
+            h.queue,
         )
-        ex.settled = True
+        _settled(ex, code, status or "failed")
         return False
     hook = options.on_failure is not None
     code, detail = await worker.store.admit(
-        claimed.id, claimed.token, worker.id, h.q, h.w, limits[0], limits[1], hook, worker.retention_ms, mutex_key
+        claimed.id, claimed.token, worker.id, h.queue, h.workflow, limits[0], limits[1], hook, worker.retention_ms,
+        mutex_key,
     )
-    if code is Code.STALE:
-        raise LeaseLostError(claimed.id)
     if code is Code.OK:
         claimed.header = detail
+        claimed.kind = "run"
         return True
-    ex.settled = True
-    if code is Code.TERMINAL and hook:
-        run = RunContext(id=claimed.id, workflow=h.w, queue=h.q, attempt=1, max_attempts=h.m)
-        limited = RateLimitExceededError(f"run {claimed.id} of workflow {h.w!r} exceeded its rate limit", detail)
-        await _call_hook(worker, claimed, run, decode(claimed.input), limited)
+    _settled(ex, code, code.name.lower())
+    if code is Code.RATE_LIMITED and hook:
+        run = RunContext(id=claimed.id, workflow=h.workflow, queue=h.queue, attempt=1, max_attempts=h.max_attempts)
+        limited = RateLimitExceededError(f"run {claimed.id} of workflow {h.workflow!r} exceeded its rate limit", detail)
+        await _call_hook(worker, ex, run, decode(claimed.input), limited)
     return False
 
 
@@ -203,23 +223,26 @@ async def _run(worker: Worker, ex: Execution) -> None:
     claimed = ex.claimed
     h = claimed.header
     store = worker.store
-    definition = worker.registry.get(h.w)
+    definition = worker.registry.get(h.workflow)
     if definition is None:
         # Another worker may have the definition (rolling deploy): defer, keeping the attempt.
-        log.warning("run %s: workflow %r is not defined in this worker; deferring it", claimed.id, h.w)
-        error = serialize_error(UnknownWorkflowError(h.w))
-        await store.retry(claimed.id, claimed.token, worker.id, h.q, UNKNOWN_WORKFLOW_DEFER_MS, error, True)
-        ex.settled = True
+        log.warning("run %s: workflow %r is not defined in this worker; deferring it", claimed.id, h.workflow)
+        error = serialize_error(UnknownWorkflowError(h.workflow))
+        code = await store.retry(claimed.id, claimed.token, worker.id, h.queue, UNKNOWN_WORKFLOW_DEFER_MS, error, True)
+        if code is Code.CANCELED:
+            await _finish_canceled(worker, ex)
+            return
+        _settled(ex, code, "deferred")
         return
-    run = RunContext(id=claimed.id, workflow=h.w, queue=h.q, attempt=h.a, max_attempts=h.m)
-    count_run(h.w, "started")
+    run = RunContext(id=claimed.id, workflow=h.workflow, queue=h.queue, attempt=h.attempt, max_attempts=h.max_attempts)
+    count_run(h.workflow, "started")
     input_value = raw_input = decode(claimed.input)
     backend = _RedisBackend(worker, ex)
     steps = StepApi(run, ex.signal, claimed.steps, backend, worker.max_payload_bytes)
     steps.input_timeout_ms = worker.retention_ms
     ex.steps = steps
     resume = WorkflowResumeContext(form=steps.resume_form[0]) if steps.resume_form is not None else None
-    if h.cr is not None:
+    if h.cancel_requested_at_ms is not None:
         ex.cancel_requested = True
     try:
         if ex.cancel_requested:
@@ -228,24 +251,29 @@ async def _run(worker: Worker, ex: Execution) -> None:
             input_value = definition.input_schema.validate(raw_input)
         writer = None
         if definition.options.stream:
-            writer = WorkflowStreamWriter(store, claimed.id, claimed.token, h.a, worker.retention_ms,
+            writer = WorkflowStreamWriter(store, claimed.id, claimed.token, h.attempt, worker.retention_ms,
                                           worker.max_payload_bytes)
         ctx = WorkflowHandlerContext(input=input_value, run=run, signal=ex.signal, step=steps, resume=resume,
                                      stream=writer)
         try:
-            output = await definition.handler(ctx)
+            ex.handler_task = asyncio.ensure_future(definition.handler(ctx))
+            if ex.cancel_requested:  # requested while the handler was being set up
+                ex.handler_task.cancel()
+            output = await ex.handler_task
         except WaitForInputError as wait:
             # Raised by the handler itself: the whole handler replays once input arrives.
             await backend.suspend("", 0, "input", delay_ms=worker.retention_ms, info=input_wait_info(wait))
             raise
-        data = encode_output(output, f"output of workflow {h.w!r} in run {claimed.id}", worker.max_payload_bytes)
+        data = encode_output(output, f"output of workflow {h.workflow!r} in run {claimed.id}",
+                             worker.max_payload_bytes)
     except Suspended:
         return
     except LeaseLostError:
         raise
     except asyncio.CancelledError:
-        if not ex.cancel_requested:
-            raise
+        task = asyncio.current_task()
+        if not ex.cancel_requested or (task is not None and task.cancelling()):
+            raise  # this worker is stopping or losing its lease: the run is handed back
         await _finish_canceled(worker, ex)
         return
     except Exception as error:
@@ -255,33 +283,26 @@ async def _run(worker: Worker, ex: Execution) -> None:
         await _fail_attempt(worker, ex, run, raw_input, error)
         return
     code, status = await store.finish(
-        claimed.id, claimed.token, worker.id, "succeeded", data, False, worker.retention_ms, h.q, h.pq,
-        finish_flags(definition),
+        claimed.id, claimed.token, worker.id, "succeeded", data, False, worker.retention_ms, h.queue,
     )
+    _settled(ex, code, status or "succeeded")
+
+
+def _settled(ex: Execution, code: Code, outcome: str) -> None:
+    """Mark an outcome written; STALE (or a status the run left) means another owner has it."""
     ex.settled = True
-    ex.count(status or "succeeded")
-    if code is Code.STALE:
-        raise LeaseLostError(claimed.id)
-
-
-def finish_flags(definition: Any) -> str:
-    """What finish.lua must do besides ending the run: end a stream (s), free capacity (c)."""
-    if definition is None:
-        return "sc"
-    return ("s" if definition.options.stream else "") + ("c" if definition.options.max_concurrency else "")
+    if code in (Code.STALE, Code.WRONG_STATUS):
+        raise LeaseLostError(ex.claimed.id)
+    ex.count(outcome)
 
 
 async def _finish_canceled(worker: Worker, ex: Execution) -> None:
     claimed = ex.claimed
     payload = encode({"name": "CanceledError", "kind": "canceled", "message": f"run {claimed.id} was canceled"})
     code, _ = await worker.store.finish(
-        claimed.id, claimed.token, worker.id, "canceled", payload, False, worker.retention_ms, claimed.header.q,
-        claimed.header.pq, finish_flags(worker.registry.get(claimed.header.w)),
+        claimed.id, claimed.token, worker.id, "canceled", payload, False, worker.retention_ms, claimed.header.queue,
     )
-    ex.settled = True
-    ex.count("canceled")
-    if code is Code.STALE:
-        raise LeaseLostError(claimed.id)
+    _settled(ex, code, "canceled")
 
 
 async def _fail_attempt(
@@ -298,38 +319,44 @@ async def _fail_attempt(
     payload = serialize_error(error)
     if delay is not None:
         code = await worker.store.retry(claimed.id, claimed.token, worker.id, run.queue, delay, payload)
-        ex.settled = code is not Code.CANCELED
-        if ex.settled:
-            ex.count("retried")
-        if code is Code.STALE:
-            raise LeaseLostError(claimed.id)
-        if code is not Code.CANCELED:
+        if code is Code.CANCELED:
+            await _finish_canceled(worker, ex)
             return
+        _settled(ex, code, "retried")
+        return
     hook = definition.options.on_failure is not None
     code, status = await worker.store.finish(
-        claimed.id, claimed.token, worker.id, "failed", payload, hook, worker.retention_ms, claimed.header.q,
-        claimed.header.pq, finish_flags(definition),
+        claimed.id, claimed.token, worker.id, "failed", payload, hook, worker.retention_ms, claimed.header.queue,
     )
-    ex.settled = True
-    ex.count(status or "failed")
-    if code is Code.STALE:
-        raise LeaseLostError(claimed.id)
+    _settled(ex, code, status or "failed")
     if hook and status == "failed":
-        await _call_hook(worker, claimed, run, input_value, error)
+        await _call_hook(worker, ex, run, input_value, error)
 
 
 async def _run_hook(worker: Worker, ex: Execution) -> None:
     """on_failure of a run whose failure was recorded by another worker (or the reaper)."""
     claimed = ex.claimed
     h = claimed.header
-    run = RunContext(id=claimed.id, workflow=h.w, queue=h.q, attempt=h.a, max_attempts=h.m)
+    if worker.registry.get(h.workflow) is None:
+        # Another worker may have the definition (rolling deploy): defer the hook as runs are.
+        log.warning("run %s: workflow %r is not defined in this worker; deferring its on_failure",
+                    claimed.id, h.workflow)
+        error = claimed.error or serialize_error(UnknownWorkflowError(h.workflow))
+        code = await worker.store.retry(claimed.id, claimed.token, worker.id, h.queue, UNKNOWN_WORKFLOW_DEFER_MS,
+                                        error, True)
+        _settled(ex, code, "deferred")
+        return
+    run = RunContext(id=claimed.id, workflow=h.workflow, queue=h.queue, attempt=h.attempt, max_attempts=h.max_attempts)
     stored = decode(claimed.error) if claimed.error else {}
-    await _call_hook(worker, claimed, run, decode(claimed.input), StoredError(stored))
+    await _call_hook(worker, ex, run, decode(claimed.input), StoredError(stored))
 
 
-async def _call_hook(
-    worker: Worker, claimed: ClaimedRun, run: RunContext, input_value: Any, error: BaseException
-) -> None:
+HOOK_DONE_ATTEMPTS = 8
+
+
+async def _call_hook(worker: Worker, ex: Execution, run: RunContext, input_value: Any, error: BaseException) -> None:
+    claimed = ex.claimed
+    ex.settled = False  # until hook_done is written, the run is this worker's to hand back
     definition = worker.registry.get(run.workflow)
     hook = definition.options.on_failure if definition is not None else None
     if hook is not None:
@@ -339,9 +366,24 @@ async def _call_hook(
                 await result
         except Exception:
             log.exception("on_failure of run %s (workflow %r) raised", claimed.id, run.workflow)
-    code = await worker.store.hook_done(claimed.id, claimed.token, worker.id, claimed.header.pq)
-    if code is Code.STALE:
-        raise LeaseLostError(claimed.id)
+    # The hook ran: it must not run again, so a failed hook_done is retried with the same token (a
+    # repeat after a lost reply is harmless) instead of handing the run back for its hook.
+    ex.settled = True
+    delay = 0.05
+    for attempt in range(HOOK_DONE_ATTEMPTS):
+        try:
+            code = await worker.store.hook_done(claimed.id, claimed.token, worker.id)
+        except RedisError as exc:
+            if attempt == HOOK_DONE_ATTEMPTS - 1:
+                raise
+            log.warning("run %s: recording that on_failure ran failed (%s); retrying", claimed.id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        if code is not Code.OK:
+            # After a lost reply the earlier call was applied, or the run was taken back meanwhile.
+            log.info("run %s: hook_done returned %s", claimed.id, code.name)
+        return
 
 
 class StoredError(RedflowError):

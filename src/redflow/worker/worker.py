@@ -70,9 +70,9 @@ class Worker:
 
         await self.store.ensure_ready()
         await self._warn_on_eviction()
+        await self._register_triggers()  # checks event contracts first: a refused start writes nothing
         metas = {d.name: encode({**d.meta(), "app": self.client.app}) for d in self.registry.definitions()}
         await self.store.write_workflows(metas)
-        await self._register_triggers()
         self._control = Subscriber(self.store.redis)
         await self._control.subscribe(self.store.keys.control_channel(self.id), self._on_control)
         await self._heartbeat_once()
@@ -131,7 +131,7 @@ class Worker:
     async def _release(self, executions: list[Execution]) -> None:
         results = await asyncio.gather(
             *(
-                self.store.release(ex.claimed.id, ex.claimed.token, self.id, ex.claimed.header.q)
+                self.store.release(ex.claimed.id, ex.claimed.token, self.id, ex.claimed.header.queue, self.retention_ms)
                 for ex in executions
                 if not ex.settled
             ),
@@ -151,7 +151,9 @@ class Worker:
         subscriptions = {d.name: [t.name for t in (d.options.event or [])] for d in definitions}
         crons = cron_records(definitions)
         sec, usec = await self.store.redis.execute("TIME")
-        await self.client.events.register(metas, subscriptions, crons, int(sec) * 1000 + int(usec) // 1000)
+        await self.client.events.register(
+            metas, subscriptions, crons, int(sec) * 1000 + int(usec) // 1000, worker_id=self.id
+        )
 
     # --- cancellation ----------------------------------------------------------------------------------
     def _on_control(self, payload: bytes | None) -> None:
@@ -167,14 +169,7 @@ class Worker:
             # The request can overtake the claim reply (they travel on different connections).
             self._early_cancels.add(run_id)
             return
-        if ex.cancel_requested or ex.claimed.kind != "run":
-            return
-        ex.cancel_requested = True
-        ex.signal.set()
-        if ex.steps is not None:
-            ex.steps.cancel_active()
-        if ex.task is not None:
-            ex.task.cancel()
+        ex.request_cancel()
 
     async def _recheck_cancellations(self) -> None:
         for run_id in list(self.active):
@@ -182,7 +177,7 @@ class Worker:
                 header = await self.store.read_header(run_id)
             except RedisError:
                 return
-            if header is not None and header.cr is not None:
+            if header is not None and header.cancel_requested_at_ms is not None:
                 self.cancel_local(run_id)
 
     # --- claiming ----------------------------------------------------------------------------------
@@ -283,13 +278,13 @@ class Worker:
         except asyncio.CancelledError:
             pass
         except RedisError as exc:
-            # The outcome could not be written; the run stays owned and is recovered via the lease.
             log.warning("run %s: Redis error while recording its outcome: %s", ex.claimed.id, exc)
-            if not ex.settled:
-                self._to_release[ex.claimed.id] = ex
         except Exception:
             log.exception("run %s: internal error in the executor", ex.claimed.id)
         finally:
+            # A run whose outcome was not written is handed back (next heartbeat), never kept owned.
+            if not ex.settled and not self._stopping:
+                self._to_release[ex.claimed.id] = ex
             self.active.pop(ex.claimed.id, None)
             observability.set_gauge("inflight", len(self.active))
             self.runs_done += 1

@@ -1,23 +1,27 @@
--- admit: decide whether a run handed out as 'admit' starts now. Order: rate limit (over budget: the
--- run fails as rate_limited, its handler never runs), then throttle (over budget: the run is
--- scheduled for when the window opens). Budgets are fixed windows that expire on their own; only
--- a run that starts is charged, and a run resumed later is never charged again.
+-- admit: decide whether a run handed out as 'admit' (a first start of a workflow with admission
+-- limits) starts now. Order: cancellation, max_concurrency, mutex, rate limit (over budget: the run
+-- fails as rate_limited, its handler never runs), throttle. Throttled runs wait in FIFO order per
+-- throttle key: only the head of the queue is scheduled (for when its window opens); each
+-- admission hands the head to the next run, so admitting n runs costs O(n) calls. Budgets are
+-- fixed windows that expire on their own; only a run that starts is charged.
 -- KEYS[1] runs
 -- KEYS[2] leases
 -- KEYS[3] index
 -- KEYS[4] owned        owned:<worker id>
--- KEYS[5] scheduled    q:<queue>:sched
--- KEYS[6] bell         q:<queue>:bell
--- KEYS[7] errors
--- KEYS[8] expiry
--- KEYS[9] steps
--- KEYS[10] throttle counter   tb:<wf>:<key> (a placeholder without throttle)
--- KEYS[11] rate counter       rb:<wf>:<key> (a placeholder without rate limit)
--- KEYS[12] mutexes
--- KEYS[13] held
--- KEYS[14] seq
--- KEYS[15] ready        q:<queue>:ready
--- KEYS[16] limits
+-- KEYS[5] results
+-- KEYS[6] errors
+-- KEYS[7] expiry
+-- KEYS[8] steps
+-- KEYS[9] attempts
+-- KEYS[10] waits
+-- KEYS[11] waiters
+-- KEYS[12] throttle_counter   tb:<wf>:<key> (a placeholder without throttle)
+-- KEYS[13] rate_counter       rb:<wf>:<key> (a placeholder without rate limit)
+-- KEYS[14] mutexes
+-- KEYS[15] held
+-- KEYS[16] seq
+-- KEYS[17] limits
+-- KEYS[18..] queues    ready, sched, bell of each queue named in ARGV[12]
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] throttle limit (0 = none)
@@ -28,99 +32,117 @@
 -- ARGV[8] retention in ms
 -- ARGV[9] done channel of the run
 -- ARGV[10] mutex field <tag(wf)><key> ('' = no mutex)
+-- ARGV[11] throttle group <tag(wf)><key> ('' = no throttle)
+-- ARGV[12] queues: the run's queue, and any other queue it may hand on to, one per line
 -- RETURNS {C.OK, header JSON} (started: status running, attempt 1)
---       | {C.RETRY, due ms} (throttled: scheduled) | {C.TERMINAL, retry after ms} (rate limited: failed)
---       | {C.EXISTING} (held: its mutex is taken, or the workflow is at max_concurrency) | {C.STALE}
+--       | {C.THROTTLED, due ms, or -1 behind other throttled runs} | {C.RATE_LIMITED, retry after ms}
+--       | {C.HELD} (its mutex is taken, or the workflow is at max_concurrency) | {C.CANCELED}
+--       | {C.STALE} | {C.WRONG_STATUS, status} | {C.NEED_QUEUES, queue, ...}
 --!include common
+--!include transitions
 
 local id = ARGV[1]
-if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then return {C.STALE} end
-local h = cjson.decode(redis.call('HGET', KEYS[1], id))
+if not holds_lease(id, ARGV[2]) then return {C.STALE} end
+local h = load_run(id)
+if not expect_status(h, 'queued') then return wrong_status(h) end
 local now = now_ms()
+local retention, channel = ARGV[8], ARGV[9]
 
-local limit = redis.call('HGET', KEYS[16], h.w)
-if limit and running_count(KEYS[3], h.w) >= tonumber(limit) then
-  hold({runs = KEYS[1], held = KEYS[13], seq = KEYS[14]}, id, h)
-  h.o = nil
-  redis.call('HSET', KEYS[1], id, cjson.encode(h))
-  redis.call('HDEL', KEYS[2], id)
-  redis.call('SREM', KEYS[4], id)
-  return {C.EXISTING}
+if h.cr then
+  local p, missing = plan(id, h, {ends = true})
+  if #missing > 0 then return need_queues(missing) end
+  end_run(id, h, 'canceled', canceled_error(id, h, h.cx or ''), p, now, {retention_ms = retention, channel = channel})
+  return {C.CANCELED}
 end
 
+local limit = redis.call('HGET', K.limits, h.w)
+if limit and running_count(K.index, h.w) >= tonumber(limit) then
+  h.hd = held_add('c', h.w, id)
+  disown(id, h)
+  save_run(id, h)
+  return {C.HELD}
+end
 if ARGV[10] ~= '' then
   h.mf = ARGV[10]
-  local adm = {runs = KEYS[1], mutexes = KEYS[12], held = KEYS[13], seq = KEYS[14]}
-  if not take_mutex(adm, id, h) then
-    hold_for_mutex(adm, id, h)
-    h.o = nil
-    redis.call('HSET', KEYS[1], id, cjson.encode(h))
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('SREM', KEYS[4], id)
-    return {C.EXISTING}
+  if not mutex_free_for(id, h) then
+    h.hd = held_add('m', h.mf, id)
+    disown(id, h)
+    save_run(id, h)
+    return {C.HELD}
   end
 end
 
-local function over(counter, limit, period)
+local function over(counter, budget, period)
   local used = tonumber(redis.call('GET', counter) or '0')
-  if used < limit then return nil end
+  if used < budget then return nil end
   local left = redis.call('PTTL', counter)
-  if left < 0 then left = period end
+  if left < 0 then left = tonumber(period) end
   return left
 end
 
 local rate_limit, throttle_limit = tonumber(ARGV[5]), tonumber(ARGV[3])
 if rate_limit > 0 then
-  local wait = over(KEYS[11], rate_limit, tonumber(ARGV[6]))
+  local wait = over(K.rate_counter, rate_limit, ARGV[6])
   if wait then
+    local p, missing = plan(id, h, {ends = true})
+    if #missing > 0 then return need_queues(missing) end
     h.a = 1
-    h.f = now
-    set_status(KEYS[3], id, h, 'failed')
+    h.st = now
     local err = cjson.encode({name = 'RateLimitExceededError', kind = 'rate_limited', retryAfterMs = wait,
       message = 'run ' .. id .. ' of workflow ' .. h.w .. ' exceeded its rate limit of ' .. rate_limit ..
       ' per ' .. ARGV[6] .. ' ms; retry after ' .. wait .. ' ms'})
-    redis.call('HSET', KEYS[7], id, err)
-    attempt_line(KEYS[9], id, h, 'failed', err, now)
-    redis.call('ZADD', KEYS[8], now + tonumber(ARGV[8]), id)
-    if ARGV[7] == '1' then
-      h.h = 1
-    else
-      h.o = nil
-      redis.call('HDEL', KEYS[2], id)
-      redis.call('SREM', KEYS[4], id)
-    end
-    redis.call('HSET', KEYS[1], id, cjson.encode(h))
-    redis.call('PUBLISH', ARGV[9], 'failed')
-    release_mutex({runs = KEYS[1], mutexes = KEYS[12], held = KEYS[13], ready = KEYS[15], bell = KEYS[6]}, id, h)
-    return {C.TERMINAL, wait}
+    end_run(id, h, 'failed', err, p, now, {retention_ms = retention, channel = channel, keep_owner = ARGV[7] == '1'})
+    return {C.RATE_LIMITED, wait}
   end
 end
+
+local next_throttled = nil
 if throttle_limit > 0 then
-  local wait = over(KEYS[10], throttle_limit, tonumber(ARGV[4]))
-  if wait then
-    local due = now + wait
-    h.av = due
-    h.o = nil
-    set_status(KEYS[3], id, h, 'scheduled')
-    redis.call('HSET', KEYS[1], id, cjson.encode(h))
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('SREM', KEYS[4], id)
-    local head = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
-    redis.call('ZADD', KEYS[5], due, id)
-    if not head[2] or due < tonumber(head[2]) then ring(KEYS[6]) end
-    release_mutex({runs = KEYS[1], mutexes = KEYS[12], held = KEYS[13], ready = KEYS[15], bell = KEYS[6]}, id, h)
-    return {C.RETRY, due}
+  local group = ARGV[11]
+  local two = held_first('t', group, 2)
+  local ahead = two[1] and two[1] ~= h.tq
+  local wait = nil
+  if not ahead then wait = over(K.throttle_counter, throttle_limit, ARGV[4]) end
+  if ahead or wait then
+    if not K.queues[h.q] then return need_queues({h.q}) end
+    if not h.tq then
+      h.tq = held_add('t', group, id)
+      h.tg = group
+    end
+    disown(id, h)
+    -- Scheduled either way: the head until its window opens, the others until the head hands on.
+    set_status(K.index, id, h, 'scheduled')
+    if wait then
+      h.av = now + wait
+      schedule_at(K.queues[h.q].sched, K.queues[h.q].bell, id, h.av)
+    else
+      h.av = nil
+    end
+    save_run(id, h)
+    return {C.THROTTLED, wait and h.av or -1}
+  end
+  if h.tq and two[2] then
+    next_throttled = two[2]
+    local r = load_run(id_of(next_throttled))
+    if r and not K.queues[r.q] then return need_queues({r.q}) end
   end
 end
-for _, counter in ipairs({{KEYS[11], rate_limit, ARGV[6]}, {KEYS[10], throttle_limit, ARGV[4]}}) do
+
+for _, counter in ipairs({{K.rate_counter, rate_limit, ARGV[6]}, {K.throttle_counter, throttle_limit, ARGV[4]}}) do
   if counter[2] > 0 and redis.call('INCR', counter[1]) == 1 then
     redis.call('PEXPIRE', counter[1], counter[3])
   end
 end
+if h.tq then
+  redis.call('ZREM', K.held, h.tq)
+  h.tq, h.tg = nil, nil
+end
+if next_throttled then wake_throttled(next_throttled) end
+if h.mf then redis.call('HSET', K.mutexes, h.mf, id) end
 h.a = 1
 h.st = now
 h.sa = now
-set_status(KEYS[3], id, h, 'running')
+set_status(K.index, id, h, 'running')
 local encoded = cjson.encode(h)
-redis.call('HSET', KEYS[1], id, encoded)
+redis.call('HSET', K.runs, id, encoded)
 return {C.OK, encoded}

@@ -1,10 +1,12 @@
 -- claim: promote due scheduled runs, then hand up to ARGV[2] runs of the worker's queues to
--- worker ARGV[1], each under a new fencing token. A run whose workflow is at its max_concurrency is
--- held aside (not claimed, not blocking the queue) and released when a run of it stops running. A
--- first start of a workflow with throttle or rate limit is handed out as kind 'admit' (still queued):
--- the worker computes its admission keys from the input and calls admit.lua. A due run that was waiting durably has its wait
--- resolved as 'timeout' (the end of a sleep, or a wait's deadline) and resumes on its own attempt. A queued run starts a new attempt unless it was
--- handed back or recovered (h.rc); a failed run with a pending hook (h.h) is claimed to run on_failure.
+-- worker ARGV[1], each under a new fencing token. A run whose workflow is at its max_concurrency,
+-- or whose mutex another run holds, is held aside (not claimed, not blocking the queue) until a run
+-- that stops running hands it on. A first start of a workflow with admission limits is handed out
+-- as kind 'admit' (still queued): the worker computes its admission keys from the input and calls
+-- admit.lua. A due run that was waiting durably has its wait resolved as 'timeout' (the end of a
+-- sleep, or a wait's deadline) and resumes on its own attempt. A queued run starts a new attempt
+-- unless it was handed back or recovered (h.rc); a failed run with a pending hook (h.h) is claimed
+-- to run on_failure.
 -- KEYS[1] runs
 -- KEYS[2] inputs
 -- KEYS[3] steps
@@ -20,19 +22,20 @@
 -- KEYS[13] held
 -- KEYS[14] admission
 -- KEYS[15] mutexes
--- KEYS[16..] ready, scheduled, bell of each queue, in that order (3 keys per queue)
--- ARGV[4..] the queue names, in the order of the KEYS triples
+-- KEYS[16..] queues    ready, sched, bell of each queue named in ARGV[4], in that order
 -- ARGV[1] worker id
 -- ARGV[2] max runs to claim
 -- ARGV[3] max scheduled runs to promote per queue
+-- ARGV[4] queues: the worker's queues, one per line
 -- RETURNS {C.STALE_WORKER} when the worker's liveness lease lapsed
 --       | {C.OK, ms until the next scheduled run (-1: none), then 7 fields per run:
 --          id, kind ('run'|'hook'|'admit'), token, header JSON, input JSON, steps ('' for a first
 --          attempt that never ran), error JSON (hooks only, else '')}
 --!include common
+--!include transitions
 
 local now = now_ms()
-local alive = redis.call('ZSCORE', KEYS[7], ARGV[1])
+local alive = redis.call('ZSCORE', K.workers, ARGV[1])
 if not alive or tonumber(alive) < now then
   return {C.STALE_WORKER}
 end
@@ -43,11 +46,11 @@ local token_base = nil
 local leases, owned = {}, {}
 local limits_cache, admission_cache = {}, {}
 local function limit_of(w)
-  if limits_cache[w] == nil then limits_cache[w] = redis.call('HGET', KEYS[12], w) or false end
+  if limits_cache[w] == nil then limits_cache[w] = redis.call('HGET', K.limits, w) or false end
   return limits_cache[w]
 end
 local function needs_admission(w)
-  if admission_cache[w] == nil then admission_cache[w] = redis.call('HEXISTS', KEYS[14], w) == 1 end
+  if admission_cache[w] == nil then admission_cache[w] = redis.call('HEXISTS', K.admission, w) == 1 end
   return admission_cache[w]
 end
 local promote = tonumber(ARGV[3])
@@ -55,67 +58,49 @@ local out = {C.OK, -1}
 local next_due = nil
 local got = 0
 
-for k = 16, #KEYS, 3 do
-  local ready, sched, bell = KEYS[k], KEYS[k + 1], KEYS[k + 2]
-  local queue = ARGV[4 + (k - 16) / 3]
-  local adm = {runs = KEYS[1], index = KEYS[6], limits = KEYS[12], held = KEYS[13], seq = KEYS[8],
-    ready = ready, bell = bell, mutexes = KEYS[15]}
-  if redis.call('ZCARD', KEYS[13]) > 0 then
-    -- Capacity may have freed elsewhere (another queue, a changed limit): re-check held runs here.
-    local p = tag(queue)
-    local seen = {}
-    for _, member in ipairs(redis.call('ZRANGEBYLEX', KEYS[13], '[' .. p, '[' .. p .. '\255', 'LIMIT', 0, 20)) do
-      local rest = string.sub(member, #p + 1)
-      local colon = string.find(rest, ':', 1, true)
-      local wlen = tonumber(string.sub(rest, 1, colon - 1))
-      local w = string.sub(rest, colon + 1, colon + wlen)
-      if not seen[w] then
-        seen[w] = true
-        release_held(adm, queue, w)
-      end
-    end
-  end
+for queue in string.gmatch(ARGV[4], '[^\n]+') do
+  local ready, sched, bell = K.queues[queue].ready, K.queues[queue].sched, K.queues[queue].bell
   local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, promote)
   for _, id in ipairs(due) do
     redis.call('ZREM', sched, id)
-    local raw = redis.call('HGET', KEYS[1], id)
-    if raw then
-      local h = cjson.decode(raw)
-      if h.s == 'scheduled' then
-        local wraw = redis.call('HGET', KEYS[10], id)
-        if wraw then
-          local w = cjson.decode(wraw)
-          append_step(KEYS[3], id, resolution_line(w, h.a, 'timeout', 'null', now))
-          if w.m then redis.call('ZREM', KEYS[11], w.m) end
-          redis.call('HDEL', KEYS[10], id)
-          h.rc = 1
-        end
-        set_status(KEYS[6], id, h, 'queued')
-        redis.call('HSET', KEYS[1], id, cjson.encode(h))
-        redis.call('RPUSH', ready, id)
+    local h = load_run(id)
+    if h and h.s == 'scheduled' then
+      local wraw = redis.call('HGET', K.waits, id)
+      if wraw then
+        local w = cjson.decode(wraw)
+        resolve_wait(K.steps, id, w, h.a, 'timeout', 'null', now)
+        if w.m then redis.call('ZREM', K.waiters, w.m) end
+        redis.call('HDEL', K.waits, id)
+        h.rc = 1
       end
+      set_status(K.index, id, h, 'queued')
+      save_run(id, h)
+      redis.call('RPUSH', ready, id)
+    elseif h and h.s == 'failed' and h.h and not h.o then
+      redis.call('RPUSH', ready, id)  -- a deferred on_failure hook
     end
   end
   while got < want do
     local id = redis.call('RPOP', ready)
     if not id then break end
-    local raw = redis.call('HGET', KEYS[1], id)
-    if raw then
-      local h = cjson.decode(raw)
+    local h = load_run(id)
+    if h and not h.o then
       local kind = nil
       local fresh = false
+      local queued = h.s == 'queued' and not h.hd
       local limit = false
-      if h.s == 'queued' and not h.hd then limit = limit_of(h.w) end
-      if limit and running_count(KEYS[6], h.w) >= tonumber(limit) then
-        hold(adm, id, h)
-        redis.call('HSET', KEYS[1], id, cjson.encode(h))
-      elseif h.s == 'queued' and not h.hd and h.mf and not take_mutex(adm, id, h) then
-        hold_for_mutex(adm, id, h)
-        redis.call('HSET', KEYS[1], id, cjson.encode(h))
-      elseif h.s == 'queued' and not h.hd and h.a == 0 and not h.rc and needs_admission(h.w) then
+      if queued then limit = limit_of(h.w) end
+      if limit and running_count(K.index, h.w) >= tonumber(limit) then
+        h.hd = held_add('c', h.w, id)
+        save_run(id, h)
+      elseif queued and not mutex_free_for(id, h) then
+        h.hd = held_add('m', h.mf, id)
+        save_run(id, h)
+      elseif queued and h.a == 0 and not h.rc and needs_admission(h.w) then
         kind = 'admit'
-      elseif h.s == 'queued' and not h.hd then
+      elseif queued then
         kind = 'run'
+        if h.mf then redis.call('HSET', K.mutexes, h.mf, id) end
         if h.rc then
           h.rc = nil
         else
@@ -125,16 +110,16 @@ for k = 16, #KEYS, 3 do
         end
         h.st = now
         if not h.sa then h.sa = now end
-        set_status(KEYS[6], id, h, 'running')
+        set_status(K.index, id, h, 'running')
       elseif h.s == 'failed' and h.h then
         kind = 'hook'
       end
       if kind then
-        if not token_base then token_base = redis.call('INCR', KEYS[8]) end
+        if not token_base then token_base = redis.call('INCR', K.seq) end
         local token = token_base .. '.' .. got
         h.o = ARGV[1]
         local encoded = cjson.encode(h)
-        redis.call('HSET', KEYS[1], id, encoded)
+        redis.call('HSET', K.runs, id, encoded)
         leases[#leases + 1] = id
         leases[#leases + 1] = token
         owned[#owned + 1] = id
@@ -142,9 +127,9 @@ for k = 16, #KEYS, 3 do
         out[#out + 1] = kind
         out[#out + 1] = token
         out[#out + 1] = encoded
-        out[#out + 1] = redis.call('HGET', KEYS[2], id) or 'null'
-        out[#out + 1] = fresh and '' or (redis.call('HGET', KEYS[3], id) or '')
-        out[#out + 1] = kind == 'hook' and (redis.call('HGET', KEYS[4], id) or '') or ''
+        out[#out + 1] = redis.call('HGET', K.inputs, id) or 'null'
+        out[#out + 1] = fresh and '' or history_read(K.steps, id)
+        out[#out + 1] = kind == 'hook' and (redis.call('HGET', K.errors, id) or '') or ''
         got = got + 1
       end
     end
@@ -157,8 +142,8 @@ for k = 16, #KEYS, 3 do
   end
 end
 if #leases > 0 then
-  redis.call('HSET', KEYS[5], unpack(leases))
-  redis.call('SADD', KEYS[9], unpack(owned))
+  redis.call('HSET', K.leases, unpack(leases))
+  redis.call('SADD', K.owned, unpack(owned))
 end
 if next_due then
   out[2] = math.max(0, next_due - now)

@@ -14,6 +14,7 @@
 -- KEYS[12] event index
 -- KEYS[13] event expiry
 -- KEYS[14] event buffer
+-- KEYS[15] attempts
 -- ARGV[1] max runs (and max events) to delete
 -- ARGV[2] cut-off in epoch ms (0 = server time now)
 -- ARGV[3] what to delete: 'runs', 'events' or 'both'
@@ -35,12 +36,13 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', KEYS[7], 's:' .. h.s .. ':' .. id, 'ws:' .. wf .. ':' .. h.s .. ':' .. id,
       'w:' .. wf .. ':' .. id)
     if h.p then redis.call('ZREM', KEYS[9], h.p .. ':' .. id) end
+    for a = 1, h.a do redis.call('HDEL', KEYS[15], id .. ':' .. a) end
   end
   redis.call('HDEL', KEYS[1], id)
   redis.call('HDEL', KEYS[2], id)
   redis.call('HDEL', KEYS[3], id)
   redis.call('HDEL', KEYS[4], id)
-  redis.call('HDEL', KEYS[5], id)
+  history_delete(KEYS[5], id)
   redis.call('HDEL', KEYS[6], id)
   redis.call('ZREM', KEYS[8], id)
 end

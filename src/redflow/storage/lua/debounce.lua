@@ -18,9 +18,11 @@
 -- ARGV[7] timeout in ms (0 = no cap)
 -- ARGV[8] parent run id ('' = none)
 -- RETURNS {C.CREATED, run id, status} | {C.EXISTING, run id, status}
+--       | {C.CANCELED} (the parent was canceled: no child is created)
 --!include common
 --!include runs
 
+if parent_canceled(KEYS[1], ARGV[8]) then return {C.CANCELED} end
 local now = now_ms()
 local period, timeout = tonumber(ARGV[6]), tonumber(ARGV[7])
 local bound = redis.call('GET', KEYS[8])

@@ -17,8 +17,8 @@
 -- ARGV[6] run_at, epoch ms (0 = now)
 -- ARGV[7] idempotency TTL in seconds (0 = no idempotency key)
 -- ARGV[8] parent run id ('' = none)
--- ARGV[9] queue of the parent when it will wait for this run to end ('' = it will not)
 -- RETURNS {C.CREATED, run id, status} | {C.EXISTING, run id, status}
+--       | {C.CANCELED} (the parent was canceled: no child is created)
 --!include common
 --!include runs
 
@@ -27,6 +27,8 @@ local existing = redis.call('HGET', KEYS[1], id)
 if existing then
   return {C.EXISTING, id, cjson.decode(existing).s}
 end
+
+if parent_canceled(KEYS[1], ARGV[8]) then return {C.CANCELED} end
 
 local ttl = tonumber(ARGV[7])
 if ttl > 0 then
@@ -46,5 +48,5 @@ end
 local k = {runs = KEYS[1], inputs = KEYS[2], index = KEYS[3], ready = KEYS[4], sched = KEYS[5],
   bell = KEYS[6], children = KEYS[7]}
 local h = create_run(k, id, ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8],
-  ARGV[9], now_ms())
+  '', now_ms())
 return {C.CREATED, id, h.s}

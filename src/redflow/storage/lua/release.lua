@@ -1,36 +1,50 @@
--- release: a stopping worker hands a run back. It goes to the claim end of its queue and keeps its
--- attempt number (h.rc); this is not counted as a crash. A failed run with a pending hook is requeued
--- for its hook.
+-- release: a stopping worker hands a run back. A running run goes to the claim end of its queue and
+-- keeps its attempt number (h.rc); this is not counted as a crash. A run claimed for admission goes
+-- back unchanged; a failed run with a pending hook is requeued for its hook. A running run whose
+-- cancellation was requested ends as canceled instead.
 -- KEYS[1] runs
 -- KEYS[2] leases
--- KEYS[3] index
--- KEYS[4] owned        owned:<worker id>
--- KEYS[5] ready        q:<queue>:ready
--- KEYS[6] bell         q:<queue>:bell
--- KEYS[7] limits
--- KEYS[8] held
--- KEYS[9] mutexes
+-- KEYS[3] results
+-- KEYS[4] errors
+-- KEYS[5] index
+-- KEYS[6] expiry
+-- KEYS[7] owned        owned:<worker id>
+-- KEYS[8] limits
+-- KEYS[9] held
+-- KEYS[10] mutexes
+-- KEYS[11] steps
+-- KEYS[12] attempts
+-- KEYS[13] waits
+-- KEYS[14] waiters
+-- KEYS[15..] queues    ready, sched, bell of each queue named in ARGV[5]
 -- ARGV[1] run id
 -- ARGV[2] fencing token
--- RETURNS C.OK | C.STALE
+-- ARGV[3] retention in ms
+-- ARGV[4] done channel of the run
+-- ARGV[5] queues: the run's queue, and any other queue it may hand on to, one per line
+-- RETURNS {C.OK, status} | {C.STALE} | {C.WRONG_STATUS, status} | {C.NEED_QUEUES, queue, ...}
 --!include common
+--!include transitions
 
 local id = ARGV[1]
-if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then
-  return C.STALE
+if not holds_lease(id, ARGV[2]) then return {C.STALE} end
+local h = load_run(id)
+if not expect_status(h, 'running', 'queued', 'failed') then return wrong_status(h) end
+if h.s == 'failed' and not h.h then return wrong_status(h) end
+local p, missing = plan(id, h, {running = h.s == 'running', ends = h.cr ~= nil})
+if #missing > 0 then return need_queues(missing) end
+local now = now_ms()
+if h.cr and h.s ~= 'failed' then
+  end_run(id, h, 'canceled', canceled_error(id, h, h.cx or ''), p, now,
+    {retention_ms = ARGV[3], channel = ARGV[4]})
+  return {C.OK, 'canceled'}
 end
-local h = cjson.decode(redis.call('HGET', KEYS[1], id))
-h.o = nil
 if h.s == 'running' then
   h.rc = 1
-  set_status(KEYS[3], id, h, 'queued')
+  set_status(K.index, id, h, 'queued')
 end
-redis.call('HSET', KEYS[1], id, cjson.encode(h))
-redis.call('HDEL', KEYS[2], id)
-redis.call('SREM', KEYS[4], id)
-redis.call('RPUSH', KEYS[5], id)
-ring(KEYS[6])
-release_held({runs = KEYS[1], index = KEYS[3], limits = KEYS[7], held = KEYS[8], ready = KEYS[5],
-  bell = KEYS[6]}, h.q, h.w)
-release_mutex({runs = KEYS[1], mutexes = KEYS[9], held = KEYS[8], ready = KEYS[5], bell = KEYS[6]}, id, h)
-return C.OK
+stop_running(id, h, p)
+save_run(id, h)
+redis.call('RPUSH', K.queues[h.q].ready, id)
+ring(K.queues[h.q].bell)
+return {C.OK, h.s}

@@ -1,50 +1,53 @@
--- retry: schedule the run again ARGV[3] ms from now (server time): a failed attempt that will be
--- retried, or (ARGV[5] = 1) a run deferred without ending its attempt, e.g. one this worker cannot
--- execute because it lacks the workflow's definition.
+-- retry: schedule a running run again ARGV[3] ms from now (server time): a failed attempt that will
+-- be retried, or (ARGV[5] = 1) a run deferred without ending its attempt, e.g. one this worker
+-- cannot execute because it lacks the workflow's definition. A failed run whose on_failure hook
+-- is pending is deferred the same way (it stays failed; the hook runs when it is claimed again).
 -- KEYS[1] runs
 -- KEYS[2] leases
 -- KEYS[3] errors
 -- KEYS[4] index
 -- KEYS[5] owned        owned:<worker id>
--- KEYS[6] scheduled    q:<queue>:sched
--- KEYS[7] bell         q:<queue>:bell
--- KEYS[8] limits
--- KEYS[9] held
--- KEYS[10] ready       q:<queue>:ready
--- KEYS[11] steps
--- KEYS[12] mutexes
+-- KEYS[6] limits
+-- KEYS[7] held
+-- KEYS[8] mutexes
+-- KEYS[9] attempts
+-- KEYS[10] waiters
+-- KEYS[11..] queues    ready, sched, bell of each queue named in ARGV[6]
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] delay in ms
 -- ARGV[4] error JSON of the failed attempt
 -- ARGV[5] 1 to keep the attempt number (deferral), 0 to start a new attempt when claimed
--- RETURNS C.OK | C.STALE | C.CANCELED (its cancellation was requested: end it as canceled instead)
+-- ARGV[6] queues: the run's queue, and any other queue it may hand on to, one per line
+-- RETURNS {C.OK} | {C.STALE} | {C.CANCELED} (its cancellation was requested: end it as canceled)
+--       | {C.WRONG_STATUS, status} | {C.NEED_QUEUES, queue, ...}
 --!include common
+--!include transitions
 
 local id = ARGV[1]
-if redis.call('HGET', KEYS[2], id) ~= ARGV[2] then
-  return C.STALE
-end
-local h = cjson.decode(redis.call('HGET', KEYS[1], id))
-if h.cr then
-  return C.CANCELED
-end
+if not holds_lease(id, ARGV[2]) then return {C.STALE} end
+local h = load_run(id)
+local defer = ARGV[5] == '1'
 local now = now_ms()
 local due = now + tonumber(ARGV[3])
-if ARGV[5] ~= '1' then attempt_line(KEYS[11], id, h, 'failed', ARGV[4], now) end
+if h.s == 'failed' and h.h and defer then
+  if not K.queues[h.q] then return need_queues({h.q}) end
+  disown(id, h)
+  save_run(id, h)
+  schedule_at(K.queues[h.q].sched, K.queues[h.q].bell, id, due)
+  return {C.OK}
+end
+if not expect_status(h, 'running', 'queued') then return wrong_status(h) end
+if h.cr then return {C.CANCELED} end
+local p, missing = plan(id, h, {running = h.s == 'running'})
+if #missing > 0 then return need_queues(missing) end
+if not defer then attempt_record(id, h, 'failed', ARGV[4], now) end
 h.av = due
-h.o = nil
 h.e = 1  -- an error is stored: a later success clears it
-if ARGV[5] == '1' then h.rc = 1 end
-set_status(KEYS[4], id, h, 'scheduled')
-redis.call('HSET', KEYS[1], id, cjson.encode(h))
-redis.call('HSET', KEYS[3], id, ARGV[4])
-redis.call('HDEL', KEYS[2], id)
-redis.call('SREM', KEYS[5], id)
-local head = redis.call('ZRANGE', KEYS[6], 0, 0, 'WITHSCORES')
-redis.call('ZADD', KEYS[6], due, id)
-if not head[2] or due < tonumber(head[2]) then ring(KEYS[7]) end
-release_held({runs = KEYS[1], index = KEYS[4], limits = KEYS[8], held = KEYS[9], ready = KEYS[10],
-  bell = KEYS[7]}, h.q, h.w)
-release_mutex({runs = KEYS[1], mutexes = KEYS[12], held = KEYS[9], ready = KEYS[10], bell = KEYS[7]}, id, h)
-return C.OK
+redis.call('HSET', K.errors, id, ARGV[4])
+if defer and h.a > 0 then h.rc = 1 end
+set_status(K.index, id, h, 'scheduled')
+stop_running(id, h, p)
+save_run(id, h)
+schedule_at(K.queues[h.q].sched, K.queues[h.q].bell, id, due)
+return {C.OK}

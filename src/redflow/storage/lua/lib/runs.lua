@@ -2,12 +2,12 @@
 
 -- Creates run `id` (it must not exist) queued now or scheduled at run_at; `k` holds the keys
 -- runs, inputs, index, ready, sched, bell of its queue, and children. Returns the header.
+-- (`parent_queue` is unused: a parent that waits registers itself with the child.)
 local function create_run(k, id, workflow, queue, input, max_attempts, run_at, parent, parent_queue, now)
   local h = {w = workflow, q = queue, a = 0, m = max_attempts, c = now}
   if parent and parent ~= '' then
     h.p = parent
     redis.call('ZADD', k.children, 0, parent .. ':' .. id)
-    if parent_queue and parent_queue ~= '' then h.pq = parent_queue end
   end
   local status = run_at > now and 'scheduled' or 'queued'
   local wf = wf_tag(h)
@@ -27,4 +27,14 @@ local function create_run(k, id, workflow, queue, input, max_attempts, run_at, p
   redis.call('HSET', k.runs, id, cjson.encode(h))
   redis.call('HSET', k.inputs, id, input)
   return h
+end
+
+-- True when run `parent` may not start children any more (it was canceled, or its cancellation
+-- was requested): a child started concurrently with the cancel is refused rather than orphaned.
+local function parent_canceled(runs_key, parent)
+  if not parent or parent == '' then return false end
+  local raw = redis.call('HGET', runs_key, parent)
+  if not raw then return false end
+  local h = cjson.decode(raw)
+  return h.cr ~= nil or h.s == 'canceled'
 end

@@ -1,0 +1,241 @@
+-- Transitions shared by every script that ends, stops or hands on a run. Needs common.lua. Keys
+-- come from the generated table K (names as in the script's header); K.queues maps each queue
+-- the caller named to {ready, sched, bell}.
+--
+-- Every such script first reads (expect_status, plan), returns {C.NEED_QUEUES, ...} when the plan
+-- needs a queue it was not given, and only then writes (stop_running, end_run): a refused call
+-- writes nothing.
+
+local function load_run(id)
+  local raw = redis.call('HGET', K.runs, id)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function save_run(id, h)
+  redis.call('HSET', K.runs, id, cjson.encode(h))
+end
+
+-- True when the run's status is one of the arguments.
+local function expect_status(h, ...)
+  for _, status in ipairs({...}) do
+    if h.s == status then return true end
+  end
+  return false
+end
+
+local function wrong_status(h)
+  return {C.WRONG_STATUS, h.s}
+end
+
+local function holds_lease(id, token)
+  return redis.call('HGET', K.leases, id) == token
+end
+
+-- The run leaves its worker: no lease, not in the owned set the caller named.
+local function disown(id, h)
+  redis.call('HDEL', K.leases, id)
+  if K.owned then redis.call('SREM', K.owned, id) end
+  h.o = nil
+end
+
+-- Held runs wait outside the ready lists, in FIFO order per group, in zset `held` (lex):
+-- c:<tag(workflow)><seq>:<id> for max_concurrency, m:<tag(mutex field)><seq>:<id> for a mutex,
+-- t:<tag(throttle group)><seq>:<id> for a throttle window (h.tq is the member, h.tg the group).
+local function held_prefix(kind, group)
+  return kind .. ':' .. tag(group)
+end
+
+local function held_add(kind, group, id)
+  local member = held_prefix(kind, group) .. string.format('%013d', redis.call('INCR', K.seq)) .. ':' .. id
+  redis.call('ZADD', K.held, 0, member)
+  return member
+end
+
+local function held_first(kind, group, n)
+  local p = held_prefix(kind, group)
+  return redis.call('ZRANGEBYLEX', K.held, '[' .. p, '[' .. p .. '\255', 'LIMIT', 0, n)
+end
+
+-- Mutexes: hash `mutexes` maps <tag(wf)><key> (h.mf) to the run holding it, only while it runs.
+local function mutex_free_for(id, h)
+  if not h.mf then return true end
+  local holder = redis.call('HGET', K.mutexes, h.mf)
+  return not holder or holder == id
+end
+
+local function need_queues(missing)
+  local out = {C.NEED_QUEUES}
+  for _, q in ipairs(missing) do out[#out + 1] = q end
+  return out
+end
+
+-- What run `id` hands on when it stops running (opts.running: it was counted as running) or ends
+-- (opts.ends): the next waiter of its mutex, runs held for its workflow's capacity, the next run
+-- of its throttle queue, and the parents waiting for it. Reads only. Returns the plan and the
+-- queues it needs that the caller did not name.
+local function plan(id, h, opts)
+  local p = {moves = {}, parents = {}}
+  local missing, asked = {}, {}
+  local function need(q)
+    if not K.queues[q] and not asked[q] then
+      asked[q] = true
+      missing[#missing + 1] = q
+    end
+  end
+  local function move(member)
+    local mid = id_of(member)
+    local r = load_run(mid)
+    if r then
+      p.moves[#p.moves + 1] = {member = member, id = mid, q = r.q}
+      need(r.q)
+    else
+      p.moves[#p.moves + 1] = {member = member}
+    end
+  end
+  need(h.q)
+  if h.mf and redis.call('HGET', K.mutexes, h.mf) == id then
+    p.free_mutex = true
+    local first = held_first('m', h.mf, 1)[1]
+    if first then move(first) end
+  end
+  if opts.running then
+    local limit = redis.call('HGET', K.limits, h.w)
+    local free = 100  -- no limit any more: release what was held under the old one, in batches
+    if limit then free = tonumber(limit) - (running_count(K.index, h.w) - 1) end
+    if free > 0 then
+      for _, member in ipairs(held_first('c', h.w, free)) do move(member) end
+    end
+  end
+  if h.tq then
+    -- Leaving a throttle queue at its head hands the head to the next run in it.
+    local two = held_first('t', h.tg, 2)
+    if two[1] == h.tq and two[2] then
+      p.next_throttled = two[2]
+      local r = load_run(id_of(two[2]))
+      if r then need(r.q) end
+    end
+  end
+  if opts.ends then
+    local prefix = 'c:' .. id .. ':'
+    for _, member in ipairs(redis.call('ZRANGEBYLEX', K.waiters, '[' .. prefix, '[' .. prefix .. '\255')) do
+      local parent = string.sub(member, #prefix + 1)
+      local r = load_run(parent)
+      if r then
+        p.parents[#p.parents + 1] = {id = parent, q = r.q}
+        need(r.q)
+      end
+    end
+  end
+  return p, missing
+end
+
+-- Moves a held run to the claim end of its queue.
+local function unhold(mv)
+  redis.call('ZREM', K.held, mv.member)
+  if not mv.id then return end
+  local r = load_run(mv.id)
+  if r and r.hd == mv.member then
+    r.hd = nil
+    save_run(mv.id, r)
+    local q = K.queues[mv.q]
+    redis.call('RPUSH', q.ready, mv.id)
+    ring(q.bell)
+  end
+end
+
+-- Sends the head of a throttle queue to admission (it stays in the queue until admitted).
+local function wake_throttled(member)
+  local mid = id_of(member)
+  local r = load_run(mid)
+  if not r or r.tq ~= member then
+    redis.call('ZREM', K.held, member)
+    return
+  end
+  local q = K.queues[r.q]
+  if r.s == 'scheduled' then
+    redis.call('ZREM', q.sched, mid)
+    set_status(K.index, mid, r, 'queued')
+    save_run(mid, r)
+  end
+  redis.call('RPUSH', q.ready, mid)
+  ring(q.bell)
+end
+
+-- Applies a plan: the run stops running (or waiting, or being held) and hands on what it held.
+-- With keep_owner the lease and owned entry stay (a failure whose on_failure hook is pending).
+local function stop_running(id, h, p, keep_owner)
+  if not keep_owner then disown(id, h) end
+  if p.free_mutex then redis.call('HDEL', K.mutexes, h.mf) end
+  if h.hd then
+    redis.call('ZREM', K.held, h.hd)
+    h.hd = nil
+  end
+  if h.tq then
+    redis.call('ZREM', K.held, h.tq)
+    h.tq, h.tg = nil, nil
+  end
+  for _, mv in ipairs(p.moves) do unhold(mv) end
+  if p.next_throttled then wake_throttled(p.next_throttled) end
+end
+
+-- Drops the pending durable wait of a run that ends without resuming.
+local function drop_wait(id)
+  local wraw = redis.call('HGET', K.waits, id)
+  if wraw then
+    local w = cjson.decode(wraw)
+    if w.m then redis.call('ZREM', K.waiters, w.m) end
+    redis.call('HDEL', K.waits, id)
+  end
+end
+
+-- Appends the end of attempt h.a to the run's attempt records.
+local function attempt_record(id, h, status, payload, now)
+  -- HSETNX: the first ending of an attempt is its record (a retry's failure is not overwritten by a
+  -- later cancel of the scheduled run).
+  redis.call('HSETNX', K.attempts, id .. ':' .. h.a, '{"a":' .. h.a .. ',"o":' .. payload .. ',"t0":' ..
+    (h.st or now) .. ',"t1":' .. now .. ',"r":"' .. status .. '"}')
+end
+
+-- The one place a run ends. Writes the status, the output or error, the attempt record (every
+-- ending but success, whose record is the run itself), the retention deadline and the done
+-- message; ends its stream; drops its wait and due time; hands on what it held (plan) and resumes
+-- every parent waiting for it. opts: retention_ms, channel, keep_owner (on_failure pending).
+local function end_run(id, h, status, payload, p, now, opts)
+  local was = h.s
+  h.f = now
+  if status ~= 'succeeded' and h.a > 0 then attempt_record(id, h, status, payload, now) end
+  set_status(K.index, id, h, status)
+  if status == 'succeeded' then
+    redis.call('HSET', K.results, id, payload)
+    if h.e then
+      redis.call('HDEL', K.errors, id)
+      h.e = nil
+    end
+  else
+    redis.call('HSET', K.errors, id, payload)
+  end
+  if was == 'scheduled' or was == 'queued' then
+    drop_wait(id)
+    redis.call('ZREM', K.queues[h.q].sched, id)
+  end
+  h.rc = nil
+  if opts.keep_owner then h.h = 1 end
+  stop_running(id, h, p, opts.keep_owner)
+  save_run(id, h)
+  redis.call('ZADD', K.expiry, now + tonumber(opts.retention_ms), id)
+  -- The message carries the outcome when it is small, so a waiting result() needs no read.
+  if #payload <= 16384 then
+    redis.call('PUBLISH', opts.channel, status .. '\n' .. payload)
+  else
+    redis.call('PUBLISH', opts.channel, status)
+  end
+  if K.stream and redis.call('EXISTS', K.stream) == 1 then
+    redis.call('XADD', K.stream, '*', 'end', status)  -- tells stream readers the run ended
+  end
+  for _, parent in ipairs(p.parents) do
+    local q = K.queues[parent.q]
+    resume_waiter({runs = K.runs, index = K.index, waits = K.waits, waiters = K.waiters, steps = K.steps,
+      ready = q.ready, sched = q.sched, bell = q.bell}, parent.id, 'child', id, status, payload, now)
+  end
+end
