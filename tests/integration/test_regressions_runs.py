@@ -397,3 +397,79 @@ async def test_no_child_starts_for_a_parent_whose_cancel_was_requested(
     with pytest.raises(CanceledError):
         await client.run_by_name(child.name, None, parent_run_id=handle.id)
     assert await store.children_of(handle.id) == []
+
+
+async def _hook_settled(client: RedflowClient, run_id: str) -> bool:
+    import json
+
+    raw = await client.redis.execute("HGET", client.keys.runs, run_id)  # wire names: s status, h hook pending
+    lease = await client.redis.execute("HGET", client.keys.leases, run_id)
+    header = json.loads(raw) if raw else {}
+    return header.get("s") == "failed" and "h" not in header and lease is None
+
+
+async def test_on_failure_runs_once_when_recording_it_ran_fails_once(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redflow._redis.errors import ConnectionClosedError
+    from redflow.storage.store import Store
+
+    calls: list[str] = []
+    real = Store.hook_done
+    lost = {"n": 0}
+
+    async def lossy(self: Store, *args: Any, **kwargs: Any) -> Any:
+        if lost["n"] == 0:
+            lost["n"] += 1
+            raise ConnectionClosedError("connection cut")  # the request never reached the server
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "hook_done", lossy)
+
+    async def handler(ctx: WorkflowHandlerContext) -> None:
+        raise RuntimeError("fails for good")
+
+    async def on_failure(ctx: Any) -> None:
+        calls.append(ctx.run.id)
+
+    wf = define_workflow("hooked", handler=handler, max_attempts=1, on_failure=on_failure, registry=registry)
+    await make_worker(lease_ms=1500)
+    handle = await client.enqueue_definition(wf, None)
+    await wait_until(lambda: _hook_settled(client, handle.id), timeout_s=15, what="on_failure recorded")
+    assert calls == [handle.id]
+
+
+async def test_on_failure_claimed_by_a_worker_without_the_definition_is_deferred_not_skipped(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redflow.worker import executor
+
+    monkeypatch.setattr(executor, "UNKNOWN_WORKFLOW_DEFER_MS", 100)
+    calls: list[str] = []
+
+    async def on_failure(ctx: Any) -> None:
+        calls.append(ctx.run.id)
+
+    wf = define_workflow("hook-elsewhere", handler=_noop, on_failure=on_failure, registry=registry)
+    store = client.store
+    handle = await client.enqueue_definition(wf, None)
+    await store.heartbeat("w", 60_000, 60_000, False)
+    _, _, runs = await store.claim("w", ["default"], 1, 10)
+    code, status = await store.finish(handle.id, runs[0].token, "w", "failed", b'{"message":"x"}', True, 60_000,
+                                      "default")
+    assert (code, status) == (Code.OK, "failed")
+    await client.redis.execute("ZADD", client.keys.workers, 0, "w")  # w dies before running on_failure
+    leader = (await store.heartbeat("boss", 60_000, 60_000, True)).leader
+    await store.reap(leader, "w", 3, 60_000, 10)
+    # A worker of an older build, without this workflow, claims the hook first.
+    stranger = await make_worker(registry=WorkflowRegistry())
+
+    async def deferred() -> bool:
+        return await client.redis.execute("ZSCORE", client.keys.scheduled("default"), handle.id) is not None
+
+    await wait_until(deferred, what="hook deferred by the worker without the definition")
+    await stranger.stop(grace_period_ms=0)
+    await make_worker()
+    await wait_until(lambda: calls, what="on_failure ran on a worker with the definition")
+    await wait_until(lambda: _hook_settled(client, handle.id), what="on_failure recorded")
+    assert calls == [handle.id]
