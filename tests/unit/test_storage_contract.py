@@ -79,6 +79,7 @@ def test_script_return_codes_are_enum_members(name: str) -> None:
         assert code in Code.__members__, f"{name} returns unknown code C.{code}"
     body = raw.split("\n\n", 1)[-1]
     assert not re.search(r"return\s+\{?\s*-?\d", body), f"{name} returns a bare number"
+    assert not re.search(r"return\s+C\.", body), f"{name} returns a bare code: every script returns {{code, ...}}"
 
 
 def test_no_script_builds_key_names() -> None:

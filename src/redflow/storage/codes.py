@@ -20,7 +20,6 @@ class Code(IntEnum):
     NOT_FOUND = 7
     RESOLVED = 8  # a wait was satisfied at once (event already buffered, child already ended)
     CANCELED = 9  # the run's cancellation was requested: it must end as canceled
-    RETRY = 10  # emit: the caller did not name every queue the delivery needs; nothing was written
     TERMINAL = 11  # the run already ended
     NEED_QUEUES = 12  # the transition needs the keys of the queues listed after the code; nothing was written
     WRONG_STATUS = 13  # the run is not in a state this transition starts from; the current status follows

@@ -251,7 +251,7 @@ class EventStore:
                 ),
             )
             code = Code(reply[0])
-            if code is Code.RETRY:
+            if code is Code.NEED_QUEUES:
                 queues = sorted(set(queues) | {q.decode() for q in reply[1:]})
                 continue
             if code in (Code.CREATED, Code.EXISTING):

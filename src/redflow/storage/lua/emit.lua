@@ -2,7 +2,7 @@
 -- batch) and the resumption of every run waiting for this event name and correlation key. An event
 -- with a future emit time is recorded as pending and delivered later by the leader (ARGV[9] =
 -- 'deliver'). Delivery is all-or-nothing: the caller names the queues it expects; if a subscriber or
--- waiter needs a queue it did not name, nothing is written and C.RETRY lists what to add.
+-- waiter needs a queue it did not name, nothing is written and C.NEED_QUEUES lists what to add.
 -- KEYS[1] runs
 -- KEYS[2] inputs
 -- KEYS[3] index
@@ -39,7 +39,7 @@
 -- ARGV[16] run id suffix ('-<partition>')
 -- ARGV[17] number of queues named below
 -- ARGV[18..] queue names
--- RETURNS {C.CREATED|C.EXISTING, event id, status, record JSON} | {C.RETRY, missing queue, ...}
+-- RETURNS {C.CREATED|C.EXISTING, event id, status, record JSON} | {C.NEED_QUEUES, missing queue, ...}
 --       | {C.NOT_FOUND} (deliver of an unknown event) | {C.TERMINAL, event id} (conflicting reuse)
 --!include common
 --!include runs
@@ -145,7 +145,7 @@ if ARGV[12] ~= '' then
   end
 end
 if #missing > 0 then
-  local out = {C.RETRY}
+  local out = {C.NEED_QUEUES}
   for _, q in ipairs(missing) do out[#out + 1] = q end
   return out
 end

@@ -5,7 +5,7 @@
 -- KEYS[2] leader
 -- KEYS[3] owned        owned:<worker id>
 -- ARGV[1] worker id
--- RETURNS C.OK
+-- RETURNS {C.OK}
 
 local mine = ARGV[1] .. ':'
 local leader = redis.call('GET', KEYS[2])
@@ -17,4 +17,4 @@ if redis.call('SCARD', KEYS[3]) == 0 then
 else
   redis.call('ZADD', KEYS[1], 0, ARGV[1])
 end
-return C.OK
+return {C.OK}
