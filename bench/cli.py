@@ -15,8 +15,12 @@ from typing import Any
 
 from . import server, snapshot
 from .baselines_runner import BASELINES, Baseline, DriverParams, drain_n, prepare, run_driver, selected_scenarios
-from .redflow_scenarios import SCENARIOS, Params, Scenarios
+from .redflow_scenarios import SCENARIOS as BASE_SCENARIOS
+from .redflow_scenarios import Params, Scenarios
 from .report import Results
+from .step_history import EXTRA_SCENARIOS
+
+SCENARIOS = (*BASE_SCENARIOS, *EXTRA_SCENARIOS)  # the extra ones are functions of a Scenarios object
 
 QUICK = Params(n=3000, serial_n=1000, batched_n=5000, latency_n=200, latency_budget_s=10.0, idle_s=5.0,
                cleanup_n=20_000)
@@ -135,7 +139,7 @@ async def run_ours_rep(sc: Scenarios, names: list[str], results: Results, rep: i
     for name in names:
         t = time.monotonic()
         try:
-            metrics = await getattr(sc, name)()
+            metrics = await (EXTRA_SCENARIOS[name](sc) if name in EXTRA_SCENARIOS else getattr(sc, name)())
         except Exception as exc:
             results.systems["redflow"].errors.append(f"rep {rep + 1}, {name}: {type(exc).__name__}: {exc}")
             print(f"   redflow {name}: FAILED {exc}", flush=True)
