@@ -239,11 +239,10 @@ class QueriesMixin:
     async def reset_runs(self) -> int:
         """Development only: delete every run and event under the prefix, keep workflow registrations;
         returns how many keys were deleted."""
-        from .storage.event_store import registration_keys
 
         k = self.keys
         keep = {k.version, k.workflows, k.subscribers, k.subscriber_index, k.crons, k.cron_last, k.cron_version,
-                k.limits, k.admission, k.workers, k.leader, k.epoch, k.seq, *registration_keys(k)}
+                k.limits, k.admission, k.workers, k.leader, k.epoch, k.seq, k.registrations, k.cron_orphans}
         return await self._delete_prefix(keep)
 
     async def reset_state(self) -> int:

@@ -10,7 +10,7 @@ from ..encoding import decode, encode
 from ..errors import ConfigurationError
 from ..validation import json_schema_issues, validation_error
 from .codes import Code
-from .keys import PartitionKeys, event_member_prefix, tag
+from .keys import event_member_prefix, tag
 from .store import Store
 
 EVENT_BUFFER_BOUND = 64
@@ -18,12 +18,6 @@ EVENT_BUFFER_BOUND = 64
 REGISTRATION_GRACE_MS = 15_000
 # Registrations of workers absent from the workers set are forgotten this long after they were made.
 REGISTRATION_RETENTION_MS = 3_600_000
-
-
-def registration_keys(k: PartitionKeys) -> tuple[str, str]:
-    """The hashes of registrations (worker id -> {"workflows": [...], "at": ms}: what each started
-    worker defines) and of orphaned cron triggers (trigger id -> {"workflow", "since": slot ms})."""
-    return f"{k.base}:registrations", f"{k.base}:cron_orphans"
 
 
 class EventStore:
@@ -35,11 +29,11 @@ class EventStore:
     # --- registration ------------------------------------------------------------------------------
     @property
     def registrations_key(self) -> str:
-        return registration_keys(self.keys)[0]
+        return self.keys.registrations
 
     @property
     def cron_orphans_key(self) -> str:
-        return registration_keys(self.keys)[1]
+        return self.keys.cron_orphans
 
     async def register(
         self,

@@ -57,6 +57,8 @@ Key (type) — contents — lifetime:
   crons (hash)            trigger id -> cron trigger definition           permanent
   cron_last (hash)        trigger id -> last slot fired or skipped (ms)   permanent
   cron_version (string)   bumped when triggers change                     permanent
+  registrations (hash)    worker id -> {workflows, at}: what each started worker defines  pruned at start
+  cron_orphans (hash)     trigger id -> {workflow, since}: triggers no live worker serves  while orphaned
 Channels: done:<run id> (a run reached a terminal status; payload = status, then a newline and the
 output or error JSON when it is small); ctl:<worker id>
 (cancellation requests for runs that worker holds; payload = run id).
@@ -101,6 +103,7 @@ class PartitionKeys:
         "cascade",
         "children",
         "cron_last",
+        "cron_orphans",
         "cron_version",
         "crons",
         "epoch",
@@ -121,6 +124,7 @@ class PartitionKeys:
         "mutexes",
         "partition",
         "prefix",
+        "registrations",
         "results",
         "runs",
         "seq",
@@ -173,6 +177,8 @@ class PartitionKeys:
         self.crons = f"{base}:crons"
         self.cron_last = f"{base}:cron_last"
         self.cron_version = f"{base}:cron_version"
+        self.registrations = f"{base}:registrations"
+        self.cron_orphans = f"{base}:cron_orphans"
 
     def owned(self, worker_id: str) -> str:
         return f"{self.base}:owned:{worker_id}"
