@@ -15,8 +15,8 @@
 -- KEYS[9] attempts
 -- KEYS[10] waits
 -- KEYS[11] waiters
--- KEYS[12] throttle_counter   tb:<wf>:<key> (a placeholder without throttle)
--- KEYS[13] rate_counter       rb:<wf>:<key> (a placeholder without rate limit)
+-- KEYS[12] throttle_counter   tb:<n>:<wf>:<key> (a placeholder without throttle)
+-- KEYS[13] rate_counter       rb:<n>:<wf>:<key> (a placeholder without rate limit)
 -- KEYS[14] mutexes
 -- KEYS[15] held
 -- KEYS[16] seq
@@ -31,8 +31,8 @@
 -- ARGV[7] 1 when an on_failure hook must run after a rate-limit failure
 -- ARGV[8] retention in ms
 -- ARGV[9] done channel of the run
--- ARGV[10] mutex field <tag(wf)><key> ('' = no mutex)
--- ARGV[11] throttle group <tag(wf)><key> ('' = no throttle)
+-- ARGV[10] mutex field <tag(wf)><tag(key)> ('' = no mutex)
+-- ARGV[11] throttle group <tag(wf)><tag(key)> ('' = no throttle)
 -- ARGV[12] queues: the run's queue, and any other queue it may hand on to, one per line
 -- RETURNS {C.OK, header JSON} (started: status running, attempt 1)
 --       | {C.THROTTLED, due ms, or -1 behind other throttled runs} | {C.RATE_LIMITED, retry after ms}

@@ -10,10 +10,10 @@
 -- KEYS[8] expiry
 -- KEYS[9] children
 -- KEYS[10] events
--- KEYS[11] event data
--- KEYS[12] event index
--- KEYS[13] event expiry
--- KEYS[14] event buffer
+-- KEYS[11] event_data
+-- KEYS[12] event_index
+-- KEYS[13] event_expiry
+-- KEYS[14] event_buffer
 -- KEYS[15] attempts
 -- ARGV[1] max runs (and max events) to delete
 -- ARGV[2] cut-off in epoch ms (0 = server time now)

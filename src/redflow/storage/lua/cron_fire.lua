@@ -2,7 +2,7 @@
 -- the last slot fired or skipped for the trigger, so leader changes, racing leaders and redeploys
 -- cannot fire a slot twice; the run id is derived from (trigger, slot) as well. A slot is skipped
 -- (and recorded as handled) when the workflow already has ARGV[8] runs running.
--- KEYS[1] cron last
+-- KEYS[1] cron_last
 -- KEYS[2] runs
 -- KEYS[3] inputs
 -- KEYS[4] index

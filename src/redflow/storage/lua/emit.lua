@@ -7,18 +7,18 @@
 -- KEYS[2] inputs
 -- KEYS[3] index
 -- KEYS[4] events
--- KEYS[5] event data
--- KEYS[6] event index
--- KEYS[7] event expiry
--- KEYS[8] event buffer
--- KEYS[9] events due
--- KEYS[10] subscriber index
+-- KEYS[5] event_data
+-- KEYS[6] event_index
+-- KEYS[7] event_expiry
+-- KEYS[8] event_buffer
+-- KEYS[9] events_due
+-- KEYS[10] subscriber_index
 -- KEYS[11] subscribers
 -- KEYS[12] waits
 -- KEYS[13] waiters
 -- KEYS[14] steps
 -- KEYS[15] children
--- KEYS[16] event idempotency  evidem:<event>:<key> (a placeholder when ARGV[7] is 0)
+-- KEYS[16] event_idempotency  evidem:<n>:<event>:<key> (a placeholder when ARGV[7] is 0)
 -- KEYS[17..] ready, scheduled, bell of each queue named in ARGV[18..], in that order
 -- ARGV[1] event id
 -- ARGV[2] event name

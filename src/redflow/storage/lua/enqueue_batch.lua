@@ -12,7 +12,7 @@
 -- ARGV[3] max attempts
 -- ARGV[4] number of runs n
 -- ARGV[5] run_at, epoch ms (0 = now)
--- ARGV[6..5+n] run ids, then ARGV[6+n..5+2n] their input JSON
+-- ARGV[6..] n run ids, then their n input JSON documents
 -- RETURNS {C.CREATED, runs created}
 --!include common
 

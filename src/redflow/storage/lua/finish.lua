@@ -1,7 +1,7 @@
 -- finish: end a running run as succeeded, failed or canceled, if the caller holds the current token.
--- A run whose cancellation was requested ends as canceled whatever the handler returned. With
--- ARGV[5] = 1 a failure keeps the run owned (token and owned set) until its on_failure hook has run;
--- hook_done releases it: the terminal status is durable before any hook runs. Every parent waiting
+-- A run whose cancellation was requested ends as canceled whatever the handler returned. A failure
+-- that must run an on_failure hook (ARGV 5 is 1) keeps the run owned (token and owned set) until the
+-- hook has run; hook_done releases it: the terminal status is durable before any hook runs. Every parent waiting
 -- for this run is resumed with its outcome.
 -- KEYS[1] runs
 -- KEYS[2] leases

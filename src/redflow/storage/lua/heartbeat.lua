@@ -3,8 +3,8 @@
 -- KEYS[1] workers
 -- KEYS[2] leader
 -- KEYS[3] epoch
--- KEYS[4] cron version
--- KEYS[5] events due
+-- KEYS[4] cron_version
+-- KEYS[5] events_due
 -- ARGV[1] worker id
 -- ARGV[2] liveness lease in ms
 -- ARGV[3] leader lease in ms

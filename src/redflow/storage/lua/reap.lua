@@ -68,7 +68,8 @@ elseif h.s == 'running' or h.s == 'queued' then
 else
   outcome = 'gone'
 end
-local p, missing = plan(id, h, {running = h.s == 'running', ends = outcome == 'canceled' or outcome == 'crashed'})
+local ends = outcome == 'canceled' or outcome == 'crashed'
+local p, missing = plan(id, h, {running = h.s == 'running', ends = ends, keep_place = not ends})
 if #missing > 0 then return need_queues(missing) end
 local channel = ARGV[5] .. id
 local q = K.queues[h.q]

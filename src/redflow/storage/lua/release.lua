@@ -31,7 +31,7 @@ if not holds_lease(id, ARGV[2]) then return {C.STALE} end
 local h = load_run(id)
 if not expect_status(h, 'running', 'queued', 'failed') then return wrong_status(h) end
 if h.s == 'failed' and not h.h then return wrong_status(h) end
-local p, missing = plan(id, h, {running = h.s == 'running', ends = h.cr ~= nil})
+local p, missing = plan(id, h, {running = h.s == 'running', ends = h.cr ~= nil, keep_place = not h.cr})
 if #missing > 0 then return need_queues(missing) end
 local now = now_ms()
 if h.cr and h.s ~= 'failed' then

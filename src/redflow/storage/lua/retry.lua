@@ -11,8 +11,7 @@
 -- KEYS[7] held
 -- KEYS[8] mutexes
 -- KEYS[9] attempts
--- KEYS[10] waiters
--- KEYS[11..] queues    ready, sched, bell of each queue named in ARGV[6]
+-- KEYS[10..] queues    ready, sched, bell of each queue named in ARGV[6]
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] delay in ms

@@ -72,10 +72,11 @@ end
 
 -- What run `id` hands on when it stops running (opts.running: it was counted as running) or ends
 -- (opts.ends): the next waiter of its mutex, runs held for its workflow's capacity, the next run
--- of its throttle queue, and the parents waiting for it. Reads only. Returns the plan and the
--- queues it needs that the caller did not name.
+-- of its throttle queue (unless opts.keep_place: a run handed back keeps its place in that queue),
+-- and the parents waiting for it. Reads only. Returns the plan and the queues it needs that the
+-- caller did not name.
 local function plan(id, h, opts)
-  local p = {moves = {}, parents = {}}
+  local p = {moves = {}, parents = {}, keep_place = opts.keep_place}
   local missing, asked = {}, {}
   local function need(q)
     if not K.queues[q] and not asked[q] then
@@ -107,7 +108,7 @@ local function plan(id, h, opts)
       for _, member in ipairs(held_first('c', h.w, free)) do move(member) end
     end
   end
-  if h.tq then
+  if h.tq and not opts.keep_place then
     -- Leaving a throttle queue at its head hands the head to the next run in it.
     local two = held_first('t', h.tg, 2)
     if two[1] == h.tq and two[2] then
@@ -171,7 +172,7 @@ local function stop_running(id, h, p, keep_owner)
     redis.call('ZREM', K.held, h.hd)
     h.hd = nil
   end
-  if h.tq then
+  if h.tq and not p.keep_place then
     redis.call('ZREM', K.held, h.tq)
     h.tq, h.tg = nil, nil
   end
@@ -191,6 +192,7 @@ end
 
 -- Appends the end of attempt h.a to the run's attempt records.
 local function attempt_record(id, h, status, payload, now)
+  if h.a == 0 then return end  -- no attempt started (a run refused or deferred at admission)
   -- HSETNX: the first ending of an attempt is its record (a retry's failure is not overwritten by a
   -- later cancel of the scheduled run).
   redis.call('HSETNX', K.attempts, id .. ':' .. h.a, '{"a":' .. h.a .. ',"o":' .. payload .. ',"t0":' ..
@@ -204,7 +206,7 @@ end
 local function end_run(id, h, status, payload, p, now, opts)
   local was = h.s
   h.f = now
-  if status ~= 'succeeded' and h.a > 0 then attempt_record(id, h, status, payload, now) end
+  if status ~= 'succeeded' then attempt_record(id, h, status, payload, now) end
   set_status(K.index, id, h, status)
   if status == 'succeeded' then
     redis.call('HSET', K.results, id, payload)
