@@ -60,7 +60,8 @@ def test_script_header_matches_body(name: str) -> None:
 
 
 NAMED_KEY_SCRIPTS = ("claim", "step", "finish", "hook_done", "retry", "release", "reap", "suspend", "cancel", "admit",
-                     "history")
+                     "history", "enqueue", "enqueue_batch", "debounce", "heartbeat", "resign", "cleanup",
+                     "stream_write", "resume_input")
 
 
 @pytest.mark.parametrize("name", NAMED_KEY_SCRIPTS)

@@ -110,15 +110,13 @@ class Store:
         """Create a run: (CREATED | EXISTING, run id, status), or (CANCELED, '', '') when its parent
         was canceled."""
         k = self.keys
-        keys = [k.runs, k.inputs, k.index, k.ready(queue), k.scheduled(queue), k.bell(queue), k.children]
-        ttl = 0
-        if idempotency_key is not None:
-            keys.append(k.idempotency(workflow, idempotency_key))
-            ttl = idempotency_ttl_s
-        reply = await self.scripts.call(
+        ttl = idempotency_ttl_s if idempotency_key is not None else 0
+        reply = await self.scripts.run(
             "enqueue",
-            keys,
             (run_id, workflow, queue, input_json, max_attempts, run_at_ms, ttl, parent_run_id or ""),
+            ready=k.ready(queue), scheduled=k.scheduled(queue), bell=k.bell(queue),
+            # Read only when a TTL is given; otherwise a key of the same slot stands in.
+            idempotency=k.idempotency(workflow, idempotency_key or ""),
         )
         if reply[0] == Code.CANCELED:
             return Code.CANCELED, "", ""
@@ -128,10 +126,9 @@ class Store:
         self, run_ids: list[str], workflow: str, queue: str, inputs: list[bytes], max_attempts: int, run_at_ms: int
     ) -> int:
         k = self.keys
-        reply = await self.scripts.call(
-            "enqueue_batch",
-            (k.runs, k.inputs, k.index, k.ready(queue), k.scheduled(queue), k.bell(queue)),
-            (workflow, queue, max_attempts, len(run_ids), run_at_ms, *run_ids, *inputs),
+        reply = await self.scripts.run(
+            "enqueue_batch", (workflow, queue, max_attempts, len(run_ids), run_at_ms, *run_ids, *inputs),
+            ready=k.ready(queue), scheduled=k.scheduled(queue), bell=k.bell(queue),
         )
         return int(reply[1])
 
@@ -140,11 +137,9 @@ class Store:
         period_ms: int, timeout_ms: int, parent_run_id: str | None,
     ) -> tuple[Code, str, str]:
         k = self.keys
-        reply = await self.scripts.call(
-            "debounce",
-            (k.runs, k.inputs, k.index, k.ready(queue), k.scheduled(queue), k.bell(queue), k.children,
-             k.debounce(workflow, key)),
-            (run_id, workflow, queue, input_json, max_attempts, period_ms, timeout_ms, parent_run_id or ""),
+        reply = await self.scripts.run(
+            "debounce", (run_id, workflow, queue, input_json, max_attempts, period_ms, timeout_ms, parent_run_id or ""),
+            ready=k.ready(queue), scheduled=k.scheduled(queue), bell=k.bell(queue), debounce=k.debounce(workflow, key),
         )
         if reply[0] == Code.CANCELED:
             return Code.CANCELED, "", ""
@@ -275,9 +270,8 @@ class Store:
     async def stream_write(
         self, run_id: str, token: bytes, attempt: int, value: bytes, retention_ms: int, max_len: int
     ) -> tuple[Code, str, int]:
-        k = self.keys
-        reply = await self.scripts.call(
-            "stream_write", (k.leases, k.stream(run_id)), (run_id, token, attempt, value, retention_ms, max_len)
+        reply = await self.scripts.run(
+            "stream_write", (run_id, token, attempt, value, retention_ms, max_len), stream=self.keys.stream(run_id)
         )
         code = Code(reply[0])
         if code is not Code.OK:
@@ -290,10 +284,9 @@ class Store:
 
     async def resume_input(self, run_id: str, queue: str, form: bytes, new_input: bytes | None) -> tuple[Code, str]:
         k = self.keys
-        reply = await self.scripts.call(
-            "resume_input",
-            (k.runs, k.inputs, k.index, k.waits, k.waiters, k.steps, k.ready(queue), k.scheduled(queue), k.bell(queue)),
-            (run_id, form, new_input or b""),
+        reply = await self.scripts.run(
+            "resume_input", (run_id, form, new_input or b""),
+            ready=k.ready(queue), scheduled=k.scheduled(queue), bell=k.bell(queue),
         )
         return Code(reply[0]), reply[1].decode() if len(reply) > 1 else ""
 
@@ -315,18 +308,13 @@ class Store:
     async def heartbeat(
         self, worker_id: str, lease_ms: int, leader_lease_ms: int, stand: bool
     ) -> Heartbeat:
-        k = self.keys
-        reply = await self.scripts.call(
-            "heartbeat", (k.workers, k.leader, k.epoch, k.cron_version, k.events_due),
-            (worker_id, lease_ms, leader_lease_ms, 1 if stand else 0),
-        )
+        reply = await self.scripts.run("heartbeat", (worker_id, lease_ms, leader_lease_ms, 1 if stand else 0))
         return Heartbeat(
             int(reply[1]), reply[2].decode(), int(reply[3]), int(reply[4]), int(reply[5]), int(reply[6])
         )
 
     async def resign(self, worker_id: str) -> None:
-        k = self.keys
-        await self.scripts.call("resign", (k.workers, k.leader, k.owned(worker_id)), (worker_id,))
+        await self.scripts.run("resign", (worker_id,), owned=self.keys.owned(worker_id))
 
     async def lapsed_workers(self, limit: int) -> list[str]:
         k = self.keys
@@ -368,13 +356,7 @@ class Store:
 
     async def cleanup(self, limit: int, cutoff_ms: int = 0, what: str = "both") -> tuple[int, int]:
         """Delete runs and events past retention: (runs deleted, events deleted)."""
-        k = self.keys
-        reply = await self.scripts.call(
-            "cleanup",
-            (k.runs, k.inputs, k.results, k.errors, k.steps, k.leases, k.index, k.expiry, k.children,
-             k.events, k.event_data, k.event_index, k.event_expiry, k.event_buffer, k.attempts),
-            (limit, cutoff_ms, what),
-        )
+        reply = await self.scripts.run("cleanup", (limit, cutoff_ms, what))
         return int(reply[1]), int(reply[2])
 
     # --- reads ---------------------------------------------------------------------------------------
