@@ -162,3 +162,36 @@ def test_keys_refuse_braces_and_tag_the_partition() -> None:
     assert partition_of("01ABC-p0") == "p0"
     with pytest.raises(ValueError):
         partition_of("nodash")
+
+
+def _helper_keys(helper: str) -> set[str]:
+    """Keys a helper of lib/transitions.lua reads or writes (K.<name>), including helpers it calls."""
+    lib = _read("lib/transitions.lua") + _read("lib/common.lua")
+    bodies = dict(re.findall(r"^local function (\w+)\(.*?\)\n(.*?)^end\n", lib, re.MULTILINE | re.DOTALL))
+    seen: set[str] = set()
+    keys: set[str] = set()
+
+    def walk(name: str) -> None:
+        if name in seen or name not in bodies:
+            return
+        seen.add(name)
+        keys.update(re.findall(r"\bK\.(\w+)", bodies[name]))
+        for called in re.findall(r"\b(\w+)\(", bodies[name]):
+            walk(called)
+
+    walk(helper)
+    return keys - {"queues", "owned", "stream"}  # queues are named per call; owned and stream are optional
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_scripts_declare_every_key_their_helpers_touch(name: str) -> None:
+    raw = _read(f"{name}.lua")
+    if "--!include transitions" not in raw:
+        return
+    body = raw.split("\n\n", 1)[-1]
+    declared = set(load_scripts()[name].key_names)
+    for helper in ("end_run", "stop_running", "plan", "wake_throttled", "disown", "held_add", "load_run",
+                   "attempt_record", "drop_wait", "holds_lease", "mutex_free_for", "held_first"):
+        if re.search(rf"\b{helper}\(", body):
+            missing = _helper_keys(helper) - declared
+            assert not missing, f"{name} calls {helper}, which needs keys {sorted(missing)}"

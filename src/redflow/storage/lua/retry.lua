@@ -11,7 +11,8 @@
 -- KEYS[7] held
 -- KEYS[8] mutexes
 -- KEYS[9] attempts
--- KEYS[10..] queues    ready, sched, bell of each queue named in ARGV[6]
+-- KEYS[10] waiters      (read by plan only for a run that ends; declared so every helper's key is given)
+-- KEYS[11..] queues    ready, sched, bell of each queue named in ARGV[6]
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] delay in ms
