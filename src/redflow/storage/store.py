@@ -149,7 +149,8 @@ class Store:
         self, worker_id: str, queues: Sequence[str], max_runs: int, promote: int
     ) -> tuple[Code, int, list[ClaimedRun]]:
         reply = await self.scripts.run(
-            "claim", (worker_id, max_runs, promote), queues=queues, owned=self.keys.owned(worker_id)
+            "claim", (worker_id, max_runs, promote, os.urandom(8).hex()), queues=queues,
+            owned=self.keys.owned(worker_id),
         )
         code = Code(reply[0])
         if code is not Code.OK:

@@ -27,6 +27,8 @@
 -- ARGV[2] max runs to claim
 -- ARGV[3] max scheduled runs to promote per queue
 -- ARGV[4] queues: the worker's queues, one per line
+-- ARGV[5] nonce: random, fresh for every call; a run's fencing token is <nonce>.<n>, so tokens stay
+--         unique even when the server restarts from a snapshot that forgot earlier claims
 -- RETURNS {C.STALE_WORKER} when the worker's liveness lease lapsed
 --       | {C.OK, ms until the next scheduled run (-1: none), then 7 fields per run:
 --          id, kind ('run'|'hook'|'admit'), token, header JSON, input JSON, steps ('' for a first
@@ -41,8 +43,7 @@ if not alive or tonumber(alive) < now then
 end
 
 local want = tonumber(ARGV[2])
--- Per-call caches and batched writes: one token counter bump, one HSET of leases, one SADD.
-local token_base = nil
+-- Per-call caches and batched writes: one HSET of leases, one SADD.
 local leases, owned = {}, {}
 local limits_cache, admission_cache = {}, {}
 local function limit_of(w)
@@ -115,8 +116,7 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
         kind = 'hook'
       end
       if kind then
-        if not token_base then token_base = redis.call('INCR', K.seq) end
-        local token = token_base .. '.' .. got
+        local token = ARGV[5] .. '.' .. got
         h.o = ARGV[1]
         local encoded = cjson.encode(h)
         redis.call('HSET', K.runs, id, encoded)
