@@ -29,6 +29,7 @@ from ..encoding import encode
 from ..errors import ConfigurationError
 from ..ids import _b32
 from ..storage.codes import Code
+from ..storage.records import CronRecord
 from ..types import CronTrigger
 
 if TYPE_CHECKING:
@@ -75,19 +76,20 @@ def trigger_id(workflow: str, trigger: CronTrigger) -> str:
     return f"{workflow}:{trigger.expression}:{trigger.timezone or 'local'}:{digest}"
 
 
-def cron_records(definitions: Iterable[WorkflowDefinition[Any]]) -> dict[str, dict[str, Any]]:
-    records: dict[str, dict[str, Any]] = {}
+def cron_records(definitions: Iterable[WorkflowDefinition[Any]]) -> dict[str, CronRecord]:
+    """The cron triggers these definitions declare, by trigger id, as registered (hash ``crons``)."""
+    records: dict[str, CronRecord] = {}
     for d in definitions:
         for trigger in d.options.cron or []:
-            records[trigger_id(d.name, trigger)] = {
-                "workflow": d.name,
-                "queue": d.options.queue,
-                "expression": trigger.expression,
-                "timezone": trigger.timezone,
-                "input": trigger.input,
-                "max_attempts": d.max_attempts,
-                "max_concurrency": d.options.max_concurrency or 0,
-            }
+            records[trigger_id(d.name, trigger)] = CronRecord(
+                workflow=d.name,
+                queue=d.options.queue,
+                expression=trigger.expression,
+                timezone=trigger.timezone,
+                input=trigger.input,
+                max_attempts=d.max_attempts,
+                max_concurrency=d.options.max_concurrency or 0,
+            )
     return records
 
 
@@ -124,7 +126,7 @@ class CronScheduler:
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
         self._version = -1
-        self._triggers: dict[str, dict[str, Any]] = {}
+        self._triggers: dict[str, CronRecord] = {}
         self._last: dict[str, int] = {}
         self._offset_ms = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -161,8 +163,8 @@ class CronScheduler:
         defined: set[str] | None = None
         checked = False  # the workflows live workers define are read once, when a slot is due
         for tid, record in self._triggers.items():
-            zone = trigger_zone(record.get("timezone"))
-            latest = latest_slot(record["expression"], zone, now)
+            zone = trigger_zone(record.timezone)
+            latest = latest_slot(record.expression, zone, now)
             if latest is None:
                 continue
             slot, period = latest
@@ -170,15 +172,15 @@ class CronScheduler:
                 continue
             if not checked:
                 defined, checked = await self._live_workflows(now), True
-            if defined is not None and record["workflow"] not in defined:
-                await self._orphaned(tid, record["workflow"], slot)
+            if defined is not None and record.workflow not in defined:
+                await self._orphaned(tid, record.workflow, slot)
                 self._last[tid] = slot
                 continue
             if tid in self._orphans:
                 await self._worker.client.events.clear_cron_orphaned(tid)
                 self._orphans.discard(tid)
                 log.info("cron %s: workflow %r is defined by a live worker again; the trigger fires", tid,
-                         record["workflow"])
+                         record.workflow)
             code = await self.fire_slot(tid, slot, record)
             self._last[tid] = slot
             fired += code is Code.CREATED
@@ -203,13 +205,13 @@ class CronScheduler:
             )
         self._orphans.add(tid)
 
-    async def fire_slot(self, tid: str, slot_ms: int, record: dict[str, Any]) -> Code:
+    async def fire_slot(self, tid: str, slot_ms: int, record: CronRecord) -> Code:
         worker = self._worker
         run_id = cron_run_id(tid, slot_ms, worker.store.keys.partition)
         code = await worker.client.events.cron_fire(tid, slot_ms, run_id, record)
         if code is Code.OK:
             self.skipped += 1
-            log.warning("cron %s: slot %d skipped, workflow %r is at max_concurrency", tid, slot_ms, record["workflow"])
+            log.warning("cron %s: slot %d skipped, workflow %r is at max_concurrency", tid, slot_ms, record.workflow)
         return code
 
     def _schedule(self, now_ms: int) -> None:
@@ -218,7 +220,7 @@ class CronScheduler:
             self._timer = None
         upcoming = [
             n for r in self._triggers.values()
-            if (n := next_slot(r["expression"], trigger_zone(r.get("timezone")), now_ms)) is not None
+            if (n := next_slot(r.expression, trigger_zone(r.timezone), now_ms)) is not None
         ]
         if not upcoming:
             return

@@ -11,6 +11,20 @@ from ..errors import ConfigurationError
 from ..validation import json_schema_issues, validation_error
 from .codes import Code
 from .keys import event_member_prefix, tag
+from .records import (
+    CronOrphanRecord,
+    CronRecord,
+    RegistrationRecord,
+    SubscriberRecord,
+    admission_meta,
+    decode_cron,
+    decode_cron_orphan,
+    decode_event,
+    decode_event_data,
+    decode_registration,
+    decode_subscriber,
+    encode_record,
+)
 from .store import Store
 
 EVENT_BUFFER_BOUND = 64
@@ -39,7 +53,7 @@ class EventStore:
         self,
         workflows: dict[str, dict[str, Any]],
         subscriptions: dict[str, list[str]],
-        crons: dict[str, dict[str, Any]],
+        crons: dict[str, CronRecord],
         server_now_ms: int,
         *,
         worker_id: str | None = None,
@@ -57,9 +71,10 @@ class EventStore:
         stale_subs = []
         for member in old_subs:
             text = member.decode()
-            sub = decode(await redis.execute("HGET", k.subscribers, member) or b"{}")
-            if sub.get("workflow") in workflows:
-                wanted = {tag(ev) + sub["workflow"] for ev in subscriptions.get(sub["workflow"], [])}
+            raw = await redis.execute("HGET", k.subscribers, member)
+            sub = None if raw is None else decode_subscriber(raw)
+            if sub is not None and sub.workflow in workflows:
+                wanted = {tag(ev) + sub.workflow for ev in subscriptions.get(sub.workflow, [])}
                 if text not in wanted:
                     stale_subs.append(member)
         if stale_subs:
@@ -69,20 +84,21 @@ class EventStore:
             meta = workflows[workflow]
             for event in events:
                 member = tag(event) + workflow
-                record = {"event": event, "workflow": workflow, "queue": meta["queue"],
-                          "max_attempts": meta["max_attempts"], "input_json_schema": meta.get("input_json_schema")}
-                await redis.execute("HSET", k.subscribers, member, encode(record))
+                record = SubscriberRecord(event=event, workflow=workflow, queue=meta["queue"],
+                                          max_attempts=meta["max_attempts"],
+                                          input_json_schema=meta.get("input_json_schema"))
+                await redis.execute("HSET", k.subscribers, member, encode_record(record))
                 await redis.execute("ZADD", k.subscriber_index, 0, member)
         stale_crons = []
         for i in range(0, len(old_crons), 2):
-            trigger_id, record = old_crons[i].decode(), decode(old_crons[i + 1])
-            if record.get("workflow") in workflows and trigger_id not in crons:
+            trigger_id, old = old_crons[i].decode(), decode_cron(old_crons[i + 1])
+            if old.workflow in workflows and trigger_id not in crons:
                 stale_crons.append(trigger_id)
         changed = bool(stale_crons)
         if stale_crons:
             await redis.execute("HDEL", k.crons, *stale_crons)
-        for trigger_id, record in crons.items():
-            data = encode(record)
+        for trigger_id, cron in crons.items():
+            data = encode_record(cron)
             current = await redis.execute("HGET", k.crons, trigger_id)
             if current != data:
                 await redis.execute("HSET", k.crons, trigger_id, data)
@@ -96,7 +112,8 @@ class EventStore:
             await redis.execute("INCR", k.cron_version)
         admission = {w: m["admission"] for w, m in workflows.items() if m.get("admission")}
         if admission:
-            await redis.execute("HSET", k.admission, *[x for w, a in admission.items() for x in (w, encode(a))])
+            await redis.execute("HSET", k.admission,
+                                *[x for w, a in admission.items() for x in (w, encode_record(admission_meta(a)))])
         plain = [w for w in workflows if w not in admission]
         if plain:
             await redis.execute("HDEL", k.admission, *plain)
@@ -112,7 +129,8 @@ class EventStore:
     async def _record_registration(self, worker_id: str, workflows: list[str], now_ms: int) -> None:
         """Record what ``worker_id`` defines, and forget workers gone for REGISTRATION_RETENTION_MS."""
         key = self.registrations_key
-        await self.redis.execute("HSET", key, worker_id, encode({"workflows": workflows, "at": now_ms}))
+        record = RegistrationRecord(workflows=workflows, registered_at_ms=now_ms)
+        await self.redis.execute("HSET", key, worker_id, encode_record(record))
         registrations = await self._registrations(now_ms)
         gone = [wid for wid, (live, at) in registrations.items()
                 if not live and at < now_ms - REGISTRATION_RETENTION_MS and wid != worker_id]
@@ -121,15 +139,19 @@ class EventStore:
 
     async def _registrations(self, now_ms: int) -> dict[str, tuple[bool, int]]:
         """Each recorded worker id -> (whether it counts as live, see live_workflows; registered at)."""
+        return {wid: (live, record.registered_at_ms)
+                for wid, (live, record) in (await self._registration_records(now_ms)).items()}
+
+    async def _registration_records(self, now_ms: int) -> dict[str, tuple[bool, RegistrationRecord]]:
+        """Each recorded worker id -> (whether it counts as live, see live_workflows; its record)."""
         flat = await self.redis.execute("HGETALL", self.registrations_key)
         if not flat:
             return {}
         listed = {m.decode() for m in await self.redis.execute("ZRANGE", self.keys.workers, 0, -1)}
-        out: dict[str, tuple[bool, int]] = {}
+        out: dict[str, tuple[bool, RegistrationRecord]] = {}
         for i in range(0, len(flat), 2):
-            wid, record = flat[i].decode(), decode(flat[i + 1])
-            at = int(record.get("at", 0))
-            out[wid] = (wid in listed or at > now_ms - REGISTRATION_GRACE_MS, at)
+            wid, record = flat[i].decode(), decode_registration(flat[i + 1])
+            out[wid] = (wid in listed or record.registered_at_ms > now_ms - REGISTRATION_GRACE_MS, record)
         return out
 
     async def live_workflows(self, now_ms: int) -> set[str] | None:
@@ -137,14 +159,13 @@ class EventStore:
         None when no registration is recorded (no evidence either way). A worker is live while it
         is in the workers set (until it resigns or is reaped), and for REGISTRATION_GRACE_MS after it
         registered (it registers just before its first heartbeat)."""
-        flat = await self.redis.execute("HGETALL", self.registrations_key)
-        if not flat:
+        registrations = await self._registration_records(now_ms)
+        if not registrations:
             return None
-        live = await self._registrations(now_ms)
         out: set[str] = set()
-        for i in range(0, len(flat), 2):
-            if live.get(flat[i].decode(), (False, 0))[0]:
-                out.update(decode(flat[i + 1]).get("workflows", []))
+        for live, record in registrations.values():
+            if live:
+                out.update(record.workflows)
         return out
 
     async def _check_contracts(
@@ -158,8 +179,8 @@ class EventStore:
             for event in events:
                 mine.setdefault(event, []).append((workflow, schema))
         for event, ours in mine.items():
-            theirs = [(s["workflow"], canonical(s.get("input_json_schema")))
-                      for s in await self.subscribers_of(event) if s["workflow"] not in workflows]
+            theirs = [(s.workflow, canonical(s.input_json_schema))
+                      for s in await self._subscribers(event) if s.workflow not in workflows]
             workflow, schema = ours[0]
             other = next((w for w, c in theirs + ours if c != schema), None)
             if other is not None:
@@ -169,25 +190,28 @@ class EventStore:
                 )
 
     async def subscribers_of(self, event: str) -> list[dict[str, Any]]:
+        return [s.public() for s in await self._subscribers(event)]
+
+    async def _subscribers(self, event: str) -> list[SubscriberRecord]:
         prefix = tag(event).encode()
         members = await self.redis.execute("ZRANGEBYLEX", self.keys.subscriber_index, b"[" + prefix,
                                            b"[" + prefix + b"\xff")
         if not members:
             return []
         records = await self.redis.execute("HMGET", self.keys.subscribers, *members)
-        return [decode(r) for r in records if r is not None]
+        return [decode_subscriber(r) for r in records if r is not None]
 
     async def event_definitions(self) -> list[dict[str, Any]]:
         members = await self.redis.execute("ZRANGE", self.keys.subscriber_index, 0, -1)
         if not members:
             return []
-        records = [decode(r) for r in await self.redis.execute("HMGET", self.keys.subscribers, *members) if r]
+        raws = await self.redis.execute("HMGET", self.keys.subscribers, *members)
         by_event: dict[str, list[dict[str, Any]]] = {}
         contracts: dict[str, Any] = {}
-        for r in records:
-            by_event.setdefault(r["event"], []).append({"workflow": r["workflow"], "queue": r["queue"]})
-            if r.get("input_json_schema") is not None:
-                contracts[r["event"]] = r["input_json_schema"]
+        for r in (decode_subscriber(raw) for raw in raws if raw):
+            by_event.setdefault(r.event, []).append({"workflow": r.workflow, "queue": r.queue})
+            if r.input_json_schema is not None:
+                contracts[r.event] = r.input_json_schema
         definitions: list[dict[str, Any]] = []
         for name, subs in sorted(by_event.items()):
             definition: dict[str, Any] = {"event": name, "subscribers": subs}
@@ -219,13 +243,13 @@ class EventStore:
             b"\0".join([name.encode(), data, (correlation_key or "").encode(), (parent_run_id or "").encode()])
         ).hexdigest()
         member = event_member_prefix(name, correlation_key) if correlation_key else ""
-        subscribers = await self.subscribers_of(name)
+        subscribers = await self._subscribers(name)
         if not deliver:
-            contract = next((s["input_json_schema"] for s in subscribers if s.get("input_json_schema")), None)
+            contract = next((s.input_json_schema for s in subscribers if s.input_json_schema), None)
             issues = [] if contract is None else json_schema_issues(contract, decode(data))
             if issues:
                 raise validation_error(f"payload of event {name!r} (its contract)", issues)
-        queues = sorted({s["queue"] for s in subscribers})
+        queues = sorted({s.queue for s in subscribers})
         idem_key = k.event_idempotency(name, idempotency_key) if idempotency_key else k.event_idempotency(name, "")
         for _ in range(10):
             keys = [
@@ -249,7 +273,7 @@ class EventStore:
                 queues = sorted(set(queues) | {q.decode() for q in reply[1:]})
                 continue
             if code in (Code.CREATED, Code.EXISTING):
-                return code, reply[1].decode(), normalize_event(decode(reply[3]))
+                return code, reply[1].decode(), decode_event(reply[3]).public()
             return code, reply[1].decode() if len(reply) > 1 else event_id, {}
         raise RuntimeError(f"event {event_id!r}: the set of subscriber queues kept changing during delivery")
 
@@ -259,10 +283,10 @@ class EventStore:
         if raw is None:
             await self.redis.execute("ZREM", self.keys.events_due, event_id)
             return Code.NOT_FOUND
-        record = decode(raw)
+        record = decode_event(raw)
         code, _, _ = await self.emit(
-            event_id, record["name"], b"null", correlation_key=record.get("correlation_key"),
-            parent_run_id=record.get("parent_run_id"), emit_at_ms=0, idempotency_key=None, idempotency_ttl_s=0,
+            event_id, record.name, b"null", correlation_key=record.correlation_key,
+            parent_run_id=record.parent_run_id, emit_at_ms=0, idempotency_key=None, idempotency_ttl_s=0,
             retention_ms=retention_ms, run_id_prefix=run_id_prefix, run_id_suffix=run_id_suffix, deliver=True,
         )
         return code
@@ -283,8 +307,8 @@ class EventStore:
         )
         if raw is None:
             return None
-        record = normalize_event(decode(raw))
-        record["data"] = decode(data)["data"] if data else None
+        record = decode_event(raw).public()
+        record["data"] = decode_event_data(data).payload() if data else None
         return record
 
     async def list_event_ids(
@@ -297,7 +321,7 @@ class EventStore:
             raw = await self.redis.execute("HGET", self.keys.events, cursor)
             if raw is None:
                 return []
-            ts = decode(raw)["ts"]
+            ts = decode_event(raw).emitted_at_ms
             mark = prefix + f"{ts:013d}:{cursor}".encode()
             lo, hi = (b"[" + prefix, b"(" + mark) if descending else (b"(" + mark, b"[" + prefix + b"\xff")
         if descending:
@@ -311,24 +335,24 @@ class EventStore:
         if not ids:
             return []
         raws = await self.redis.execute("HMGET", self.keys.events, *ids)
-        return [normalize_event(decode(r)) for r in raws if r is not None]
+        return [decode_event(r).public() for r in raws if r is not None]
 
     # --- cron ------------------------------------------------------------------------------------------
-    async def load_crons(self) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    async def load_crons(self) -> tuple[dict[str, CronRecord], dict[str, int]]:
         k = self.keys
         crons_raw = await self.redis.execute("HGETALL", k.crons)
         last_raw = await self.redis.execute("HGETALL", k.cron_last)
-        crons = {crons_raw[i].decode(): decode(crons_raw[i + 1]) for i in range(0, len(crons_raw), 2)}
+        crons = {crons_raw[i].decode(): decode_cron(crons_raw[i + 1]) for i in range(0, len(crons_raw), 2)}
         last = {last_raw[i].decode(): int(last_raw[i + 1]) for i in range(0, len(last_raw), 2)}
         return crons, last
 
-    async def cron_orphans(self) -> dict[str, dict[str, Any]]:
+    async def cron_orphans(self) -> dict[str, CronOrphanRecord]:
         flat = await self.redis.execute("HGETALL", self.cron_orphans_key)
-        return {flat[i].decode(): decode(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return {flat[i].decode(): decode_cron_orphan(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def mark_cron_orphaned(self, trigger_id: str, workflow: str, slot_ms: int) -> bool:
         """Record the trigger as orphaned; True if it was not recorded as such already."""
-        record = encode({"workflow": workflow, "since": slot_ms})
+        record = encode_record(CronOrphanRecord(workflow=workflow, since_slot_ms=slot_ms))
         return bool(await self.redis.execute("HSETNX", self.cron_orphans_key, trigger_id, record))
 
     async def clear_cron_orphaned(self, trigger_id: str) -> None:
@@ -342,22 +366,22 @@ class EventStore:
         for tid, record in sorted(crons.items()):
             orphan = orphans.get(tid)
             out.append({
-                "id": tid, "workflow": record.get("workflow"), "queue": record.get("queue"),
-                "expression": record.get("expression"), "timezone": record.get("timezone"),
-                "input": record.get("input"), "last_slot_ms": last.get(tid),
-                "orphaned": orphan is not None, "orphaned_since": orphan.get("since") if orphan else None,
+                "id": tid, "workflow": record.workflow, "queue": record.queue,
+                "expression": record.expression, "timezone": record.timezone,
+                "input": record.input, "last_slot_ms": last.get(tid),
+                "orphaned": orphan is not None, "orphaned_since": orphan.since_slot_ms if orphan else None,
             })
         return out
 
-    async def cron_fire(self, trigger_id: str, slot_ms: int, run_id: str, record: dict[str, Any]) -> Code:
+    async def cron_fire(self, trigger_id: str, slot_ms: int, run_id: str, record: CronRecord) -> Code:
         k = self.keys
-        queue = record["queue"]
-        workflow = record["workflow"]
+        queue = record.queue
+        workflow = record.workflow
         reply = await self.store.scripts.call(
             "cron_fire",
             (k.cron_last, k.runs, k.inputs, k.index, k.ready(queue), k.scheduled(queue), k.bell(queue), k.children),
-            (trigger_id, slot_ms, run_id, workflow, queue, encode(record.get("input")), record["max_attempts"],
-             record.get("max_concurrency") or 0, f"ws:{tag(workflow)}running:"),
+            (trigger_id, slot_ms, run_id, workflow, queue, encode(record.input), record.max_attempts,
+             record.max_concurrency or 0, f"ws:{tag(workflow)}running:"),
         )
         return Code(reply[0])
 
@@ -375,17 +399,3 @@ def canonical(schema: Any) -> bytes:
 
     return encode(strip(schema))
 
-
-def normalize_event(record: dict[str, Any]) -> dict[str, Any]:
-    """cjson writes empty arrays as {}; present the public shape of an event record."""
-    for field in ("deliveries", "resumed_run_ids"):
-        if record.get(field) == {}:
-            record[field] = []
-    record.pop("fp", None)
-    record.pop("buffer_member", None)
-    record.setdefault("correlation_key", None)
-    record.setdefault("parent_run_id", None)
-    record.setdefault("next_process_at", None)
-    record.setdefault("finished_at", None)
-    record.setdefault("failed_delivery_count", 0)
-    return record

@@ -3,6 +3,10 @@
 Every record has readable attribute names here and short names on the wire (the run header is written
 by Lua, which uses the short names; every run carries one). Step records are JSON lines appended by
 ``step.lua``; attempt records are written by the transitions that end an attempt.
+
+The event, subscriber, cron, registration and workflow records further down keep the wire names they
+have always been stored with (Lua reads several of them by those names); only attribute names that
+would be cryptic (``fp``, ``ts``, ``at``, ``since``) differ from their wire names.
 """
 
 from __future__ import annotations
@@ -145,3 +149,233 @@ def parse_claim(reply: list[Any]) -> tuple[int, list[ClaimedRun]]:
             )
         )
     return int(reply[1]), runs
+
+
+# --- events ------------------------------------------------------------------------------------------
+
+
+def _array(value: list[Any] | dict[str, Any]) -> list[Any]:
+    """cjson encodes an empty Lua table (an empty array) as ``{}``."""
+    return value if isinstance(value, list) else []
+
+
+class Delivery(msgspec.Struct):
+    """One subscriber's run of an event (an item of ``EventRecord.deliveries``; written by emit.lua)."""
+
+    workflow: str
+    queue: str
+    status: str  # delivered
+    run_id: str
+    subscriber_event_id: str  # <event id>:<workflow>
+
+
+class EventRecord(msgspec.Struct, omit_defaults=True):
+    """An event's fan-out record (hash ``events``), written by emit.lua with cjson only.
+
+    Optional fields are absent (never null) on the wire while unset. ``deliveries`` and
+    ``resumed_run_ids`` are ``{}`` while empty (cjson); read them through ``delivery_list()`` and
+    ``resumed_runs()``.
+    """
+
+    id: str
+    name: str
+    emitted_at_ms: int = _wire("ts")  # emit time (the requested time of a delayed event)
+    fingerprint: str = msgspec.field(default="", name="fp")  # sha1 of (name, data, correlation key, parent)
+    deliveries: list[Delivery] | dict[str, Any] = msgspec.field(default_factory=list)
+    resumed_run_ids: list[str] | dict[str, Any] = msgspec.field(default_factory=list)
+    subscriber_count: int = 0
+    delivery_count: int = 0
+    failed_delivery_count: int = 0
+    resumed_run_count: int = 0
+    fanout_status: str = "pending"  # pending | completed | no-subscribers
+    correlation_key: str | None = None
+    parent_run_id: str | None = None
+    next_process_at_ms: int | None = msgspec.field(default=None, name="next_process_at")  # a delayed event's due time
+    finished_at_ms: int | None = msgspec.field(default=None, name="finished_at")  # when the fan-out ran
+    buffer_member: str | None = None  # entry in `event_buffer` (events with a correlation key)
+
+    def delivery_list(self) -> list[Delivery]:
+        return _array(self.deliveries)
+
+    def resumed_runs(self) -> list[str]:
+        return _array(self.resumed_run_ids)
+
+    def public(self) -> dict[str, Any]:
+        """The public shape of the record (get_event, list_events, emit): the fingerprint and buffer
+        member are internal; unset optional fields are None; empty arrays are lists."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "ts": self.emitted_at_ms,
+            "correlation_key": self.correlation_key,
+            "parent_run_id": self.parent_run_id,
+            "fanout_status": self.fanout_status,
+            "subscriber_count": self.subscriber_count,
+            "delivery_count": self.delivery_count,
+            "failed_delivery_count": self.failed_delivery_count,
+            "resumed_run_count": self.resumed_run_count,
+            "deliveries": [msgspec.to_builtins(d) for d in self.delivery_list()],
+            "resumed_run_ids": list(self.resumed_runs()),
+            "next_process_at": self.next_process_at_ms,
+            "finished_at": self.finished_at_ms,
+        }
+
+
+class EventData(msgspec.Struct):
+    """An event's payload record (hash ``event_data``), written by emit.lua only, as
+    ``{"id":<id>,"name":<name>,"data":<data>,"ts":<ts>}`` with the data JSON byte for byte as emitted
+    (emit.lua slices it back out of the record; a waiting run receives the whole record). ``data`` is
+    kept raw here so nothing re-encodes it; do not write this record from Python (msgspec and cjson
+    escape strings differently, and emit.lua relies on cjson's encoding of id and name)."""
+
+    id: str
+    name: str
+    data: msgspec.Raw
+    emitted_at_ms: int = _wire("ts")
+
+    def payload(self) -> Any:
+        """The decoded data."""
+        return msgspec.json.decode(self.data)
+
+
+class SubscriberRecord(msgspec.Struct):
+    """A workflow's subscription to an event (hash ``subscribers``, member ``<tag(event)><workflow>``);
+    written at registration, read by emit.lua (queue, workflow, max_attempts)."""
+
+    event: str
+    workflow: str
+    queue: str
+    max_attempts: int
+    input_json_schema: Any = None  # the workflow's input schema: the event's contract
+
+    def public(self) -> dict[str, Any]:
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
+
+
+# --- cron and registrations --------------------------------------------------------------------------
+
+
+class CronRecord(msgspec.Struct):
+    """A registered cron trigger (hash ``crons``, by trigger id). Every field is always written, so a
+    re-registration of an unchanged trigger encodes to the same bytes."""
+
+    workflow: str
+    queue: str
+    expression: str
+    timezone: str | None = None  # None: the leader's local zone
+    input: Any = None
+    max_attempts: int = 3
+    max_concurrency: int = 0  # 0: unlimited
+
+
+class RegistrationRecord(msgspec.Struct):
+    """What a started worker defines (hash ``registrations``, by worker id)."""
+
+    workflows: list[str] = msgspec.field(default_factory=list)
+    registered_at_ms: int = msgspec.field(default=0, name="at")
+
+
+class CronOrphanRecord(msgspec.Struct):
+    """A trigger no live worker serves (hash ``cron_orphans``, by trigger id)."""
+
+    workflow: str
+    since_slot_ms: int = _wire("since")  # the first slot not fired
+
+
+# --- workflow metadata -------------------------------------------------------------------------------
+
+
+class CronMeta(msgspec.Struct):
+    expression: str
+    timezone: str | None = None
+    input: Any = None
+    id: str | None = None
+
+
+class EventTriggerMeta(msgspec.Struct):
+    name: str
+    id: str | None = None
+
+
+class AdmissionMeta(msgspec.Struct, omit_defaults=True):
+    """Admission rules of a workflow; absent keys are absent rules. Also the ``admission`` hash's value."""
+
+    throttle: list[int] | None = None  # [limit, period ms]
+    rate_limit: list[int] | None = None  # [limit, period ms]
+    mutex: bool = False
+
+
+class WorkflowMeta(msgspec.Struct):
+    """What workers publish about a workflow (hash ``workflows``): ``WorkflowDefinition.meta()`` and
+    the worker's app. Clients without the definition enqueue by it."""
+
+    name: str
+    queue: str
+    max_attempts: int
+    max_concurrency: int | None = None
+    stream_enabled: bool = False
+    input_json_schema: Any = None
+    cron: list[CronMeta] = msgspec.field(default_factory=list)
+    event: list[EventTriggerMeta] = msgspec.field(default_factory=list)
+    admission: AdmissionMeta = msgspec.field(default_factory=AdmissionMeta)
+    app: str = ""
+
+    def public(self) -> dict[str, Any]:
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
+
+
+_record_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(EventRecord)
+_event_data_decoder = msgspec.json.Decoder(EventData)
+_subscriber_decoder = msgspec.json.Decoder(SubscriberRecord)
+_cron_decoder = msgspec.json.Decoder(CronRecord)
+_registration_decoder = msgspec.json.Decoder(RegistrationRecord)
+_cron_orphan_decoder = msgspec.json.Decoder(CronOrphanRecord)
+_workflow_meta_decoder = msgspec.json.Decoder(WorkflowMeta)
+
+
+def encode_record(
+    record: SubscriberRecord | CronRecord | RegistrationRecord | CronOrphanRecord | WorkflowMeta | AdmissionMeta,
+) -> bytes:
+    """The stored JSON of a record Python writes (event records are written by Lua only)."""
+    return _record_encoder.encode(record)
+
+
+def decode_event(data: bytes) -> EventRecord:
+    return _event_decoder.decode(data)
+
+
+def decode_event_data(data: bytes) -> EventData:
+    return _event_data_decoder.decode(data)
+
+
+def decode_subscriber(data: bytes) -> SubscriberRecord:
+    return _subscriber_decoder.decode(data)
+
+
+def decode_cron(data: bytes) -> CronRecord:
+    return _cron_decoder.decode(data)
+
+
+def decode_registration(data: bytes) -> RegistrationRecord:
+    return _registration_decoder.decode(data)
+
+
+def decode_cron_orphan(data: bytes) -> CronOrphanRecord:
+    return _cron_orphan_decoder.decode(data)
+
+
+def decode_workflow_meta(data: bytes) -> WorkflowMeta:
+    return _workflow_meta_decoder.decode(data)
+
+
+def workflow_meta(meta: dict[str, Any]) -> WorkflowMeta:
+    """A WorkflowMeta from ``WorkflowDefinition.meta()`` (plus ``app``)."""
+    return msgspec.convert(meta, WorkflowMeta)
+
+
+def admission_meta(admission: dict[str, Any]) -> AdmissionMeta:
+    """An AdmissionMeta from the ``admission`` of ``WorkflowDefinition.meta()``."""
+    return msgspec.convert(admission, AdmissionMeta)
