@@ -1,4 +1,6 @@
-"""Duties of the elected leader, run from its heartbeat: reaping, cron, delayed events, retention.
+"""Duties of the elected leader, started by its heartbeat in their own task: reaping, cancel
+cascades, cron, delayed events, retention. The heartbeat never waits for them, so a long duty cannot
+lapse the leader's own lease.
 
 Every duty is idempotent, so two leaders can never double-apply one: reaping is also fenced by the
 leader value (``<worker id>:<epoch>``) inside Lua; a cron slot fires at most once (cron_fire.lua);
@@ -9,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
 from .. import observability
 from .._redis.errors import RedisError
@@ -34,25 +37,46 @@ class LeaderDuties:
         self._event_timer: asyncio.TimerHandle | None = None
         self._next_sample = 0.0
         self._sampled_queues: set[str] = set()
+        self._round: asyncio.Task[None] | None = None
 
-    async def tick(self, beat: Heartbeat) -> None:
+    def tick(self, beat: Heartbeat) -> None:
+        """Start this beat's duties in their own task; never blocks the heartbeat.
+
+        A round still running when the next beat comes is not doubled up: that beat is skipped (every
+        duty picks up what is due whenever it runs). Each duty is bounded in time and isolated: an
+        error in one is logged and the others still run."""
+        if self._round is not None and not self._round.done():
+            return
+        self._round = asyncio.get_running_loop().create_task(self._run_round(beat), name="redflow-leader-duties")
+
+    async def _run_round(self, beat: Heartbeat) -> None:
         worker = self._worker
+        budget = max(0.5, worker.settings.lease_ms / 1000)
+        if beat.lapsed_workers:
+            await self._duty("reap", self.reap(), budget)
+        await self._duty("cancel cascades", self.cancel_cascades(), budget)
+        await self._duty("cron", self.cron.on_beat(beat), budget)
+        if beat.next_event_due_ms >= 0:
+            await self._duty("delayed events", self.deliver_due_events(beat.server_ms, beat.next_event_due_ms), budget)
+        now = asyncio.get_running_loop().time()
+        if observability.enabled() and now >= self._next_sample:
+            self._next_sample = now + BACKLOG_SAMPLE_S
+            await self._duty("backlog sample", self.sample_backlog(beat.server_ms), budget)
+        if now >= self._next_cleanup:
+            self._next_cleanup = now + worker.settings.cleanup_interval_s
+            await self._duty("retention", self.cleanup(), budget)
+
+    async def _duty(self, name: str, work: Coroutine[Any, Any, None], budget_s: float) -> None:
         try:
-            if beat.lapsed_workers:
-                await self.reap()
-            await self.cancel_cascades()
-            await self.cron.on_beat(beat)
-            if beat.next_event_due_ms >= 0:
-                await self.deliver_due_events(beat.server_ms, beat.next_event_due_ms)
-            now = asyncio.get_running_loop().time()
-            if observability.enabled() and now >= self._next_sample:
-                self._next_sample = now + BACKLOG_SAMPLE_S
-                await self.sample_backlog(beat.server_ms)
-            if now >= self._next_cleanup:
-                self._next_cleanup = now + worker.settings.cleanup_interval_s
-                await self.cleanup()
+            async with asyncio.timeout(budget_s):
+                await work
+        except TimeoutError:
+            log.warning("leader %s: %s took longer than %.1fs; it continues next round", self._worker.id, name,
+                        budget_s)
         except RedisError as exc:
-            log.warning("leader %s: duty failed (%s); retried next heartbeat", worker.id, exc)
+            log.warning("leader %s: %s failed (%s); retried next round", self._worker.id, name, exc)
+        except Exception:
+            log.exception("leader %s: %s raised; the other duties go on", self._worker.id, name)
 
     async def sample_backlog(self, server_ms: int) -> None:
         """Backlog gauges per queue (ready, scheduled, age of the oldest ready run)."""
@@ -72,6 +96,9 @@ class LeaderDuties:
             observability.set_gauge("backlog", 0, queue, "scheduled")
             observability.set_gauge("oldest", 0, queue)
         self.cron.stop()
+        if self._round is not None:
+            self._round.cancel()
+            self._round = None
         if self._event_timer is not None:
             self._event_timer.cancel()
             self._event_timer = None

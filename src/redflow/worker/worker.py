@@ -321,7 +321,7 @@ class Worker:
             log.info("worker %s %s leader (%s)", self.id, "became" if self.is_leader else "is no longer", leader)
         if self._leader is not None:
             if self.is_leader:
-                await self._leader.tick(beat)
+                self._leader.tick(beat)
             elif was_leader:
                 self._leader.step_down()
 
