@@ -15,7 +15,7 @@ from .encoding import decode
 from .errors import ConfigurationError
 from .ids import _b32
 from .storage.keys import tag
-from .storage.records import decode_header
+from .storage.records import decode_header, decode_workflow_meta
 from .types import (
     ListedRun,
     ListRunsParams,
@@ -189,13 +189,13 @@ class QueriesMixin:
     async def get_workflow_meta(self, name: str) -> dict[str, Any] | None:
         await self.store.ensure_ready()
         raw = await self.store.read_workflow(name)
-        return None if raw is None else dict(decode(raw))
+        return None if raw is None else decode_workflow_meta(raw).public()
 
     async def list_workflows_meta(self) -> list[dict[str, Any]]:
         await self.store.ensure_ready()
         flat = await self.store.redis.execute("HGETALL", self.keys.workflows)
-        metas = [decode(flat[i + 1]) for i in range(0, len(flat), 2)]
-        return sorted(metas, key=lambda m: str(m.get("name")))
+        metas = [decode_workflow_meta(flat[i + 1]).public() for i in range(0, len(flat), 2)]
+        return sorted(metas, key=lambda m: str(m["name"]))
 
     async def get_stats(self) -> RunStats:
         """Runs by status (from the index) and the backlog of every registered queue."""

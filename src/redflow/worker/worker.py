@@ -22,9 +22,9 @@ from .._redis.connection import Connection
 from .._redis.errors import RedisError
 from .._redis.pubsub import Subscriber
 from ..client import RedflowClient, create_client, default_prefix
-from ..encoding import encode
 from ..registry import WorkflowRegistry, get_default_registry
 from ..storage.codes import Code
+from ..storage.records import encode_record, workflow_meta
 from ..types import StartWorkerOptions
 from .executor import Execution, execute
 from .options import WorkerSettings, resolve_settings
@@ -71,7 +71,8 @@ class Worker:
         await self.store.ensure_ready()
         await self._warn_on_eviction()
         await self._register_triggers()  # checks event contracts first: a refused start writes nothing
-        metas = {d.name: encode({**d.meta(), "app": self.client.app}) for d in self.registry.definitions()}
+        metas = {d.name: encode_record(workflow_meta({**d.meta(), "app": self.client.app}))
+                 for d in self.registry.definitions()}
         await self.store.write_workflows(metas)
         self._control = Subscriber(self.store.redis)
         await self._control.subscribe(self.store.keys.control_channel(self.id), self._on_control)
