@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .durations import datetime_ms
 from .encoding import encode_payload
-from .errors import ConfigurationError, RedflowError
+from .errors import CanceledError, ConfigurationError, RedflowError
 from .ids import new_run_id
 from .storage.codes import Code
 from .storage.event_store import EventStore
@@ -102,6 +102,8 @@ class EventsMixin:
             idempotency_ttl_s=min(ttl, self.retention_ms // 1000), retention_ms=self.retention_ms,
             run_id_prefix=generated[:24], run_id_suffix="-" + self.keys.partition,
         )
+        if code is Code.CANCELED:
+            raise CanceledError(f"run {parent_run_id} was canceled: it cannot emit event {name!r}")
         if code is Code.TERMINAL:
             raise RedflowError(f"event {bound_id!r} already exists with different content (name, data, "
                                "correlation key or parent); event ids must identify one event")

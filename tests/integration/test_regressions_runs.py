@@ -473,3 +473,31 @@ async def test_on_failure_claimed_by_a_worker_without_the_definition_is_deferred
     await wait_until(lambda: calls, what="on_failure ran on a worker with the definition")
     await wait_until(lambda: _hook_settled(client, handle.id), what="on_failure recorded")
     assert calls == [handle.id]
+
+
+async def test_a_delayed_event_of_a_parent_canceled_meanwhile_starts_no_child(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from redflow import EventTrigger
+
+    parent = define_workflow("delayed-parent", handler=_noop, registry=registry)
+    define_workflow("delayed-sub", handler=_noop, queue="subs", event=[EventTrigger(name="later")], registry=registry)
+    await make_worker(queues=["idle"])  # registers the subscription and delivers due events as leader
+    store = client.store
+    handle = await client.enqueue_definition(parent, None)
+    await store.heartbeat("w", 60_000, 60_000, False)
+    await store.claim("w", ["default"], 1, 10)
+    result = await client.emit_event_detailed("later", {"x": 1}, parent_run_id=handle.id,
+                                              emit_at=datetime.now(UTC) + timedelta(milliseconds=300))
+    assert await client.cancel_run(handle.id) is True
+
+    async def delivered() -> Any:
+        event = await client.get_event(result["event_id"])
+        return event if event and event["fanout_status"] != "pending" else None
+
+    event = await wait_until(delivered, what="the delayed event came due")
+    assert event["fanout_status"] == "failed" and event["delivery_count"] == 0
+    assert [d["status"] for d in event["deliveries"]] == ["failed"]
+    assert await store.children_of(handle.id) == []

@@ -159,14 +159,15 @@ def _array(value: list[Any] | dict[str, Any]) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-class Delivery(msgspec.Struct):
+class Delivery(msgspec.Struct, omit_defaults=True):
     """One subscriber's run of an event (an item of ``EventRecord.deliveries``; written by emit.lua)."""
 
     workflow: str
     queue: str
-    status: str  # delivered
-    run_id: str
+    status: str  # delivered | failed (a delayed event of a parent canceled before it came due)
     subscriber_event_id: str  # <event id>:<workflow>
+    run_id: str | None = None  # absent when no run was created
+    error: str | None = None  # why the delivery failed
 
 
 class EventRecord(msgspec.Struct, omit_defaults=True):

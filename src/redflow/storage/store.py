@@ -305,6 +305,24 @@ class Store:
         )
         return Code(reply[0])
 
+    async def owned_runs(self, worker_id: str) -> dict[str, bytes | None]:
+        """The runs the server says ``worker_id`` holds, each with its current fencing token."""
+        ids = await self.redis.execute("SMEMBERS", self.keys.owned(worker_id))
+        if not ids:
+            return {}
+        tokens = await self.redis.execute("HMGET", self.keys.leases, *ids)
+        return {i.decode(): t for i, t in zip(ids, tokens, strict=True)}
+
+    async def lease_tokens(self, run_ids: Sequence[str]) -> list[bytes | None]:
+        if not run_ids:
+            return []
+        tokens: list[bytes | None] = await self.redis.execute("HMGET", self.keys.leases, *run_ids)
+        return tokens
+
+    async def forget_owned(self, worker_id: str, run_id: str) -> None:
+        """Drop an owned-set entry that has no lease (nothing to hand back: the run left this worker)."""
+        await self.redis.execute("SREM", self.keys.owned(worker_id), run_id)
+
     # --- workers and leadership ---------------------------------------------------------------------
     async def heartbeat(
         self, worker_id: str, lease_ms: int, leader_lease_ms: int, stand: bool

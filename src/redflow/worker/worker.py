@@ -31,6 +31,8 @@ from .options import WorkerSettings, resolve_settings
 
 log = logging.getLogger("redflow.worker")
 
+RECONCILE_EVERY_BEATS = 3  # also after every claim error and every lapsed-but-not-reaped renewal
+
 
 class Worker:
     def __init__(self, client: RedflowClient, registry: WorkflowRegistry, settings: WorkerSettings) -> None:
@@ -57,6 +59,8 @@ class Worker:
         self._leader: Any = None
         self._control: Subscriber | None = None
         self._early_cancels: set[str] = set()
+        self._claim_lock = asyncio.Lock()  # a claim and a reconciliation never interleave
+        self._beats = 0
         self.stopped = asyncio.Event()
         self.runs_done = 0
         self.runs_claimed = 0
@@ -198,14 +202,16 @@ class Worker:
                     if want <= 0:
                         self.budget_spent.set()
                         return
-                code, next_due_ms, runs = await self.store.claim(self.id, self.queues, want, s.promote_batch)
+                async with self._claim_lock:
+                    code, next_due_ms, runs = await self.store.claim(self.id, self.queues, want, s.promote_batch)
+                    if code is not Code.STALE_WORKER:
+                        self.runs_claimed += len(runs)
+                        for claimed in runs:
+                            self._spawn(Execution(claimed=claimed, signal=asyncio.Event()))
+                        self._early_cancels.clear()  # any request older than this claim is for a run not ours
                 if code is Code.STALE_WORKER:
                     await self._heartbeat_once()
                     continue
-                self.runs_claimed += len(runs)
-                for claimed in runs:
-                    self._spawn(Execution(claimed=claimed, signal=asyncio.Event()))
-                self._early_cancels.clear()  # any request older than this claim is for a run not ours
                 if len(runs) == want:
                     continue
                 if next_due_ms == 0:
@@ -221,6 +227,9 @@ class Worker:
                 log.warning("worker %s: Redis error in claim loop (%s); retrying in %.2fs", self.id, exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+                # The claim may have been applied with its reply lost: hand back what we do not run.
+                with contextlib.suppress(RedisError):
+                    await self.reconcile()
 
     async def _block(self, timeout_s: float) -> None:
         """Wait for a bell on any of our queues, or until the next due time.
@@ -291,6 +300,47 @@ class Worker:
             self.runs_done += 1
             self._slot_freed.set()
 
+    # --- ownership ------------------------------------------------------------------------------------------
+    async def reconcile(self) -> tuple[int, int]:
+        """Make what the server says this worker owns agree with what it runs.
+
+        Runs the server lists as ours that we do not run (a claim whose reply was lost, a hand-back
+        that failed) are released; local runs whose lease is no longer ours (the server lost the claim,
+        or another worker holds them now) stop without writing. Returns (released, abandoned)."""
+        if self._stopping:
+            return 0, 0
+        async with self._claim_lock:
+            owned = await self.store.owned_runs(self.id)
+            local = dict(self.active)
+            released = abandoned = 0
+            for run_id, token in owned.items():
+                if run_id in local or run_id in self._to_release:
+                    continue
+                if token is None:
+                    await self.store.forget_owned(self.id, run_id)
+                    continue
+                header = await self.store.read_header(run_id)
+                if header is None:
+                    await self.store.forget_owned(self.id, run_id)
+                    continue
+                code = await self.store.release(run_id, token, self.id, header.queue, self.retention_ms)
+                log.warning("worker %s: held run %s without running it; handed it back (%s)", self.id, run_id,
+                            code.name)
+                released += 1
+            ids = [i for i, ex in local.items() if not ex.settled]
+            for run_id, token in zip(ids, await self.store.lease_tokens(ids), strict=True):
+                ex = local[run_id]
+                if token != ex.claimed.token and not ex.settled and self.active.get(run_id) is ex:
+                    log.warning("worker %s: run %s is no longer ours on the server; stopping it", self.id, run_id)
+                    ex.settled = True  # nothing of ours to write or hand back
+                    ex.signal.set()
+                    if ex.steps is not None:
+                        ex.steps.cancel_active()
+                    if ex.task is not None:
+                        ex.task.cancel()
+                    abandoned += 1
+            return released, abandoned
+
     # --- liveness and leadership -------------------------------------------------------------------------
     async def _heartbeat_once(self) -> None:
         s = self.settings
@@ -314,6 +364,9 @@ class Worker:
             await self._release(releasing)
         self._registered = True
         self.ready = True
+        self._beats += 1
+        if self._beats % RECONCILE_EVERY_BEATS == 0 or state == 2:
+            asyncio.get_running_loop().create_task(self._reconcile_quietly())
         was_leader = self.is_leader
         self.is_leader = leader.startswith(self.id + ":")
         self.leader_value = leader if self.is_leader else ""
@@ -325,6 +378,12 @@ class Worker:
                 self._leader.tick(beat)
             elif was_leader:
                 self._leader.step_down()
+
+    async def _reconcile_quietly(self) -> None:
+        try:
+            await self.reconcile()
+        except RedisError as exc:
+            log.warning("worker %s: ownership check failed (%s); retried later", self.id, exc)
 
     async def _heartbeat_loop(self) -> None:
         s = self.settings

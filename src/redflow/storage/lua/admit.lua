@@ -96,15 +96,36 @@ if rate_limit > 0 then
   end
 end
 
+-- A run queued under a throttle that has changed since (another key, or none) leaves that queue,
+-- handing its head on as any run leaving it does.
+local group = ARGV[11]
+local old_next = nil
+if h.tq and h.tg ~= group then
+  local two = held_first('t', h.tg, 2)
+  if two[1] == h.tq and two[2] then
+    old_next = two[2]
+    local r = load_run(id_of(old_next))
+    if r and not K.queues[r.q] then return need_queues({r.q}) end
+  end
+end
+local function leave_old_queue()
+  if h.tq and h.tg ~= group then
+    redis.call('ZREM', K.held, h.tq)
+    h.tq, h.tg = nil, nil
+    if old_next then wake_throttled(old_next) end
+  end
+end
+
 local next_throttled = nil
 if throttle_limit > 0 then
-  local group = ARGV[11]
+  local mine = h.tg == group and h.tq or nil
   local two = held_first('t', group, 2)
-  local ahead = two[1] and two[1] ~= h.tq
+  local ahead = two[1] and two[1] ~= mine
   local wait = nil
   if not ahead then wait = over(K.throttle_counter, throttle_limit, ARGV[4]) end
   if ahead or wait then
     if not K.queues[h.q] then return need_queues({h.q}) end
+    leave_old_queue()
     if not h.tq then
       h.tq = held_add('t', group, id)
       h.tg = group
@@ -121,7 +142,7 @@ if throttle_limit > 0 then
     save_run(id, h)
     return {C.THROTTLED, wait and h.av or -1}
   end
-  if h.tq and two[2] then
+  if mine and two[2] then
     next_throttled = two[2]
     local r = load_run(id_of(next_throttled))
     if r and not K.queues[r.q] then return need_queues({r.q}) end
@@ -133,6 +154,7 @@ for _, counter in ipairs({{K.rate_counter, rate_limit, ARGV[6]}, {K.throttle_cou
     redis.call('PEXPIRE', counter[1], counter[3])
   end
 end
+leave_old_queue()
 if h.tq then
   redis.call('ZREM', K.held, h.tq)
   h.tq, h.tg = nil, nil

@@ -3,6 +3,8 @@
 -- with a future emit time is recorded as pending and delivered later by the leader (ARGV[9] =
 -- 'deliver'). Delivery is all-or-nothing: the caller names the queues it expects; if a subscriber or
 -- waiter needs a queue it did not name, nothing is written and C.NEED_QUEUES lists what to add.
+-- A step of a parent whose cancellation was requested cannot emit (C.CANCELED); a delayed event of
+-- such a parent creates no subscriber runs when it comes due (its deliveries are 'failed').
 -- KEYS[1] runs
 -- KEYS[2] inputs
 -- KEYS[3] index
@@ -40,6 +42,7 @@
 -- ARGV[17] number of queues named below
 -- ARGV[18..] queue names
 -- RETURNS {C.CREATED|C.EXISTING, event id, status, record JSON} | {C.NEED_QUEUES, missing queue, ...}
+--       | {C.CANCELED} (the parent run was canceled: nothing was written)
 --       | {C.NOT_FOUND} (deliver of an unknown event) | {C.TERMINAL, event id} (conflicting reuse)
 --!include common
 --!include runs
@@ -85,6 +88,7 @@ if mode == 'emit' then
     if rec.fp ~= ARGV[10] then return {C.TERMINAL, id} end
     return {C.EXISTING, id, rec.fanout_status, existing}
   end
+  if parent_canceled(KEYS[1], ARGV[5]) then return {C.CANCELED} end
 elseif not existing then
   return {C.NOT_FOUND}
 end
@@ -156,16 +160,22 @@ if mode == 'deliver' then input = data_slice(data, id, rec.name) end
 if #subscribers >= 32 ^ 6 then return redis.error_reply('emit: too many subscribers for event ' .. ARGV[2]) end
 local deliveries = {}
 local run_id_head = string.sub(ARGV[15], 1, 20)
+-- Children of a canceled parent would escape its cancel cascade: a due event of one starts none.
+local orphaned = parent_canceled(KEYS[1], rec.parent_run_id or '')
 for i, sub in ipairs(subscribers) do
   local q = queues[sub.queue]
   local run_id = run_id_head .. b32_index(i) .. ARGV[16]
-  if redis.call('HEXISTS', KEYS[1], run_id) == 0 then
+  if orphaned then
+    rec.failed_delivery_count = (rec.failed_delivery_count or 0) + 1
+  elseif redis.call('HEXISTS', KEYS[1], run_id) == 0 then
     create_run({runs = KEYS[1], inputs = KEYS[2], index = KEYS[3], ready = q.ready, sched = q.sched,
       bell = q.bell, children = KEYS[15]}, run_id, sub.workflow, sub.queue, input, sub.max_attempts, 0,
       rec.parent_run_id or '', '', now)
   end
-  deliveries[#deliveries + 1] = {workflow = sub.workflow, queue = sub.queue, status = 'delivered',
-    run_id = run_id, subscriber_event_id = id .. ':' .. sub.workflow}
+  deliveries[#deliveries + 1] = {workflow = sub.workflow, queue = sub.queue,
+    status = orphaned and 'failed' or 'delivered', run_id = not orphaned and run_id or nil,
+    error = orphaned and ('parent run ' .. rec.parent_run_id .. ' was canceled') or nil,
+    subscriber_event_id = id .. ':' .. sub.workflow}
 end
 local resumed = {}
 for _, wr in ipairs(waiting) do
@@ -185,9 +195,9 @@ end
 rec.deliveries = deliveries
 rec.resumed_run_ids = resumed
 rec.subscriber_count = #subscribers
-rec.delivery_count = #deliveries
+rec.delivery_count = #deliveries - (orphaned and #deliveries or 0)
 rec.resumed_run_count = #resumed
-rec.fanout_status = #subscribers == 0 and 'no-subscribers' or 'completed'
+rec.fanout_status = #subscribers == 0 and 'no-subscribers' or (orphaned and 'failed' or 'completed')
 rec.finished_at = now
 rec.next_process_at = nil
 redis.call('ZREM', KEYS[9], id)

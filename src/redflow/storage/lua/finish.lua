@@ -1,4 +1,6 @@
 -- finish: end a running run as succeeded, failed or canceled, if the caller holds the current token.
+-- A queued run the caller holds (claimed for admission, not started) can end the same way: failed
+-- when its admission keys cannot be computed, canceled when its cancellation was requested.
 -- A run whose cancellation was requested ends as canceled whatever the handler returned. A failure
 -- that must run an on_failure hook (ARGV 5 is 1) keeps the run owned (token and owned set) until the
 -- hook has run; hook_done releases it: the terminal status is durable before any hook runs. Every parent waiting
@@ -34,8 +36,8 @@
 local id = ARGV[1]
 if not holds_lease(id, ARGV[2]) then return {C.STALE} end
 local h = load_run(id)
-if not expect_status(h, 'running') then return wrong_status(h) end
-local p, missing = plan(id, h, {running = true, ends = true})
+if not expect_status(h, 'running', 'queued') then return wrong_status(h) end
+local p, missing = plan(id, h, {running = h.s == 'running', ends = true})
 if #missing > 0 then return need_queues(missing) end
 local status, payload, hook = ARGV[3], ARGV[4], ARGV[5] == '1'
 if h.cr then

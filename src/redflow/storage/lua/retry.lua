@@ -39,7 +39,8 @@ if h.s == 'failed' and h.h and defer then
 end
 if not expect_status(h, 'running', 'queued') then return wrong_status(h) end
 if h.cr then return {C.CANCELED} end
-local p, missing = plan(id, h, {running = h.s == 'running'})
+-- A deferred run (not a failed attempt: kept attempt, or not started) keeps its throttle-queue place.
+local p, missing = plan(id, h, {running = h.s == 'running', keep_place = defer or h.s ~= 'running'})
 if #missing > 0 then return need_queues(missing) end
 if not defer then attempt_record(id, h, 'failed', ARGV[4], now) end
 h.av = due

@@ -1,0 +1,50 @@
+"""Ownership reconciliation (issue 10, item 1): what the server says a worker owns and what it runs agree.
+
+Both tests fail on f04b3d6: a run claimed with a lost reply stayed `running` forever (the heartbeat kept
+renewing its worker), and a run whose claim the server forgot kept executing on the old worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
+
+from ..conftest import wait_until
+
+
+async def test_a_claim_whose_reply_was_lost_is_handed_back_and_runs(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
+    async def handler(ctx: WorkflowHandlerContext) -> str:
+        return "ran"
+
+    wf = define_workflow("lost-reply", handler=handler, registry=registry)
+    worker = await make_worker(lease_ms=1500)
+    async with worker._claim_lock:  # the worker's own claim loop waits while the "lost" claim happens
+        handle = await client.enqueue_definition(wf, None)
+        _, _, runs = await client.store.claim(worker.id, ["default"], 1, 10)  # the reply never reaches it
+        assert [r.id for r in runs] == [handle.id]
+    assert await handle.result(timeout_ms=15_000) == "ran"
+
+
+async def test_a_run_the_server_no_longer_gives_this_worker_stops_here(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker
+) -> None:
+    started = asyncio.Event()
+    finished: list[str] = []
+
+    async def handler(ctx: WorkflowHandlerContext) -> None:
+        started.set()
+        await asyncio.sleep(30)
+        finished.append(ctx.run.id)
+
+    wf = define_workflow("forgotten-claim", handler=handler, registry=registry)
+    worker = await make_worker(lease_ms=1500)
+    handle = await client.enqueue_definition(wf, None)
+    await asyncio.wait_for(started.wait(), 10)
+    # The server restarts without the claim: the lease and the owned entry are gone.
+    await client.redis.execute("HDEL", client.keys.leases, handle.id)
+    await client.redis.execute("SREM", client.keys.owned(worker.id), handle.id)
+    await wait_until(lambda: handle.id not in worker.active, timeout_s=10, what="the local execution stopped")
+    assert finished == []
