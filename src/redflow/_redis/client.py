@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 import weakref
 from collections.abc import Callable
@@ -74,6 +75,33 @@ class ServerAddress:
         return self.unix_path or f"{self.host}:{self.port}/{self.db}"
 
 
+DEFAULT_COMMAND_TIMEOUT_S = 10.0
+
+
+def command_timeout_from_env() -> float:
+    """REDFLOW_COMMAND_TIMEOUT_MS: how long a connection may wait for any reply before it is closed."""
+    raw = os.environ.get("REDFLOW_COMMAND_TIMEOUT_MS")
+    if not raw:
+        return DEFAULT_COMMAND_TIMEOUT_S
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"REDFLOW_COMMAND_TIMEOUT_MS must be an integer number of ms, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"REDFLOW_COMMAND_TIMEOUT_MS must be positive, got {value}")
+    return value / 1000
+
+
+def _tune_socket(sock: socket.socket) -> None:
+    """No Nagle delay; keepalive probes after 5 s of silence, so a dead peer is noticed in ~11 s."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
 _clients: weakref.WeakSet[RedisClient] = weakref.WeakSet()
 
 
@@ -91,11 +119,14 @@ os.register_at_fork(after_in_child=_forget_connections_after_fork)
 class RedisClient:
     """Shared, lazily connected, self-healing access to one Redis server."""
 
-    def __init__(self, address: ServerAddress, *, connect_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, address: ServerAddress, *, connect_timeout_s: float = 5.0, command_timeout_s: float | None = None
+    ) -> None:
         _clients.add(self)
         self.address = address
         self.counters = Counters()
         self._connect_timeout_s = connect_timeout_s
+        self.command_timeout_s = command_timeout_s if command_timeout_s is not None else command_timeout_from_env()
         self._conn: Connection | None = None
         self._connecting: asyncio.Future[Connection] | None = None
         self._dedicated: set[Connection] = set()
@@ -104,16 +135,20 @@ class RedisClient:
     async def open_connection(
         self, on_push: Callable[[list[Any]], None] | None = None,
         on_lost: Callable[[Connection], None] | None = None,
+        deadline: bool = True,
     ) -> Connection:
-        """Open and authenticate a new connection (not registered as the shared one)."""
+        """Open and authenticate a new connection (not registered as the shared one). Without
+        ``deadline`` (blocking commands) the caller bounds its waits itself."""
         if self._closed:
             raise ConnectionClosedError("client is closed")
         loop = asyncio.get_running_loop()
         addr = self.address
         counters = self.counters
 
+        deadline_s = self.command_timeout_s if deadline else None
+
         def factory() -> Connection:
-            return Connection(counters, on_push=on_push, on_lost=on_lost)
+            return Connection(counters, on_push=on_push, on_lost=on_lost, deadline_s=deadline_s)
 
         try:
             async with asyncio.timeout(self._connect_timeout_s):
@@ -124,9 +159,7 @@ class RedisClient:
                     _, conn = await loop.create_connection(factory, addr.host, addr.port, ssl=ctx)
                     sock = conn._transport.get_extra_info("socket") if conn._transport else None
                     if sock is not None:
-                        import socket
-
-                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        _tune_socket(sock)
                 if addr.password is not None:
                     if addr.username:
                         await conn.execute("AUTH", addr.username, addr.password)
@@ -168,9 +201,15 @@ class RedisClient:
             return None
         return conn.send(args)
 
+    def drop_shared(self, exc: Exception) -> None:
+        """Abandon the shared connection (a deadline passed); the next command opens a new one."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.abort(exc)
+
     async def dedicated(self) -> Connection:
         """A connection of its own, for blocking commands; closed with the client."""
-        conn = await self.open_connection(on_lost=self._dedicated.discard)
+        conn = await self.open_connection(on_lost=self._dedicated.discard, deadline=False)
         self._dedicated.add(conn)
         return conn
 

@@ -5,7 +5,10 @@ simply ``await conn.execute(...)`` from as many tasks as they like and the conne
 (automatic pipelining). Replies are matched to callers in FIFO order, which RESP guarantees.
 
 Invariant: ``_pending`` holds exactly one future per command written (or buffered), in the order the
-commands appear on the wire. A subscriber connection additionally receives push messages, which are
+commands appear on the wire. Deadline: while commands are pending, the server must answer one of them
+every ``deadline_s``; otherwise the connection is closed (a half-open socket, a frozen peer) and every
+pending command fails with :class:`CommandTimeoutError`, so the next command opens a fresh one.
+A subscriber connection additionally receives push messages, which are
 recognised by their shape and handed to ``on_push`` instead of consuming a pending future.
 """
 
@@ -19,7 +22,7 @@ from typing import Any
 
 import hiredis
 
-from .errors import ConnectionClosedError, NoScriptError, ResponseError
+from .errors import CommandTimeoutError, ConnectionClosedError, NoScriptError, ResponseError
 
 _PUSH_KINDS = frozenset({b"message", b"pmessage"})
 
@@ -44,8 +47,12 @@ class Connection(asyncio.Protocol):
         counters: Counters,
         on_push: Callable[[list[Any]], None] | None = None,
         on_lost: Callable[[Connection], None] | None = None,
+        deadline_s: float | None = None,
     ) -> None:
         self._counters = counters
+        self._deadline_s = deadline_s
+        self._progress_at = 0.0  # when the server last answered (or the first pending command was sent)
+        self._watchdog: asyncio.TimerHandle | None = None
         self._on_push = on_push
         self._on_lost = on_lost
         self._reader = hiredis.Reader()
@@ -75,6 +82,7 @@ class Connection(asyncio.Protocol):
                 return
             if reply is False:
                 return
+            self._progress_at = self._loop.time()
             if (
                 self._on_push is not None
                 and type(reply) is list
@@ -107,6 +115,10 @@ class Connection(asyncio.Protocol):
             fut.set_exception(ConnectionClosedError("connection is closed"))
             return fut
         self._buffer.append(hiredis.pack_command(args))
+        if not self._pending:
+            self._progress_at = self._loop.time()
+            if self._deadline_s is not None and self._watchdog is None:
+                self._watchdog = self._loop.call_later(self._deadline_s, self._check_deadline)
         self._pending.append(fut)
         counters = self._counters
         counters.commands += 1
@@ -128,11 +140,34 @@ class Connection(asyncio.Protocol):
         self._counters.writes += 1
         self._transport.write(data)
 
+    def _check_deadline(self) -> None:
+        self._watchdog = None
+        if self.closed or not self._pending or self._deadline_s is None:
+            return
+        silent = self._loop.time() - self._progress_at
+        if silent >= self._deadline_s:
+            self.abort(CommandTimeoutError(f"no reply from the server for {silent:.1f}s; connection closed"))
+            return
+        self._watchdog = self._loop.call_later(self._deadline_s - silent, self._check_deadline)
+
     def close(self) -> None:
+        self._shut(ConnectionClosedError("connection closed"), abort=False)
+
+    def abort(self, exc: Exception) -> None:
+        """Close the socket at once (no flush to a dead peer) and fail what is pending with ``exc``."""
+        self._shut(exc, abort=True)
+
+    def _shut(self, exc: Exception, *, abort: bool) -> None:
         if self._transport is not None and not self.closed:
-            self._transport.close()
+            if abort:
+                self._transport.abort()
+            else:
+                self._transport.close()
         self.closed = True
-        self._fail_all(ConnectionClosedError("connection closed"))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        self._fail_all(exc)
 
     def _fail_all(self, exc: Exception) -> None:
         self._buffer.clear()

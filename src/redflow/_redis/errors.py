@@ -15,6 +15,10 @@ class ConnectionClosedError(RedisError, ConnectionError):
     """The connection to the server is closed or could not be opened."""
 
 
+class CommandTimeoutError(ConnectionClosedError):
+    """The server did not answer within the command deadline; the connection was closed."""
+
+
 class ResponseError(RedisError):
     """The server answered a command with an error reply."""
 

@@ -19,7 +19,7 @@ from typing import Any
 from .. import observability
 from .._redis.client import RedisClient
 from .._redis.connection import Connection
-from .._redis.errors import RedisError
+from .._redis.errors import CommandTimeoutError, RedisError
 from .._redis.pubsub import Subscriber
 from ..client import RedflowClient, create_client, default_prefix
 from ..registry import WorkflowRegistry, get_default_registry
@@ -31,6 +31,7 @@ from .options import WorkerSettings, resolve_settings
 
 log = logging.getLogger("redflow.worker")
 
+HEARTBEAT_DEADLINE_SHARE = 0.25  # of the lease: the longest a renewal may take before the connection is reset
 RECONCILE_EVERY_BEATS = 3  # also after every claim error and every lapsed-but-not-reaped renewal
 
 
@@ -66,7 +67,22 @@ class Worker:
         self.runs_claimed = 0
         self.run_budget: int | None = None  # claim at most this many runs, then set budget_spent
         self.budget_spent = asyncio.Event()
-        self.ready = False  # registered, scripts loaded, and the last heartbeat succeeded
+        self._ready = False  # registered, scripts loaded, and the last heartbeat succeeded
+
+    @property
+    def ready(self) -> bool:
+        """Registered and renewed within the lease: a worker whose renewals stalled is not ready."""
+        if not self._ready:
+            return False
+        try:
+            now = asyncio.get_running_loop().time()
+        except RuntimeError:  # read outside the worker's loop: the last heartbeat's verdict
+            return True
+        return (now - self._last_renewal) * 1000 < self.settings.lease_ms
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self._ready = value
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -346,7 +362,16 @@ class Worker:
         s = self.settings
         loop = asyncio.get_running_loop()
         sent = loop.time()
-        beat = await self.store.heartbeat(self.id, s.lease_ms, s.leader_lease_ms, not self._stopping)
+        # The renewal must land well inside the lease; a server that does not answer in time is
+        # treated as a dead connection (half-open sockets never fail on their own).
+        deadline = max(0.2, s.lease_ms * HEARTBEAT_DEADLINE_SHARE / 1000)
+        try:
+            async with asyncio.timeout(deadline):
+                beat = await self.store.heartbeat(self.id, s.lease_ms, s.leader_lease_ms, not self._stopping)
+        except TimeoutError:
+            error = CommandTimeoutError(f"heartbeat got no reply within {deadline:.2f}s")
+            self.store.redis.drop_shared(error)
+            raise error from None
         observability.set_gauge("redis_rtt", loop.time() - sent)
         state, leader = beat.state, beat.leader
         self._last_renewal = loop.time()
@@ -396,6 +421,9 @@ class Worker:
                 self.ready = False
                 silent_for = loop.time() - self._last_renewal
                 log.warning("worker %s: heartbeat failed (%s), %.1fs since the last renewal", self.id, exc, silent_for)
+            except Exception:
+                self.ready = False
+                log.exception("worker %s: heartbeat raised; the loop goes on", self.id)
 
     def _on_lease_guard(self) -> None:
         if self.active and not self._stopping:
