@@ -15,7 +15,9 @@ from redflow.storage.records import StepRecord, decode_header, decode_steps, enc
 HEADER = b'{"w":"send-welcome-email","q":"default","s":"running","a":1,"m":3,"c":1732690000000,' \
          b'"av":1732690000000,"st":1732690000100,"sa":1732690000100,"o":"host:123:abcd1234"}'
 STEPS = b"".join(
-    encode_step(StepRecord(n=f"step-{i}", q=i + 1, a=1, o=msgspec.Raw(b'{"ok":true}'), t0=1, t1=2)) for i in range(5)
+    encode_step(StepRecord(name=f"step-{i}", position=i + 1, attempt=1, output=msgspec.Raw(b'{"ok":true}'),
+                           started_at_ms=1, finished_at_ms=2))
+    for i in range(5)
 )
 
 
@@ -29,11 +31,12 @@ def _claim_reply(n: int) -> list[object]:
 
 def test_decode_run_header(benchmark) -> None:  # type: ignore[no-untyped-def]
     header = benchmark(decode_header, HEADER)
-    assert header.w == "send-welcome-email"
+    assert header.workflow == "send-welcome-email"
 
 
 def test_encode_step_record(benchmark) -> None:  # type: ignore[no-untyped-def]
-    record = StepRecord(n="charge", q=1, a=1, o=msgspec.Raw(b'{"charged":10}'), t0=1, t1=2)
+    record = StepRecord(name="charge", position=1, attempt=1, output=msgspec.Raw(b'{"charged":10}'), started_at_ms=1,
+                        finished_at_ms=2)
     assert benchmark(encode_step, record).endswith(b"\n")
 
 

@@ -501,3 +501,20 @@ async def test_a_delayed_event_of_a_parent_canceled_meanwhile_starts_no_child(
     assert event["fanout_status"] == "failed" and event["delivery_count"] == 0
     assert [d["status"] for d in event["deliveries"]] == ["failed"]
     assert await store.children_of(handle.id) == []
+
+
+async def test_no_step_is_recorded_for_a_failed_run_whose_hook_is_pending(
+    client: RedflowClient, registry: WorkflowRegistry
+) -> None:
+    from redflow.storage.records import StepRecord, encode_step
+
+    store = client.store
+    wf = define_workflow("late-step", handler=_noop, registry=registry)
+    handle = await client.enqueue_definition(wf, None)
+    await store.heartbeat("w", 60_000, 60_000, False)
+    _, _, runs = await store.claim("w", ["default"], 1, 10)
+    assert await store.finish(handle.id, runs[0].token, "w", "failed", b'{"message":"x"}', True, 60_000,
+                              "default") == (Code.OK, "failed")
+    line = encode_step(StepRecord(name="late", position=1, attempt=1))
+    assert await store.record_step(handle.id, runs[0].token, line) is Code.WRONG_STATUS
+    assert await store.read_steps(handle.id) == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 from redflow import CronTrigger, WorkflowHandlerContext, create_client, define_workflow
@@ -33,6 +34,14 @@ async def ticker(ctx: WorkflowHandlerContext[Any]) -> int:
     return os.getpid()
 
 
+async def blocker(ctx: WorkflowHandlerContext[Any]) -> int:
+    """Blocks its worker's event loop on the first try (a handler calling time.sleep)."""
+    tries = int(await client.redis.execute("INCR", f"{client.prefix}:test:count:block:{ctx.run.id}"))
+    if tries == 1:
+        time.sleep(60)  # noqa: ASYNC251 - the point: a handler that blocks the event loop
+    return tries
+
+
 async def plain(ctx: WorkflowHandlerContext[Any]) -> dict[str, Any]:
     return {"pid": os.getpid()}
 
@@ -40,5 +49,6 @@ async def plain(ctx: WorkflowHandlerContext[Any]) -> dict[str, Any]:
 define_workflow("sup-pid", handler=pid_job)
 define_workflow("sup-plain", handler=plain)
 define_workflow("sup-hog", handler=hog)
+define_workflow("sup-block", handler=blocker)
 if os.environ.get("SUP_TEST_CRON"):
     define_workflow("sup-tick", handler=ticker, cron=[CronTrigger("* * * * * *", timezone="UTC", id="sup-tick")])

@@ -169,8 +169,9 @@ async def test_http_health_readiness_and_metrics(client: RedflowClient, start_su
     async def scraped() -> dict | None:
         text = await asyncio.to_thread(_fetch_text, port, "/metrics")
         families = {f.name: f for f in text_string_to_metric_families(text)}
-        backlog = families.get("redflow_queue_backlog")
-        return families if backlog and backlog.samples else None
+        # Every family the leader samples, not only the first of them (they land one round trip apart).
+        sampled = ("redflow_queue_backlog", "redflow_queue_oldest_ready_age_seconds")
+        return families if all(f in families and families[f].samples for f in sampled) else None
 
     families = await wait_until(scraped, timeout_s=20, what="leader's backlog sample")
     expected = {

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from .._redis.errors import RedisError
 from ..types import StartWorkerOptions
 from ..worker.worker import Worker, start_worker
 from .config import SupervisorConfig
@@ -38,8 +39,6 @@ def die_with_parent(parent_pid: int) -> None:
 
 def run_child(config: SupervisorConfig, url: str, slot: int, status_dir: Path, parent_pid: int) -> int:
     die_with_parent(parent_pid)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
     try:
         import uvloop
 
@@ -49,19 +48,50 @@ def run_child(config: SupervisorConfig, url: str, slot: int, status_dir: Path, p
     return asyncio.run(_main(config, url, slot, status_dir))
 
 
+START_BACKOFF_MAX_S = 10.0
+
+
+async def _start(
+    config: SupervisorConfig, url: str, stop: asyncio.Event, status_file: Path, slot: int
+) -> Worker | None:
+    """Start the worker, retrying with backoff while Redis is unreachable (one line per attempt, no
+    traceback, no crash loop); None when a stop came first."""
+    delay = 0.5
+    attempt = 0
+    while not stop.is_set():
+        attempt += 1
+        try:
+            return await start_worker(
+                StartWorkerOptions(
+                    app=config.app, url=url, prefix=config.prefix, queues=config.queues,
+                    concurrency=config.concurrency, grace_period_ms=int(config.grace_period_s * 1000),
+                    lease_ms=config.lease_ms,
+                )
+            )
+        except RedisError as exc:
+            log.warning("worker process %d: cannot start (attempt %d): %s; retrying in %.1fs", os.getpid(), attempt,
+                        exc, delay)
+        _write_status(status_file, None, slot)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await stop.wait()
+        delay = min(delay * 2, START_BACKOFF_MAX_S)
+    return None
+
+
 async def _main(config: SupervisorConfig, url: str, slot: int, status_dir: Path) -> int:
-    worker = await start_worker(
-        StartWorkerOptions(
-            app=config.app, url=url, prefix=config.prefix, queues=config.queues, concurrency=config.concurrency,
-            grace_period_ms=int(config.grace_period_s * 1000), lease_ms=config.lease_ms,
-        )
-    )
-    worker.run_budget = config.max_runs_per_proc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     status_file = status_dir / f"worker-{os.getpid()}.json"
+    started = await _start(config, url, stop, status_file, slot)
+    if started is None:
+        with contextlib.suppress(OSError):
+            status_file.unlink()
+        return 0
+    worker = started
+    worker.run_budget = config.max_runs_per_proc
     code = 0
     try:
         while not stop.is_set():
@@ -89,16 +119,17 @@ async def _first(*events: asyncio.Event) -> None:
             w.cancel()
 
 
-def _write_status(path: Path, worker: Worker, slot: int) -> None:
+def _write_status(path: Path, worker: Worker | None, slot: int) -> None:
+    """The status the supervisor serves; ``ts`` proves the event loop still turns."""
     status = {
         "pid": os.getpid(),
         "slot": slot,
-        "worker_id": worker.id,
-        "ready": worker.ready,
-        "leader": worker.is_leader,
-        "leader_value": worker.leader_value,
-        "active_runs": len(worker.active),
-        "runs_done": worker.runs_done,
+        "worker_id": worker.id if worker else None,
+        "ready": worker.ready if worker else False,
+        "leader": worker.is_leader if worker else False,
+        "leader_value": worker.leader_value if worker else "",
+        "active_runs": len(worker.active) if worker else 0,
+        "runs_done": worker.runs_done if worker else 0,
         "ts": time.time(),
     }
     tmp = path.with_suffix(".tmp")
@@ -108,6 +139,9 @@ def _write_status(path: Path, worker: Worker, slot: int) -> None:
 
 def child_entry(config: SupervisorConfig, url: str, slot: int, status_dir: Path, parent_pid: int) -> None:
     """Run in the forked child; never returns."""
+    # Right after fork: the supervisor's handlers must not run here (the event loop installs its own).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
     code = 1
     try:
         code = run_child(config, url, slot, status_dir, parent_pid)

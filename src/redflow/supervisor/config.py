@@ -50,6 +50,7 @@ class SupervisorConfig:
     log_format: str
     data_dir: Path
     lease_ms: int = 5000
+    stale_after_s: float = 10.0  # a worker whose status is older than this is blocked: killed, restarted
 
 
 def _env(name: str) -> str | None:
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data directory of the embedded server (env REDFLOW_DATA_DIR)")
     p.add_argument("--lease-ms", type=int, default=_env("REDFLOW_LEASE_MS") or 5000,
                    help="worker liveness lease in ms (env REDFLOW_LEASE_MS; default 5000)")
+    p.add_argument("--stale-after", type=float, default=_env("REDFLOW_STALE_AFTER") or 10.0,
+                   help="seconds without a status from a worker process (its event loop is blocked) before it "
+                        "is killed and restarted (env REDFLOW_STALE_AFTER; default 10)")
     return p
 
 
@@ -126,6 +130,12 @@ def parse_config(argv: list[str] | None = None) -> SupervisorConfig:
     if grace < 0:
         raise ConfigurationError(f"--grace-period must be >= 0, got {grace}")
     queues = [q.strip() for q in ns.queues.split(",") if q.strip()] if ns.queues else None
+    try:
+        stale_after = float(ns.stale_after)
+    except ValueError:
+        raise ConfigurationError(f"--stale-after must be a number of seconds, got {ns.stale_after!r}") from None
+    if stale_after < 1:
+        raise ConfigurationError(f"--stale-after must be >= 1 second, got {stale_after}")
     return SupervisorConfig(
         procs=available_cpus() if ns.procs is None else as_int("procs", ns.procs, 1),
         imports=imports,
@@ -143,4 +153,5 @@ def parse_config(argv: list[str] | None = None) -> SupervisorConfig:
         log_format=ns.log_format,
         data_dir=Path(ns.data_dir),
         lease_ms=as_int("lease-ms", ns.lease_ms, 300),
+        stale_after_s=stale_after,
     )

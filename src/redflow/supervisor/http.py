@@ -1,15 +1,16 @@
 """The supervisor's HTTP endpoint: /healthz, /readyz and /metrics, from the workers' status files.
 
-It runs in a thread of the supervisor and reads only files the workers write, so the supervisor still
-holds no event loop and no Redis connection.
+It is served from the supervisor's main loop (never a thread: the supervisor forks) and reads only
+files the workers write, so the supervisor still holds no event loop and no Redis connection. Only
+workers whose status is fresh count: a worker with a blocked event loop stops refreshing it.
 """
 
 from __future__ import annotations
 
 import json
-import threading
+import selectors
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -18,26 +19,37 @@ if TYPE_CHECKING:
 FRESH_S = 5.0
 
 
+REQUEST_TIMEOUT_S = 2.0  # a slow client cannot hold the supervisor's loop longer than this
+
+
 class StatusServer:
     def __init__(self, supervisor: Supervisor, port: int) -> None:
         self.supervisor = supervisor
         handler = _handler_class(supervisor)
-        self.httpd = ThreadingHTTPServer(("0.0.0.0", port), handler)
+        self.httpd = HTTPServer(("0.0.0.0", port), handler)
         self.port = int(self.httpd.server_address[1])
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="redflow-http", daemon=True)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self.httpd.socket, selectors.EVENT_READ)
 
-    def start(self) -> None:
-        self._thread.start()
+    def serve_for(self, seconds: float) -> None:
+        """Answer requests that arrive within ``seconds``, then return."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self._selector.select(left):
+                self.httpd.handle_request()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
+        self._selector.close()
         self.httpd.server_close()
 
 
-def readiness(supervisor: Supervisor) -> tuple[bool, dict[str, Any]]:
+def fresh_statuses(supervisor: Supervisor) -> list[dict[str, Any]]:
     now = time.time()
-    statuses = supervisor.worker_statuses()
-    fresh = [s for s in statuses if now - float(s.get("ts", 0)) < FRESH_S]
+    return [s for s in supervisor.worker_statuses() if now - float(s.get("ts", 0)) < FRESH_S]
+
+
+def readiness(supervisor: Supervisor) -> tuple[bool, dict[str, Any]]:
+    fresh = fresh_statuses(supervisor)
     ready = (
         not supervisor.stopping
         and len(fresh) == len(supervisor.slots)
@@ -54,11 +66,14 @@ def metrics_text(supervisor: Supervisor) -> str:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=str(supervisor.metrics_dir))  # type: ignore[no-untyped-call]
     merged = generate_latest(registry).decode()
-    statuses = supervisor.worker_statuses()
+    statuses = fresh_statuses(supervisor)
     lines = [
-        "# HELP redflow_worker_processes Worker processes reporting to this supervisor.",
+        "# HELP redflow_worker_processes Worker processes reporting a fresh status to this supervisor.",
         "# TYPE redflow_worker_processes gauge",
         f"redflow_worker_processes {len(statuses)}",
+        "# HELP redflow_worker_stale_kills_total Worker processes killed because their status went stale.",
+        "# TYPE redflow_worker_stale_kills_total counter",
+        f"redflow_worker_stale_kills_total {sum(s.stale_kills for s in supervisor.slots)}",
         "# HELP redflow_worker_restarts_total Worker processes restarted or recycled.",
         "# TYPE redflow_worker_restarts_total counter",
         f"redflow_worker_restarts_total {sum(s.restarts for s in supervisor.slots)}",
@@ -68,9 +83,13 @@ def metrics_text(supervisor: Supervisor) -> str:
 
 def _handler_class(supervisor: Supervisor) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = REQUEST_TIMEOUT_S
+
         def do_GET(self) -> None:
             if self.path == "/healthz":
-                alive = any(s.pid is not None for s in supervisor.slots) and not supervisor.stopping
+                # Alive while some worker process turns its event loop (Redis being down does not count:
+                # the workers retry; readiness says whether they work).
+                alive = not supervisor.stopping and (bool(fresh_statuses(supervisor)) or supervisor.starting())
                 self._send(200 if alive else 503, {"ok": alive})
             elif self.path == "/readyz":
                 ready, body = readiness(supervisor)

@@ -1,9 +1,11 @@
 """The supervisor: forks worker processes, restarts crashed ones with backoff, recycles ones over
 budget, and drains the whole tree on SIGTERM/SIGINT.
 
-The supervisor process imports the user's modules before forking and never runs an event loop nor
-opens a Redis connection, so each child starts clean. Children ask the kernel to send them SIGTERM if
-the supervisor dies (PR_SET_PDEATHSIG), so a SIGKILLed supervisor leaves no worker behind.
+The supervisor process imports the user's modules before forking and never runs an event loop, opens
+a Redis connection or starts a thread (its HTTP endpoint is served from the main loop), so each child
+starts clean. Once a stop is requested no worker is started again. A worker whose status file goes
+stale (its event loop is blocked) is killed and restarted. Children ask the kernel to send them
+SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so a SIGKILLed supervisor leaves no worker behind.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class Slot:
     restart_at: float = 0.0
     restarts: int = 0
     draining: bool = False  # we asked it to stop (memory budget): its exit is not a crash
+    stale_kills: int = 0  # killed because its status went stale (blocked event loop)
 
 
 class Supervisor:
@@ -71,13 +74,13 @@ class Supervisor:
                          self.config.data_dir)
             if self.config.http_port is not None:
                 self._http = StatusServer(self, self.config.http_port)
-                self._http.start()
             log.info("supervisor %d starting %d worker process(es)", os.getpid(), len(self.slots))
             for slot in self.slots:
                 self._spawn(slot)
             while not self._stopping:
-                time.sleep(0.2)
+                self._wait(0.2)
                 self._reap_children()
+                self._kill_stale()
                 self._enforce_memory_budget()
                 self._restart_due()
                 self._watch_leader()
@@ -90,6 +93,13 @@ class Supervisor:
                 self.embedded.stop()
             shutil.rmtree(self.status_dir, ignore_errors=True)
 
+    def _wait(self, seconds: float) -> None:
+        """Sleep, answering HTTP requests meanwhile (served here, never from a thread)."""
+        if self._http is None:
+            time.sleep(seconds)
+        else:
+            self._http.serve_for(seconds)
+
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if not self._stopping:
             log.info("supervisor received %s: draining", signal.Signals(signum).name)
@@ -101,7 +111,7 @@ class Supervisor:
             _signal(slot.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.config.grace_period_s + 10
         while time.monotonic() < deadline and any(s.pid is not None for s in self.slots):
-            time.sleep(0.05)
+            self._wait(0.05)
             self._reap_children()
         for slot in self.slots:
             if slot.pid is not None:
@@ -113,6 +123,8 @@ class Supervisor:
 
     # --- children ---------------------------------------------------------------------------------------
     def _spawn(self, slot: Slot) -> None:
+        if self._stopping:
+            return  # a stop was requested: no new worker (it could take the leadership and be killed)
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
@@ -151,7 +163,25 @@ class Supervisor:
             slot.restart_at = time.monotonic() + delay
             log.error("worker process %d exited with %s; restarting in %.1fs", pid, _describe(code), delay)
 
+    def _kill_stale(self) -> None:
+        """Kill a worker whose status is stale: its event loop is blocked (a handler called
+        time.sleep, a C call hangs), so it is not working even though the process is alive."""
+        now = time.time()
+        by_pid = {int(s.get("pid", 0)): s for s in self.worker_statuses()}
+        for slot in self.slots:
+            if slot.pid is None or slot.draining or time.monotonic() - slot.started_at < self.config.stale_after_s:
+                continue
+            status = by_pid.get(slot.pid)
+            age = now - float(status.get("ts", 0)) if status else None
+            if age is None or age > self.config.stale_after_s:
+                log.error("worker process %d reported no status for %s: its event loop is blocked; killing it",
+                          slot.pid, "ever" if age is None else f"{age:.1f}s")
+                _signal(slot.pid, signal.SIGKILL)
+                slot.stale_kills += 1
+
     def _restart_due(self) -> None:
+        if self._stopping:
+            return
         now = time.monotonic()
         for slot in self.slots:
             if slot.pid is None and now >= slot.restart_at:
@@ -206,6 +236,11 @@ class Supervisor:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    def starting(self) -> bool:
+        """Some worker process started recently enough that it may not have reported yet."""
+        now = time.monotonic()
+        return any(s.pid is not None and now - s.started_at < self.config.stale_after_s for s in self.slots)
 
 
 def _mark_dead(pid: int) -> None:

@@ -84,7 +84,7 @@ class _RedisBackend:
     async def record(self, record: StepRecord) -> None:
         run = self._ex.claimed
         code = await self._worker.store.record_step(run.id, run.token, encode_step(record))
-        if code is Code.STALE:
+        if code in (Code.STALE, Code.WRONG_STATUS):
             raise LeaseLostError(run.id)
         if record.kind == "run":
             observe_step(run.header.workflow, (record.finished_at_ms - record.started_at_ms) / 1000)
