@@ -61,7 +61,7 @@ def test_script_header_matches_body(name: str) -> None:
 
 NAMED_KEY_SCRIPTS = ("claim", "step", "finish", "hook_done", "retry", "release", "reap", "suspend", "cancel", "admit",
                      "history", "enqueue", "enqueue_batch", "debounce", "heartbeat", "resign", "cleanup",
-                     "stream_write", "resume_input")
+                     "stream_write", "resume_input", "emit", "cron_fire")
 
 
 @pytest.mark.parametrize("name", NAMED_KEY_SCRIPTS)

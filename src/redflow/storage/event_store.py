@@ -251,31 +251,19 @@ class EventStore:
                 raise validation_error(f"payload of event {name!r} (its contract)", issues)
         queues = sorted({s.queue for s in subscribers})
         idem_key = k.event_idempotency(name, idempotency_key) if idempotency_key else k.event_idempotency(name, "")
-        for _ in range(10):
-            keys = [
-                k.runs, k.inputs, k.index, k.events, k.event_data, k.event_index, k.event_expiry, k.event_buffer,
-                k.events_due, k.subscriber_index, k.subscribers, k.waits, k.waiters, k.steps, k.children, idem_key,
-            ]
-            for q in queues:
-                keys += (k.ready(q), k.scheduled(q), k.bell(q))
-            reply = await self.store.scripts.call(
-                "emit",
-                keys,
-                (
-                    event_id, name, data, correlation_key or "", parent_run_id or "", emit_at_ms,
-                    idempotency_ttl_s if idempotency_key else 0, retention_ms, "deliver" if deliver else "emit",
-                    fingerprint, tag(name), member, member, EVENT_BUFFER_BOUND, run_id_prefix, run_id_suffix,
-                    len(queues), *queues,
-                ),
-            )
-            code = Code(reply[0])
-            if code is Code.NEED_QUEUES:
-                queues = sorted(set(queues) | {q.decode() for q in reply[1:]})
-                continue
-            if code in (Code.CREATED, Code.EXISTING):
-                return code, reply[1].decode(), decode_event(reply[3]).public()
-            return code, reply[1].decode() if len(reply) > 1 else event_id, {}
-        raise RuntimeError(f"event {event_id!r}: the set of subscriber queues kept changing during delivery")
+        reply = await self.store.scripts.run(
+            "emit",
+            (
+                event_id, name, data, correlation_key or "", parent_run_id or "", emit_at_ms,
+                idempotency_ttl_s if idempotency_key else 0, retention_ms, "deliver" if deliver else "emit",
+                fingerprint, tag(name), member, member, EVENT_BUFFER_BOUND, run_id_prefix, run_id_suffix,
+            ),
+            queues=queues, event_idempotency=idem_key,
+        )
+        code = Code(reply[0])
+        if code in (Code.CREATED, Code.EXISTING):
+            return code, reply[1].decode(), decode_event(reply[3]).public()
+        return code, reply[1].decode() if len(reply) > 1 else event_id, {}
 
     async def deliver(self, event_id: str, *, retention_ms: int, run_id_prefix: str, run_id_suffix: str) -> Code:
         """Fan out a delayed event that is due (idempotent: delivered events are left alone)."""
@@ -377,11 +365,11 @@ class EventStore:
         k = self.keys
         queue = record.queue
         workflow = record.workflow
-        reply = await self.store.scripts.call(
+        reply = await self.store.scripts.run(
             "cron_fire",
-            (k.cron_last, k.runs, k.inputs, k.index, k.ready(queue), k.scheduled(queue), k.bell(queue), k.children),
             (trigger_id, slot_ms, run_id, workflow, queue, encode(record.input), record.max_attempts,
              record.max_concurrency or 0, f"ws:{tag(workflow)}running:"),
+            ready=k.ready(queue), scheduled=k.scheduled(queue), bell=k.bell(queue),
         )
         return Code(reply[0])
 

@@ -21,7 +21,7 @@
 -- KEYS[14] steps
 -- KEYS[15] children
 -- KEYS[16] event_idempotency  evidem:<n>:<event>:<key> (a placeholder when ARGV[7] is 0)
--- KEYS[17..] ready, scheduled, bell of each queue named in ARGV[18..], in that order
+-- KEYS[17..] queues      ready, sched, bell of each queue named in ARGV[17]
 -- ARGV[1] event id
 -- ARGV[2] event name
 -- ARGV[3] data JSON
@@ -39,8 +39,7 @@
 -- ARGV[15] a fresh run id's first 24 characters (time-sortable, random); the i-th subscriber's run
 --          id is its first 20 characters, six base32 characters for i, and ARGV[16]
 -- ARGV[16] run id suffix ('-<partition>')
--- ARGV[17] number of queues named below
--- ARGV[18..] queue names
+-- ARGV[17] queues: the subscribers' and waiters' queues the caller expects, one per line
 -- RETURNS {C.CREATED|C.EXISTING, event id, status, record JSON} | {C.NEED_QUEUES, missing queue, ...}
 --       | {C.CANCELED} (the parent run was canceled: nothing was written)
 --       | {C.NOT_FOUND} (deliver of an unknown event) | {C.TERMINAL, event id} (conflicting reuse)
@@ -121,11 +120,7 @@ else
   if rec.fanout_status ~= 'pending' then return {C.EXISTING, id, rec.fanout_status, existing} end
 end
 
-local queues = {}
-for i = 18, 17 + tonumber(ARGV[17]) do
-  local j = 17 + (i - 18) * 3
-  queues[ARGV[i]] = {ready = KEYS[j], sched = KEYS[j + 1], bell = KEYS[j + 2]}
-end
+local queues = K.queues
 local missing = {}
 local subs = redis.call('ZRANGEBYLEX', KEYS[10], '[' .. ARGV[11], '[' .. ARGV[11] .. '\255')
 local subscribers = {}
