@@ -59,12 +59,9 @@ def test_script_header_matches_body(name: str) -> None:
     assert "-- RETURNS" in raw
 
 
-NAMED_KEY_SCRIPTS = ("claim", "step", "finish", "hook_done", "retry", "release", "reap", "suspend", "cancel", "admit",
-                     "history", "enqueue", "enqueue_batch", "debounce", "heartbeat", "resign", "cleanup",
-                     "stream_write", "resume_input", "emit", "cron_fire")
 
 
-@pytest.mark.parametrize("name", NAMED_KEY_SCRIPTS)
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
 def test_script_keys_are_partition_keys_or_given(name: str) -> None:
     """A header key is either a partition-wide key of that name or one the caller names (owned, ...)."""
     given = {"owned", "stream", "throttle_counter", "rate_counter", "idempotency", "debounce", "queues",
