@@ -31,7 +31,7 @@ from .options import WorkerSettings, resolve_settings
 
 log = logging.getLogger("redflow.worker")
 
-HEARTBEAT_DEADLINE_SHARE = 0.25  # of the lease: the longest a renewal may take before the connection is reset
+HEARTBEAT_DEADLINE_SHARE = 0.5  # of the lease: the longest a renewal may take before the connection is reset
 RECONCILE_EVERY_BEATS = 3  # also after every claim error and every lapsed-but-not-reaped renewal
 
 
