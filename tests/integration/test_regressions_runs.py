@@ -518,3 +518,30 @@ async def test_no_step_is_recorded_for_a_failed_run_whose_hook_is_pending(
     line = encode_step(StepRecord(name="late", position=1, attempt=1))
     assert await store.record_step(handle.id, runs[0].token, line) is Code.WRONG_STATUS
     assert await store.read_steps(handle.id) == []
+
+
+async def test_a_redis_error_under_a_step_hands_the_run_back_without_using_an_attempt(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from redflow._redis.errors import CommandTimeoutError
+    from redflow.storage.store import Store
+
+    real = Store.record_step
+    failures = {"n": 0}
+
+    async def flaky(self: Store, *args: Any, **kwargs: Any) -> Any:
+        if failures["n"] == 0:
+            failures["n"] += 1
+            raise CommandTimeoutError("no reply from the server")
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "record_step", flaky)
+
+    async def handler(ctx: WorkflowHandlerContext) -> int:
+        await ctx.step.run("one", asyncio.sleep, 0)
+        return ctx.run.attempt
+
+    wf = define_workflow("infra-error", handler=handler, max_attempts=1, registry=registry)
+    await make_worker(lease_ms=1500)
+    handle = await client.enqueue_definition(wf, None)
+    assert await handle.result(timeout_ms=15_000) == 1  # not failed: max_attempts=1 was not spent

@@ -268,7 +268,9 @@ async def _run(worker: Worker, ex: Execution) -> None:
                              worker.max_payload_bytes)
     except Suspended:
         return
-    except LeaseLostError:
+    except (LeaseLostError, RedisError):
+        # Redis failing under the run (a durable write of a step, a child start) is not the run's
+        # failure: the attempt is not consumed; the worker hands the run back instead.
         raise
     except asyncio.CancelledError:
         task = asyncio.current_task()
