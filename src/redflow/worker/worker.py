@@ -32,7 +32,7 @@ from .options import WorkerSettings, resolve_settings
 log = logging.getLogger("redflow.worker")
 
 HEARTBEAT_DEADLINE_SHARE = 0.5  # of the lease: the longest a renewal may take before the connection is reset
-RECONCILE_EVERY_BEATS = 3  # also after every claim error and every lapsed-but-not-reaped renewal
+RECONCILE_EVERY_BEATS = 3  # also after a claim error, a failed renewal, and a lapsed-but-not-reaped one
 
 
 class Worker:
@@ -388,9 +388,10 @@ class Worker:
             self._to_release.clear()
             await self._release(releasing)
         self._registered = True
+        recovered = not self._ready  # the previous renewal failed: connections were probably reopened
         self.ready = True
         self._beats += 1
-        if self._beats % RECONCILE_EVERY_BEATS == 0 or state == 2:
+        if self._beats % RECONCILE_EVERY_BEATS == 0 or state == 2 or recovered:
             asyncio.get_running_loop().create_task(self._reconcile_quietly())
         was_leader = self.is_leader
         self.is_leader = leader.startswith(self.id + ":")
