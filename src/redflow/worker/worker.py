@@ -388,7 +388,7 @@ class Worker:
             self._to_release.clear()
             await self._release(releasing)
         self._registered = True
-        recovered = not self._ready  # the previous renewal failed: connections were probably reopened
+        recovered = self._registered and not self._ready  # the previous renewal failed: a reconnect
         self.ready = True
         self._beats += 1
         if self._beats % RECONCILE_EVERY_BEATS == 0 or state == 2 or recovered:
