@@ -30,13 +30,19 @@ from .errors import (
     WaitForInputError,
 )
 from .registry import WorkflowRegistry, get_default_registry
+from .registry import reset_default_registry_for_tests as __unstable_reset_default_registry_for_tests
 from .step import wait_for_input
 from .streams import RunStreamChunk, RunStreamReader, RunStreamRecord, WorkflowStreamWriter
 from .testing import InlineRunResult, InlineStepResult, run_inline
 from .types import (
     AttemptTrace,
     CronTrigger,
+    EventDelivery,
+    EventRecord,
     EventTrigger,
+    EventWaitInfo,
+    InputWaitInfo,
+    ListedEvent,
     ListedRun,
     ListEventsParams,
     ListRunsParams,
@@ -51,17 +57,19 @@ from .types import (
     SearchRunsResult,
     StartWorkerOptions,
     StepState,
+    StepTrace,
+    WaitInfo,
     WorkflowDebounceOptions,
     WorkflowHandlerContext,
+    WorkflowMeta,
     WorkflowRateLimitOptions,
     WorkflowResumeContext,
     WorkflowRetryPolicy,
     is_terminal_status,
 )
-from .worker.worker import Worker, start_worker
+from .validation import validate_input_with_schema
+from .worker import WorkerHandle, start_worker
 from .workflow import DefineWorkflowOptions, WorkflowDefinition, define_workflow, workflow
-
-WorkerHandle = Worker
 
 __all__ = [
     "AttemptTrace",
@@ -71,12 +79,17 @@ __all__ = [
     "CronTrigger",
     "DefineWorkflowOptions",
     "DuplicateStepError",
+    "EventDelivery",
+    "EventRecord",
     "EventTrigger",
+    "EventWaitInfo",
     "InlineRunResult",
     "InlineStepResult",
     "InputValidationError",
+    "InputWaitInfo",
     "ListEventsParams",
     "ListRunsParams",
+    "ListedEvent",
     "ListedRun",
     "NonDeterminismError",
     "NonRetriableError",
@@ -104,19 +117,23 @@ __all__ = [
     "SearchRunsResult",
     "StartWorkerOptions",
     "StepState",
+    "StepTrace",
     "StorageLayoutError",
     "TimeoutError",
     "UnknownWorkflowError",
     "WaitForInputError",
+    "WaitInfo",
     "WorkerHandle",
     "WorkflowDebounceOptions",
     "WorkflowDefinition",
     "WorkflowHandlerContext",
+    "WorkflowMeta",
     "WorkflowRateLimitOptions",
     "WorkflowRegistry",
     "WorkflowResumeContext",
     "WorkflowRetryPolicy",
     "WorkflowStreamWriter",
+    "__unstable_reset_default_registry_for_tests",
     "create_client",
     "default_prefix",
     "define_workflow",
@@ -126,6 +143,7 @@ __all__ = [
     "run_inline",
     "set_default_client",
     "start_worker",
+    "validate_input_with_schema",
     "wait_for_input",
     "workflow",
 ]

@@ -13,7 +13,7 @@ from ._redis.pubsub import Subscriber
 from .client_events import EventsMixin
 from .client_queries import QueriesMixin
 from .durations import datetime_ms, duration_ms
-from .encoding import decode, encode_payload, max_payload_bytes
+from .encoding import decode, encode, encode_payload, max_payload_bytes
 from .errors import (
     CanceledError,
     ConfigurationError,
@@ -27,10 +27,19 @@ from .registry import WorkflowRegistry, get_default_registry
 from .storage.codes import Code
 from .storage.event_store import EventStore
 from .storage.keys import DEFAULT_PARTITION, PartitionKeys
-from .storage.records import RunHeader, StepRecord
+from .storage.records import RunHeader, StepRecord, WaitRecord, encode_record, workflow_meta
 from .storage.store import Store
 from .streams import RunStreamReader, RunStreamRecord, check_read_args, stream_record
-from .types import IDEMPOTENCY_TTL_SEC, TERMINAL_STATUSES, AttemptTrace, RunState, StepState
+from .types import (
+    IDEMPOTENCY_TTL_SEC,
+    TERMINAL_STATUSES,
+    AttemptTrace,
+    EventWaitInfo,
+    InputWaitInfo,
+    RunState,
+    StepState,
+    WaitInfo,
+)
 from .validation import json_schema_issues, validation_error
 from .workflow import WorkflowDefinition
 
@@ -105,6 +114,35 @@ class RedflowClient(EventsMixin, QueriesMixin):
 
     def _registry(self) -> WorkflowRegistry:
         return self.registry if self.registry is not None else get_default_registry()
+
+    # --- registration -----------------------------------------------------------------------------
+    async def sync_registry(
+        self, registry: WorkflowRegistry | None = None, *, app: str | None = None, worker_id: str | None = None
+    ) -> None:
+        """Publish a registry's workflows under this prefix without starting a worker: their metadata
+        (so clients without the definitions can start them), cron triggers, event subscriptions and
+        event contracts. Defaults to the client's registry (else the default registry) and app.
+        A registry whose event contracts disagree with the registered ones is refused with a
+        ConfigurationError before anything is written. Workers call this when they start (with
+        their ``worker_id``, which also records that a live worker defines these workflows)."""
+        from .leader.cron import cron_records
+
+        reg = registry if registry is not None else self._registry()
+        definitions = reg.definitions()
+        await self.store.ensure_ready()
+        sec, usec = await self.redis.execute("TIME")
+        now_ms = int(sec) * 1000 + int(usec) // 1000
+        metas = {d.name: d.meta() for d in definitions}
+        subscriptions = {d.name: [t.name for t in (d.options.event or [])] for d in definitions}
+        # Contracts are checked first inside register(): a refused registry writes nothing.
+        await self.events.register(metas, subscriptions, cron_records(definitions), now_ms, worker_id=worker_id)
+        owner = self.app if app is None else app
+        await self.store.write_workflows({
+            name: encode_record(workflow_meta({**meta, "app": owner, "updated_at": now_ms}))
+            for name, meta in metas.items()
+        })
+        for name in metas:
+            self._remote_meta.pop(name, None)
 
     # --- starting runs ----------------------------------------------------------------------------
     async def enqueue_definition(
@@ -298,16 +336,40 @@ class RedflowClient(EventsMixin, QueriesMixin):
         if found is None:
             return None
         header, inp, out, err = found
-        return run_state(run_id, header, inp, out, err)
+        state = run_state(run_id, header, inp, out, err)
+        state["stream_enabled"] = await self._streams(header.workflow)
+        return state
+
+    async def _streams(self, workflow: str) -> bool:
+        """Whether the workflow streams: from its local definition, else its registered metadata."""
+        definition = self._registry().get(workflow)
+        if definition is not None:
+            return bool(definition.options.stream)
+        meta = await self._workflow_meta(workflow)
+        return bool(meta and meta.get("stream_enabled"))
 
     async def get_run_steps(self, run_id: str) -> list[StepState]:
         """The run's steps in handler order, each in its latest recorded state."""
         await self.store.ensure_ready()
+        history, pending = await asyncio.gather(self.store.read_steps(run_id), self.store.read_wait(run_id))
         latest: dict[str, StepRecord] = {}
-        for record in await self.store.read_steps(run_id):
+        waits: dict[str, StepRecord] = {}  # the latest event or input wait of each step
+        for record in history:
             if record.name:  # not the handler's own input waits
                 latest[record.name] = record
-        return [step_state(r) for r in sorted(latest.values(), key=lambda r: r.position)]
+                if record.kind in ("event", "input"):
+                    waits[record.name] = record
+        states = []
+        for r in sorted(latest.values(), key=lambda r: r.position):
+            state = step_state(r, pending if pending is not None and pending.name == r.name else None)
+            wait = waits.get(r.name)
+            if "wait" not in state and wait is not None and wait.position == r.position:
+                # A step that raised wait_for_input and then completed: its wait is part of its story.
+                info = wait_info(wait, None)
+                if info is not None:
+                    state["wait"] = info
+            states.append(state)
+        return states
 
     async def get_run_attempts(self, run_id: str) -> list[AttemptTrace]:
         """One trace per attempt that ended (failed and retried, or final), with its steps."""
@@ -354,11 +416,16 @@ class RedflowClient(EventsMixin, QueriesMixin):
         drain: bool = False,
         block_ms: int | None = None,
         limit: int | None = None,
-        resumable: str | None = None,
+        resumable: str | bool | None = None,
     ) -> RunStreamReader | None:
-        """A live reader of the run's stream, starting after ``resumable`` (a chunk's cursor_id);
-        None when the run does not exist. With ``drain`` it stops once caught up instead of waiting."""
+        """A live reader of the run's stream; None when the run does not exist. ``resumable`` is a
+        chunk's cursor_id to start after it; True, False or None start at the beginning (every chunk
+        carries its cursor_id either way). With ``drain`` it stops once caught up instead of waiting."""
         lim, block = check_read_args(limit, block_ms)
+        if isinstance(resumable, bool):
+            resumable = None
+        elif resumable is not None and not isinstance(resumable, str):
+            raise ConfigurationError(f"resumable must be a cursor_id string or a bool, got {resumable!r}")
         await self.store.ensure_ready()
         if await self.store.read_header(run_id) is None:
             return None
@@ -449,10 +516,49 @@ def _result_of(run_id: str, status: str, out: bytes | None, err: bytes | None) -
     raise RunFailedError(run_id, error)
 
 
-def step_state(r: StepRecord) -> StepState:
+def wait_info(r: StepRecord, pending: WaitRecord | None) -> WaitInfo | None:
+    """What an event or input wait step waited for and how it ended (None for other steps)."""
+    if r.kind not in ("event", "input"):
+        return None
+    raw = r.info or (pending.info if pending is not None else None)
+    if not raw and pending is not None and pending.waiter_member:
+        raw = _event_from_member(pending.waiter_member)
+    details = decode(raw) if raw else {}
+    if not isinstance(details, dict):
+        details = {}
+    resolved_by = r.resolution if r.state == "done" else None
+    if r.kind == "input":
+        return InputWaitInfo(
+            kind="input", message=str(details.get("msg", "")), input_json_schema=details.get("schema"),
+            resolved_by=resolved_by,  # type: ignore[typeddict-item]
+        )
+    event = decode(r.output) if resolved_by == "event" else None
+    if not isinstance(event, dict):
+        event = {}
+    return EventWaitInfo(
+        kind="event", event=details.get("event", event.get("name")), correlation_key=details.get("key"),
+        event_id=event.get("id"), resolved_by=resolved_by, ts=event.get("ts"),  # type: ignore[typeddict-item]
+    )
+
+
+def _event_from_member(member: str) -> str | None:
+    """{event, key} from an event waiter member ``<len>:<event>:<len>:<key>:<run id>``."""
+    try:  # the lengths count bytes (storage.keys.tag)
+        size, rest = member.encode().split(b":", 1)
+        event, rest = rest[: int(size)], rest[int(size) + 1:]
+        size, rest = rest.split(b":", 1)
+        key = rest[: int(size)]
+        return encode({"event": event.decode(), "key": key.decode()}).decode()
+    except ValueError:
+        return None
+
+
+def step_state(r: StepRecord, pending: WaitRecord | None = None) -> StepState:
     status = "succeeded"
     if r.state == "wait":
         status = "running"
+    elif r.state in ("failed", "canceled"):  # a step that raised, timed out or was canceled
+        status = r.state
     elif r.resolution in ("failed", "canceled"):
         status = r.resolution
     elif r.kind == "child" and r.resolution == "timeout":
@@ -461,10 +567,14 @@ def step_state(r: StepRecord) -> StepState:
                       finished_at=r.finished_at_ms, output=decode(r.output))
     if r.kind != "run":
         state["kind"] = r.kind
+    wait = wait_info(r, pending)
+    if wait is not None:
+        state["wait"] = wait
     if r.wait_until_ms is not None:
         state["wait_until_at"] = r.wait_until_ms
     if r.child_id is not None:
         state["child_run_id"] = r.child_id
+    state["error"] = None if r.error is None else decode(r.error)
     return state
 
 
@@ -485,7 +595,10 @@ def run_state(
         available_at=h.available_at_ms,
         started_at=h.started_at_ms,
         finished_at=h.finished_at_ms,
+        cancel_requested_at=h.cancel_requested_at_ms,
+        cancel_reason=h.cancel_reason,
         parent_run_id=h.parent_id,
+        stream_enabled=False,  # get_run fills it in from the workflow's definition or metadata
     )
 
 

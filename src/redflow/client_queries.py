@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING, cast
 
 from .encoding import decode
 from .errors import ConfigurationError
@@ -23,6 +24,7 @@ from .types import (
     RunStatus,
     SearchRunsParams,
     SearchRunsResult,
+    WorkflowMeta,
 )
 
 if TYPE_CHECKING:
@@ -42,6 +44,27 @@ def _check_page(sort: str, limit: int, status: str | None) -> int:
     if not isinstance(limit, int) or limit < 1:
         raise ConfigurationError(f"limit must be a positive integer, got {limit!r}")
     return min(limit, MAX_PAGE)
+
+
+def _public_meta(raw: bytes, now_ms: int) -> WorkflowMeta:
+    """A stored workflow registration as get_workflow_meta returns it: each cron trigger with its
+    trigger id and the time of its next slot."""
+    from .leader.cron import next_slot, trigger_id, trigger_zone
+    from .types import CronTrigger
+
+    meta = decode_workflow_meta(raw)
+    out = meta.public()
+    crons = []
+    for c in meta.cron:
+        trigger = CronTrigger(expression=c.expression, timezone=c.timezone, input=c.input, id=c.id)
+        try:
+            upcoming = next_slot(c.expression, trigger_zone(c.timezone), now_ms)
+        except ConfigurationError:  # a zone this machine does not know
+            upcoming = None
+        crons.append({"expression": c.expression, "timezone": c.timezone, "input": c.input,
+                      "id": trigger_id(meta.name, trigger), "next_run_at": upcoming})
+    out["cron"] = crons
+    return cast(WorkflowMeta, out)
 
 
 def _prefixes(status: str | None, workflow: str | None) -> list[bytes]:
@@ -186,15 +209,16 @@ class QueriesMixin:
         await self.store.ensure_ready()
         return sorted(n.decode() for n in await self.store.redis.execute("HKEYS", self.keys.workflows))
 
-    async def get_workflow_meta(self, name: str) -> dict[str, Any] | None:
+    async def get_workflow_meta(self, name: str) -> WorkflowMeta | None:
         await self.store.ensure_ready()
         raw = await self.store.read_workflow(name)
-        return None if raw is None else decode_workflow_meta(raw).public()
+        return None if raw is None else _public_meta(raw, int(time.time() * 1000))
 
-    async def list_workflows_meta(self) -> list[dict[str, Any]]:
+    async def list_workflows_meta(self) -> list[WorkflowMeta]:
         await self.store.ensure_ready()
         flat = await self.store.redis.execute("HGETALL", self.keys.workflows)
-        metas = [decode_workflow_meta(flat[i + 1]).public() for i in range(0, len(flat), 2)]
+        now_ms = int(time.time() * 1000)
+        metas = [_public_meta(flat[i + 1], now_ms) for i in range(0, len(flat), 2)]
         return sorted(metas, key=lambda m: str(m["name"]))
 
     async def get_stats(self) -> RunStats:
@@ -236,19 +260,19 @@ class QueriesMixin:
                 break
         return total
 
-    async def reset_runs(self) -> int:
+    async def reset_runs(self) -> dict[str, int]:
         """Development only: delete every run and event under the prefix, keep workflow registrations;
-        returns how many keys were deleted."""
+        returns ``{"deleted": <number of keys deleted>}``."""
 
         k = self.keys
         keep = {k.version, k.workflows, k.subscribers, k.subscriber_index, k.crons, k.cron_last, k.cron_version,
                 k.limits, k.admission, k.workers, k.leader, k.epoch, k.seq, k.registrations, k.cron_orphans}
-        return await self._delete_prefix(keep)
+        return {"deleted": await self._delete_prefix(keep)}
 
-    async def reset_state(self) -> int:
-        """Development only: delete everything under the prefix (scans the keyspace); returns how
-        many keys were deleted."""
-        return await self._delete_prefix(set())
+    async def reset_state(self) -> dict[str, int]:
+        """Development only: delete everything under the prefix (scans the keyspace); returns
+        ``{"deleted": <number of keys deleted>}``."""
+        return {"deleted": await self._delete_prefix(set())}
 
     async def _delete_prefix(self, keep: set[str]) -> int:
         redis = self.store.redis

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import traceback
 from typing import Any
 
 
@@ -84,13 +85,18 @@ class RetryAfterError(RedflowError):
 
 
 class RateLimitExceededError(RedflowError):
-    """The workflow's rate limit refused the run; ``retry_after_ms`` says when budget returns."""
+    """The workflow's rate limit refused the run. ``retry_after`` (milliseconds, a duration string
+    such as "2s", or a datetime) says when budget returns; it is kept as ``retry_after_ms`` and
+    stored as ``retryAfterMs``."""
 
     kind = "rate_limited"
 
-    def __init__(self, message: str, retry_after_ms: int = 0) -> None:
+    def __init__(self, message: str, retry_after: Any = None) -> None:
+        from .durations import delay_ms
+
         super().__init__(message)
-        self.retry_after_ms = retry_after_ms
+        self.retry_after = retry_after
+        self.retry_after_ms = 0 if retry_after is None else delay_ms(retry_after, "retry_after")
 
 
 class WaitForInputError(RedflowError):
@@ -149,6 +155,26 @@ class CrashedError(RedflowError):
     """The run's worker died repeatedly during the same attempt."""
 
     kind = "crashed"
+
+
+def serialize_error(error: BaseException) -> dict[str, Any]:
+    """The error as runs store it: ``{name, message, kind, stack, retryAfterMs?}``."""
+    record: dict[str, Any] = {
+        "name": type(error).__name__,
+        "message": str(error),
+        "kind": str(error.kind) if isinstance(error, RedflowError) else "error",
+        "stack": "".join(traceback.format_exception(error))[-8000:],
+    }
+    if isinstance(error, RateLimitExceededError):
+        record["retryAfterMs"] = error.retry_after_ms
+    elif isinstance(error, RetryAfterError):
+        from .durations import delay_ms
+
+        try:
+            record["retryAfterMs"] = delay_ms(error.retry_after, "retry_after")
+        except ConfigurationError:
+            pass
+    return record
 
 
 NON_RETRYABLE_KINDS = frozenset(

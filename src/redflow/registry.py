@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError
@@ -34,7 +35,15 @@ class WorkflowRegistry:
     def definitions(self) -> list[WorkflowDefinition[Any]]:
         return [self._definitions[name] for name in sorted(self._definitions)]
 
-    def queues(self) -> list[str]:
+    def list(self) -> builtins.list[WorkflowDefinition[Any]]:
+        """Every definition, by name (as ``definitions()``)."""
+        return self.definitions()
+
+    def clear(self) -> None:
+        """Forget every definition (tests that reuse one registry)."""
+        self._definitions.clear()
+
+    def queues(self) -> builtins.list[str]:
         return sorted({d.options.queue for d in self._definitions.values()})
 
     def __contains__(self, name: object) -> bool:

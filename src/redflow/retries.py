@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import inspect
 import random
-import traceback
 from typing import Any
 
 from .durations import delay_ms
 from .encoding import encode
 from .errors import NON_RETRYABLE_KINDS, RedflowError, RetryAfterError
+from .errors import serialize_error as error_record
 from .types import RetryPolicyContext, RetryPolicyRunContext, RunContext, WorkflowRetryPolicy
 
 BASE_DELAY_MS = 250
@@ -65,15 +65,5 @@ async def retry_delay_ms(
 
 
 def serialize_error(error: BaseException) -> bytes:
-    record: dict[str, Any] = {
-        "name": type(error).__name__,
-        "message": str(error),
-        "kind": error_kind(error),
-        "stack": "".join(traceback.format_exception(error))[-8000:],
-    }
-    if isinstance(error, RetryAfterError):
-        try:
-            record["retryAfterMs"] = delay_ms(error.retry_after, "retry_after")
-        except RedflowError:
-            pass
-    return encode(record)
+    """The stored JSON of an error (``redflow.errors.serialize_error``, encoded)."""
+    return encode(error_record(error))

@@ -142,7 +142,33 @@ class RunState(TypedDict, total=False):
     available_at: int | None
     started_at: int | None
     finished_at: int | None
+    cancel_requested_at: int | None
+    cancel_reason: str | None
     parent_run_id: str | None
+    stream_enabled: bool
+
+
+class EventWaitInfo(TypedDict):
+    """The wait of a ``wait_for_event`` step: resolved_by is None while it waits."""
+
+    kind: Literal["event"]
+    event: str | None
+    correlation_key: str | None
+    event_id: str | None  # the event that resolved it
+    resolved_by: Literal["event", "timeout"] | None
+    ts: int | None  # that event's time
+
+
+class InputWaitInfo(TypedDict):
+    """The wait of a step that raised ``wait_for_input``: resolved_by is None while it waits."""
+
+    kind: Literal["input"]
+    message: str
+    input_json_schema: dict[str, Any] | None
+    resolved_by: Literal["input", "timeout"] | None
+
+
+WaitInfo = EventWaitInfo | InputWaitInfo
 
 
 class StepState(TypedDict, total=False):
@@ -153,9 +179,14 @@ class StepState(TypedDict, total=False):
     started_at: int
     finished_at: int
     output: Any
+    error: dict[str, Any] | None  # the error of a failed or canceled step (None otherwise)
     kind: str  # sleep | event | child | emit (absent for step.run)
+    wait: WaitInfo  # event and input waits only
     wait_until_at: int
     child_run_id: str
+
+
+StepTrace = StepState  # a step of an attempt trace (get_run_attempts) has the shape of a step state
 
 
 class AttemptTrace(TypedDict):
@@ -165,7 +196,7 @@ class AttemptTrace(TypedDict):
     finished_at: int
     output: Any
     error: dict[str, Any] | None
-    steps: list[StepState]  # the step records made during this attempt, in order
+    steps: list[StepTrace]  # the step records made during this attempt, in order
 
 
 @dataclass(slots=True)
@@ -232,6 +263,75 @@ class EmitEventResult(TypedDict):
     event_id: str
     handles: list[Any]
     resumed_run_ids: list[str]
+
+
+class EventDelivery(TypedDict, total=False):
+    """One subscriber's run of an event."""
+
+    subscriber_event_id: str  # <event id>:<workflow>
+    workflow: str
+    queue: str
+    status: str  # delivered | failed
+    run_id: str | None
+    error: str | None
+
+
+class ListedEvent(TypedDict):
+    """An event as ``list_events`` returns it."""
+
+    id: str
+    name: str
+    ts: int
+    correlation_key: str | None
+    parent_run_id: str | None
+    next_process_at: int | None
+    processing_attempts: int
+    subscriber_count: int
+    resumed_run_count: int
+    delivery_count: int
+    failed_delivery_count: int
+    fanout_status: str  # pending | completed | no-subscribers
+    finished_at: int | None
+    expires_at: int | None
+    error: dict[str, Any] | None
+    last_process_error: dict[str, Any] | None
+    deliveries: list[EventDelivery]
+    resumed_run_ids: list[str]
+
+
+class EventRecord(ListedEvent, total=False):
+    """An event as ``get_event`` returns it: a listed event with its data."""
+
+    data: Any
+
+
+class CronTriggerMeta(TypedDict):
+    expression: str
+    timezone: str | None
+    input: Any
+    id: str  # the trigger id (given, or derived from the trigger)
+    next_run_at: int | None  # epoch ms of the next slot; None for an expression that never fires again
+
+
+class EventTriggerMeta(TypedDict):
+    name: str
+    id: str | None
+
+
+class WorkflowMeta(TypedDict):
+    """What a registration (a worker start or ``client.sync_registry``) publishes about a workflow."""
+
+    name: str
+    app: str
+    queue: str
+    max_concurrency: int | None  # None: unlimited
+    max_attempts: int
+    cron: list[CronTriggerMeta]
+    event: list[EventTriggerMeta]
+    input_json_schema: dict[str, Any] | None
+    stream_enabled: bool
+    updated_at: int  # epoch ms of the registration
+    admission: dict[str, Any]  # throttle / rate_limit as [limit, period ms], mutex: true
 
 
 @dataclass(slots=True)

@@ -124,6 +124,15 @@ class _JsonSchema(InputSchema):
         return self.schema
 
 
+def validate_input_with_schema(schema: Any, value: Any) -> Any:
+    """Validate ``value`` as a workflow's input would be: ``schema`` is a pydantic model class, a
+    msgspec Struct class, a JSON Schema dict, or None (no validation). Returns the validated value
+    (a model or Struct instance, or the value itself); raises InputValidationError with its issues."""
+    if schema is None:
+        return value
+    return schema_adapter("<input_schema>", schema).validate(value)
+
+
 def schema_adapter(workflow: str, schema: Any) -> InputSchema:
     if isinstance(schema, dict):
         return _JsonSchema(workflow, schema)

@@ -103,7 +103,7 @@ async def test_retention_cleanup_removes_every_trace(
     for key in (client.keys.runs, client.keys.inputs, client.keys.results, client.keys.steps, client.keys.expiry):
         assert await client.redis.execute("HLEN" if key != client.keys.expiry else "ZCARD", key) == 0
     assert await client.redis.execute("ZCARD", client.keys.index) == 0
-    assert await client.reset_runs() >= 0
+    assert (await client.reset_runs())["deleted"] >= 0
     assert await client.get_workflow_meta("q-expire") is not None  # reset_runs keeps registrations
     await client.reset_state()
     assert await client.redis.execute("KEYS", f"{client.prefix}:*") == []

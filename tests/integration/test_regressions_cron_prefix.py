@@ -45,12 +45,12 @@ async def test_reset_touches_only_its_own_prefix(redis_url: str, special: str, l
         theirs_before = sorted(await _prefix_keys(theirs))
         assert theirs_before and await _prefix_keys(mine)
 
-        runs_deleted = await mine.reset_runs()
+        runs_deleted = (await mine.reset_runs())["deleted"]
         assert isinstance(runs_deleted, int) and runs_deleted > 0
         assert int(await mine.redis.execute("HLEN", mine.keys.runs)) == 0
         assert sorted(await _prefix_keys(theirs)) == theirs_before
 
-        state_deleted = await mine.reset_state()
+        state_deleted = (await mine.reset_state())["deleted"]
         assert isinstance(state_deleted, int) and state_deleted > 0
         assert await _prefix_keys(mine) == []
         assert sorted(await _prefix_keys(theirs)) == theirs_before

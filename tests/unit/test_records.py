@@ -44,6 +44,13 @@ def normalize_event(record: dict[str, Any]) -> dict[str, Any]:
     record.setdefault("next_process_at", None)
     record.setdefault("finished_at", None)
     record.setdefault("failed_delivery_count", 0)
+    # Added for redflow 0.1.9's EventRecord / EventDelivery shapes (issue 11).
+    record["deliveries"] = [{"run_id": None, "error": None, **d} for d in record["deliveries"]]
+    record["processing_attempts"] = 0 if record["finished_at"] is None else 1
+    record["error"] = next(({"name": "DeliveryError", "message": d["error"], "kind": "error"}
+                            for d in record["deliveries"] if d["status"] == "failed" and d["error"]), None)
+    record["last_process_error"] = None
+    record["expires_at"] = None
     return record
 
 
@@ -182,7 +189,7 @@ def _definitions() -> list[Any]:
 def test_workflow_meta_round_trips_losslessly() -> None:
     definitions = _definitions()
     for d in definitions:
-        meta = {**d.meta(), "app": "billing"}
+        meta = {**d.meta(), "app": "billing", "updated_at": 1_700_000_000_000}
         raw = encode(meta)
         record = decode_workflow_meta(raw)
         assert record.public() == meta
@@ -203,7 +210,8 @@ def test_workflow_meta_decodes_a_stored_sample() -> None:
     record = decode_workflow_meta(raw)
     assert record == WorkflowMeta(name="w", queue="default", max_attempts=3, event=[
         msgspec.convert({"name": "paid"}, type(record.event[0]))], app="a")
-    assert encode_record(record) == raw
+    assert record.updated_at_ms == 0  # stored before registrations carried their time
+    assert encode_record(record) == raw[:-1] + b',"updated_at":0}'
 
 
 # --- what emit.lua and registration write today ------------------------------------------------------
@@ -240,7 +248,9 @@ async def test_records_written_by_the_server_decode_to_the_old_shapes(client: An
         assert decode_event(raw).public() == normalize_event(decode(raw))
         got = await client.get_event(flat[i].decode())
         data = await redis.execute("HGET", k.event_data, flat[i])
-        assert got == {**normalize_event(decode(raw)), "data": decode(data)["data"]}
+        expires = await redis.execute("ZSCORE", k.event_expiry, flat[i])
+        assert got == {**normalize_event(decode(raw)), "data": decode(data)["data"],
+                       "expires_at": None if expires is None else int(float(expires))}
     assert decode_event(await redis.execute("HGET", k.events, "e-3")).deliveries == {}
     data = await redis.execute("HGET", k.event_data, "e-1")
     assert bytes(decode_event_data(data).data) == b'{"n":1.1,"l":[]}'

@@ -109,7 +109,7 @@ async def _run(args: argparse.Namespace, client: RedflowClient) -> tuple[Any, st
     if args.command == "workflows":
         metas = await client.list_workflows_meta()
         cols = [("name", "WORKFLOW"), ("queue", "QUEUE"), ("max_attempts", "MAX ATTEMPTS"), ("app", "APP")]
-        return metas, _table(metas, cols)
+        return metas, _table([dict(m) for m in metas], cols)
     stats = await client.get_stats()
     text = _table([{"status": s, "runs": n} for s, n in stats["by_status"].items()], [("status", "STATUS"),
                                                                                       ("runs", "RUNS")])

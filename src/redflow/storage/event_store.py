@@ -289,13 +289,15 @@ class EventStore:
 
     # --- reading -------------------------------------------------------------------------------------
     async def get_event(self, event_id: str) -> dict[str, Any] | None:
-        raw, data = await asyncio.gather(
+        raw, data, expires = await asyncio.gather(
             self.redis.execute("HGET", self.keys.events, event_id),
             self.redis.execute("HGET", self.keys.event_data, event_id),
+            self.redis.execute("ZSCORE", self.keys.event_expiry, event_id),
         )
         if raw is None:
             return None
         record = decode_event(raw).public()
+        record["expires_at"] = None if expires is None else int(float(expires))
         record["data"] = decode_event_data(data).payload() if data else None
         return record
 
@@ -322,8 +324,17 @@ class EventStore:
     async def read_events(self, ids: list[str]) -> list[dict[str, Any]]:
         if not ids:
             return []
-        raws = await self.redis.execute("HMGET", self.keys.events, *ids)
-        return [decode_event(r).public() for r in raws if r is not None]
+        raws, expiries = await asyncio.gather(
+            self.redis.execute("HMGET", self.keys.events, *ids),
+            self.redis.execute("ZMSCORE", self.keys.event_expiry, *ids),
+        )
+        out = []
+        for raw, expires in zip(raws, expiries, strict=True):
+            if raw is not None:
+                record = decode_event(raw).public()
+                record["expires_at"] = None if expires is None else int(float(expires))
+                out.append(record)
+        return out
 
     # --- cron ------------------------------------------------------------------------------------------
     async def load_crons(self) -> tuple[dict[str, CronRecord], dict[str, int]]:

@@ -42,7 +42,7 @@ class RunHeader(msgspec.Struct, omit_defaults=True):
     cancel_reason: str | None = msgspec.field(default=None, name="cx")
     error_stored: int | None = msgspec.field(default=None, name="e")  # an earlier attempt's error is kept
     held_member: str | None = msgspec.field(default=None, name="hd")  # waiting for capacity or a mutex
-    mutex_field: str | None = msgspec.field(default=None, name="mf")  # <tag(workflow)><mutex key>
+    mutex_field: str | None = msgspec.field(default=None, name="mf")  # <tag(mutex key)>, one per prefix
     throttle_member: str | None = msgspec.field(default=None, name="tq")  # place in a throttle queue
     throttle_group: str | None = msgspec.field(default=None, name="tg")  # <tag(workflow)><throttle key>
     debounced: int | None = msgspec.field(default=None, name="db")  # created through a debounce key
@@ -52,9 +52,11 @@ class RunHeader(msgspec.Struct, omit_defaults=True):
 class StepRecord(msgspec.Struct, omit_defaults=True):
     """One line of a run's step history. A later line for the same name supersedes earlier ones.
 
-    ``state`` is "ok" for a completed step, "wait" for a durable wait in progress, and "done" for
+    ``state`` is "ok" for a completed step, "wait" for a durable wait in progress, "done" for
     the resolution of a wait (``resolution``: "timeout", "event", "input", or the child's final
-    status). A wait's line is replaced by its resolution, which keeps the wait's start and deadline.
+    status), and "failed" or "canceled" for a step that raised or was canceled (``error``); a
+    failed or canceled step is not completed: a replay runs it again. A wait's line is replaced by
+    its resolution, which keeps the wait's start and deadline.
     """
 
     name: str = _wire("n")
@@ -63,11 +65,13 @@ class StepRecord(msgspec.Struct, omit_defaults=True):
     output: msgspec.Raw = msgspec.field(default=msgspec.Raw(b"null"), name="o")  # output JSON
     started_at_ms: int = msgspec.field(default=0, name="t0")
     finished_at_ms: int = msgspec.field(default=0, name="t1")
-    state: str = msgspec.field(default="ok", name="s")  # ok | wait | done
+    state: str = msgspec.field(default="ok", name="s")  # ok | wait | done | failed | canceled
     kind: str = msgspec.field(default="run", name="k")  # run | sleep | event | child | input | emit
     resolution: str | None = msgspec.field(default=None, name="r")
     wait_until_ms: int | None = msgspec.field(default=None, name="u")  # a wait's deadline (server clock)
     child_id: str | None = msgspec.field(default=None, name="ch")
+    info: str | None = msgspec.field(default=None, name="i")  # a wait's details, JSON text (see WaitRecord.info)
+    error: msgspec.Raw | None = msgspec.field(default=None, name="e")  # a failed or canceled step's error JSON
 
 
 class AttemptRecord(msgspec.Struct, omit_defaults=True):
@@ -91,7 +95,7 @@ class WaitRecord(msgspec.Struct, omit_defaults=True):
     child_id: str | None = msgspec.field(default=None, name="ch")
     waiter_member: str | None = msgspec.field(default=None, name="m")  # entry in `waiters`
     line: int | None = msgspec.field(default=None, name="ln")  # history line the resolution replaces
-    info: str | None = None  # an input wait's details, JSON text ({msg, schema})
+    info: str | None = None  # the wait's details, JSON text: {msg, schema} (input) or {event, key} (event)
 
 
 _header_decoder = msgspec.json.Decoder(RunHeader)
@@ -215,10 +219,16 @@ class EventRecord(msgspec.Struct, omit_defaults=True):
             "delivery_count": self.delivery_count,
             "failed_delivery_count": self.failed_delivery_count,
             "resumed_run_count": self.resumed_run_count,
-            "deliveries": [msgspec.to_builtins(d) for d in self.delivery_list()],
+            "deliveries": [{"run_id": None, "error": None, **msgspec.to_builtins(d)} for d in self.delivery_list()],
             "resumed_run_ids": list(self.resumed_runs()),
             "next_process_at": self.next_process_at_ms,
             "finished_at": self.finished_at_ms,
+            # The fan-out is one script: it ran once (finished) or not yet (a delayed event).
+            "processing_attempts": 0 if self.finished_at_ms is None else 1,
+            "error": next(({"name": "DeliveryError", "message": d.error, "kind": "error"}
+                           for d in self.delivery_list() if d.status == "failed" and d.error), None),
+            "last_process_error": None,
+            "expires_at": None,
         }
 
 
@@ -321,6 +331,7 @@ class WorkflowMeta(msgspec.Struct):
     event: list[EventTriggerMeta] = msgspec.field(default_factory=list)
     admission: AdmissionMeta = msgspec.field(default_factory=AdmissionMeta)
     app: str = ""
+    updated_at_ms: int = msgspec.field(default=0, name="updated_at")  # when it was registered (server clock)
 
     def public(self) -> dict[str, Any]:
         out: dict[str, Any] = msgspec.to_builtins(self)

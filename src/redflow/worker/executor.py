@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 from .._redis.errors import RedisError
 from ..durations import duration_ms
 from ..encoding import decode, encode, encode_output
-from ..errors import CanceledError, RateLimitExceededError, RedflowError, UnknownWorkflowError, WaitForInputError
+from ..errors import (
+    CanceledError,
+    RateLimitExceededError,
+    RedflowError,
+    TimeoutError,
+    UnknownWorkflowError,
+    WaitForInputError,
+)
 from ..observability import count_run, observe_step
 from ..retries import retry_delay_ms, serialize_error
 from ..step import LeaseLostError, StepApi, Suspended, input_wait_info
@@ -67,6 +74,7 @@ class Execution:
         self.cancel_requested = True
         self.signal.set()
         if self.steps is not None:
+            self.steps.canceled = True  # steps in flight are recorded as canceled
             self.steps.cancel_active()
         if self.handler_task is not None:
             self.handler_task.cancel()
@@ -99,6 +107,7 @@ class _RedisBackend:
         if event is not None:
             buffer_prefix = event_member_prefix(*event)
             member = buffer_prefix + run.id
+            info = info or encode({"event": event[0], "key": event[1]})  # what get_run_steps reports
         code, resolution, raw = await self._worker.store.suspend(
             run.id, run.token, self._worker.id, run.header.queue, name, position, kind, delay_ms=delay_ms,
             due_ms=due_ms, waiter_member=member, child_id=child_id, buffer_prefix=buffer_prefix,
@@ -259,7 +268,7 @@ async def _run(worker: Worker, ex: Execution) -> None:
             ex.handler_task = asyncio.ensure_future(definition.handler(ctx))
             if ex.cancel_requested:  # requested while the handler was being set up
                 ex.handler_task.cancel()
-            output = await ex.handler_task
+            output = await _await_handler(ex, definition.options.timeout_ms)
         except WaitForInputError as wait:
             # Raised by the handler itself: the whole handler replays once input arrives.
             await backend.suspend("", 0, "input", delay_ms=worker.retention_ms, info=input_wait_info(wait))
@@ -288,6 +297,38 @@ async def _run(worker: Worker, ex: Execution) -> None:
         claimed.id, claimed.token, worker.id, "succeeded", data, False, worker.retention_ms, h.queue,
     )
     _settled(ex, code, status or "succeeded")
+
+
+HANDLER_UNWIND_S = 1.0  # how long a handler canceled by its workflow timeout may take to unwind
+
+
+async def _await_handler(ex: Execution, timeout_ms: int | None) -> Any:
+    """The handler's output. Past the workflow's ``timeout_ms`` the handler is canceled (its steps in
+    flight recorded as canceled) and the attempt fails with TimeoutError. Only the handler is
+    interrupted, never this task, so the writes that settle the attempt run to the end."""
+    task = ex.handler_task
+    assert task is not None
+    if timeout_ms is None:
+        return await task
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_ms / 1000)
+    except asyncio.CancelledError:
+        task.cancel()  # this worker is stopping: the handler stops with it, as when awaited directly
+        raise
+    if done:
+        return task.result()
+    if ex.steps is not None:
+        ex.steps.canceled = True
+        ex.steps.cancel_active()
+    ex.signal.set()
+    task.cancel()
+    # A handler that swallows the cancellation is abandoned after a grace period; its later writes
+    # are refused (the run is no longer running on this attempt).
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    await asyncio.wait({task}, timeout=HANDLER_UNWIND_S)
+    h = ex.claimed.header
+    raise TimeoutError(f"run {ex.claimed.id} of workflow {h.workflow!r} timed out after {timeout_ms} ms "
+                       f"(attempt {h.attempt})")
 
 
 def _settled(ex: Execution, code: Code, outcome: str) -> None:

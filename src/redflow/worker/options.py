@@ -46,7 +46,9 @@ def resolve_settings(options: StartWorkerOptions) -> WorkerSettings:
     _positive("max_recoveries", options.max_recoveries, 1)
     _positive("claim_batch_size", options.claim_batch_size, 1)
     if options.queues is not None:
-        if not options.queues or not all(isinstance(q, str) and q for q in options.queues):
+        # An empty list is a worker that claims nothing: it registers its registry and takes part in
+        # leader duties (cron, recovery, retention) only.
+        if not isinstance(options.queues, list | tuple) or not all(isinstance(q, str) and q for q in options.queues):
             raise ConfigurationError(f"StartWorkerOptions.queues must be non-empty strings, got {options.queues!r}")
     if options.watchdog_interval_ms is not None:
         warnings.warn(
@@ -68,7 +70,7 @@ def resolve_settings(options: StartWorkerOptions) -> WorkerSettings:
     concurrency = int(options.concurrency)
     batch = int(options.claim_batch_size)
     return WorkerSettings(
-        queues=list(options.queues) if options.queues else [],
+        queues=list(options.queues) if options.queues is not None else [],
         concurrency=concurrency,
         lease_ms=int(options.lease_ms),
         leader_lease_ms=int(options.lease_ms),

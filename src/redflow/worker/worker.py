@@ -24,7 +24,6 @@ from .._redis.pubsub import Subscriber
 from ..client import RedflowClient, create_client, default_prefix
 from ..registry import WorkflowRegistry, get_default_registry
 from ..storage.codes import Code
-from ..storage.records import encode_record, workflow_meta
 from ..types import StartWorkerOptions
 from .executor import Execution, execute
 from .options import WorkerSettings, resolve_settings
@@ -90,10 +89,8 @@ class Worker:
 
         await self.store.ensure_ready()
         await self._warn_on_eviction()
-        await self._register_triggers()  # checks event contracts first: a refused start writes nothing
-        metas = {d.name: encode_record(workflow_meta({**d.meta(), "app": self.client.app}))
-                 for d in self.registry.definitions()}
-        await self.store.write_workflows(metas)
+        # Contracts are checked first: a refused start writes nothing.
+        await self.client.sync_registry(self.registry, worker_id=self.id)
         self._control = Subscriber(self.store.redis)
         await self._control.subscribe(self.store.keys.control_channel(self.id), self._on_control)
         await self._heartbeat_once()
@@ -164,18 +161,6 @@ class Worker:
             else:
                 log.info("handed back run %s (%s)", ex.claimed.id, Code(result).name)
 
-    async def _register_triggers(self) -> None:
-        from ..leader.cron import cron_records
-
-        definitions = self.registry.definitions()
-        metas = {d.name: d.meta() for d in definitions}
-        subscriptions = {d.name: [t.name for t in (d.options.event or [])] for d in definitions}
-        crons = cron_records(definitions)
-        sec, usec = await self.store.redis.execute("TIME")
-        await self.client.events.register(
-            metas, subscriptions, crons, int(sec) * 1000 + int(usec) // 1000, worker_id=self.id
-        )
-
     # --- cancellation ----------------------------------------------------------------------------------
     def _on_control(self, payload: bytes | None) -> None:
         """A cancellation request for a run this worker holds (None: re-check all after a reconnect)."""
@@ -205,6 +190,9 @@ class Worker:
     async def _claim_loop(self) -> None:
         s = self.settings
         backoff = 0.05
+        if not self.queues:  # StartWorkerOptions(queues=[]): registration and leader duties only
+            log.info("worker %s polls no queue: it runs no runs", self.id)
+            return
         while not self._stopping:
             try:
                 free = s.concurrency - len(self.active)
@@ -458,7 +446,7 @@ async def start_worker(options: StartWorkerOptions) -> Worker:
     """Start a worker in this event loop; ``await worker.stop()`` drains it."""
     settings = resolve_settings(options)
     registry = options.registry if options.registry is not None else get_default_registry()
-    if not settings.queues:
+    if options.queues is None:
         settings.queues = registry.queues() or ["default"]
     if isinstance(options.redis, RedisClient):
         client = RedflowClient(options.redis, prefix=options.prefix or default_prefix(), app=options.app)

@@ -56,6 +56,7 @@ end
 local p, missing = plan(id, h, {ends = true})
 if #missing > 0 then return need_queues(missing) end
 h.cr = now
+if ARGV[2] ~= '' then h.cx = ARGV[2] end
 end_run(id, h, 'canceled', canceled_error(id, h, ARGV[2]), p, now, {retention_ms = ARGV[3], channel = ARGV[4]})
 cascade()
 return {C.OK, 'canceled'}

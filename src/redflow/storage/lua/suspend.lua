@@ -28,7 +28,8 @@
 -- ARGV[8] waiter member for an event wait ('' otherwise)
 -- ARGV[9] child run id for a child wait ('' otherwise)
 -- ARGV[10] event buffer member prefix (<len>:<event>:<len>:<key>:) for an event wait ('' otherwise)
--- ARGV[11] details of an input wait as JSON ({msg, schema}), '' otherwise; kept as a string
+-- ARGV[11] details of the wait as JSON ({msg, schema} for input, {event, key} for event), '' for none;
+--          kept as a string in the wait record and on the wait's history lines
 -- ARGV[12] queues: the run's queue, and any other queue it may hand on to, one per line
 -- ARGV[13..] ids of events earlier wait steps of this run consumed
 -- RETURNS {C.OK, deadline ms or -1} | {C.RESOLVED, resolution, output JSON} | {C.STALE}
@@ -44,6 +45,7 @@ if h.cr then return {C.CANCELED} end
 local now = now_ms()
 local kind = ARGV[5]
 local w = {n = ARGV[3], q = tonumber(ARGV[4]), k = kind, t0 = now}
+if ARGV[11] ~= '' then w.info = ARGV[11] end
 
 if kind == 'child' then
   w.ch = ARGV[9]
@@ -90,8 +92,7 @@ end
 if due >= 0 then w.u = due end
 w.ln = history_append(K.steps, id, '{"n":' .. cjson.encode(w.n) .. ',"q":' .. w.q .. ',"a":' .. h.a ..
   ',"t0":' .. now .. ',"s":"wait","k":"' .. kind .. '"' .. (due >= 0 and (',"u":' .. due) or '') ..
-  (w.ch and (',"ch":' .. cjson.encode(w.ch)) or '') .. '}\n')
-if ARGV[11] ~= '' then w.info = ARGV[11] end
+  (w.ch and (',"ch":' .. cjson.encode(w.ch)) or '') .. (w.info and (',"i":' .. cjson.encode(w.info)) or '') .. '}\n')
 redis.call('HSET', K.waits, id, cjson.encode(w))
 h.x = nil
 if due >= 0 then

@@ -87,12 +87,14 @@ local function history_delete(steps_key, id)
 end
 
 -- The history line that resolves a durable wait; `raw` is JSON inserted as the step's output
--- (user JSON is concatenated, never decoded here).
+-- (user JSON is concatenated, never decoded here). The wait's details (`w.info`, JSON text) are
+-- kept on it as a string, so a resolved wait still says what it waited for.
 local function resolution_line(w, attempt, resolution, raw, now)
   return '{"n":' .. cjson.encode(w.n) .. ',"q":' .. w.q .. ',"a":' .. attempt .. ',"o":' .. raw ..
     (w.t0 and (',"t0":' .. w.t0) or '') .. ',"t1":' .. now .. ',"s":"done","k":"' .. w.k ..
     '","r":"' .. resolution .. '"' .. (w.u and (',"u":' .. w.u) or '') ..
-    (w.ch and (',"ch":' .. cjson.encode(w.ch)) or '') .. '}\n'
+    (w.ch and (',"ch":' .. cjson.encode(w.ch)) or '') .. (w.info and (',"i":' .. cjson.encode(w.info)) or '') ..
+    '}\n'
 end
 
 -- Records how wait `w` of run `id` was resolved: over its wait line, or appended when it had none.
