@@ -574,7 +574,7 @@ def step_state(r: StepRecord, pending: WaitRecord | None = None) -> StepState:
         state["wait_until_at"] = r.wait_until_ms
     if r.child_id is not None:
         state["child_run_id"] = r.child_id
-    state["error"] = None if r.error is None else decode(r.error)
+    state["error"] = decode(r.error)
     return state
 
 

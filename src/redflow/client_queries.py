@@ -161,7 +161,7 @@ class QueriesMixin:
             prefixes, key = [f"{p.parent_run_id}:".encode()], self.keys.children
         else:
             prefixes, key = _prefixes(p.status, p.workflow), self.keys.index
-        needle = p.query.encode() if p.query else None
+        needle = p.query.casefold() if p.query else None  # matched case-insensitively, as in 0.1.x
         runs: list[ListedRun] = []
         scanned = 0
         cursor = p.cursor
@@ -194,8 +194,8 @@ class QueriesMixin:
                 break
         return SearchRunsResult(runs=runs, scanned=scanned, cursor=None if exhausted and len(runs) < limit else cursor)
 
-    async def _matches(self, run: ListedRun, needle: bytes) -> bool:
-        if needle in run["id"].encode() or needle in run["workflow"].encode():
+    async def _matches(self, run: ListedRun, needle: str) -> bool:
+        if needle in run["id"].casefold() or needle in run["workflow"].casefold():
             return True
         k = self.keys
         inp, out, err = await asyncio.gather(
@@ -203,7 +203,8 @@ class QueriesMixin:
             self.store.redis.execute("HGET", k.results, run["id"]),
             self.store.redis.execute("HGET", k.errors, run["id"]),
         )
-        return any(blob is not None and needle in blob for blob in (inp, out, err))
+        return any(blob is not None and needle in blob.decode("utf-8", "replace").casefold()
+                   for blob in (inp, out, err))
 
     async def list_workflows(self) -> list[str]:
         await self.store.ensure_ready()

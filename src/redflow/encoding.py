@@ -1,11 +1,17 @@
 """JSON encoding of payloads and internal records (msgspec; reused encoder and decoders).
 
 User values (inputs, step and workflow outputs) are encoded once and decoded again before they are
-handed back, also on the first run, so a replay sees exactly the types the first run saw.
+handed back, also on the first run, so a replay sees exactly the types the first run saw. They are
+encoded as strict JSON, with what the standard ``json`` module accepts and nothing more: sets, bytes,
+Decimal, datetime, UUID, dataclasses and other objects, and NaN / Infinity are refused with the path
+of the bad value, never silently turned into something else (msgspec would make a set a list, NaN
+null, a datetime a string).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from typing import Any
 
@@ -40,12 +46,54 @@ def decode(data: bytes | str) -> Any:
     return _decoder.decode(data)
 
 
+def _strict_json(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _step(path: str, key: Any) -> str:
+    if isinstance(key, str) and key.isidentifier():
+        return f"{path}.{key}"
+    return f"{path}[{key!r}]"
+
+
+def non_json(value: Any, path: str = "$") -> str | None:
+    """Where ``value`` stops being JSON, and why ("$.tags[2] is a set"); None when it is JSON."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if item is None or isinstance(item, (str, bool, int)):
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return f"{where} is {item!r} (JSON has no NaN or Infinity)"
+            continue
+        if isinstance(item, dict):
+            children = []
+            for key, sub in item.items():
+                if key is not None and not isinstance(key, (str, int, float, bool)):
+                    return f"{where} has a key of type {type(key).__name__} ({key!r})"
+                children.append((sub, _step(where, key)))
+            stack.extend(reversed(children))
+            continue
+        if isinstance(item, (list, tuple)):
+            stack.extend(reversed([(sub, f"{where}[{i}]") for i, sub in enumerate(item)]))
+            continue
+        return f"{where} is a {type(item).__name__}, which JSON cannot represent"
+    return None
+
+
+def _explain(value: Any, exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply"
+    return non_json(value) or str(exc)
+
+
 def encode_payload(value: Any, what: str, limit: int) -> bytes:
     """Encode a user value; ``what`` names it in errors ("input of workflow 'x'")."""
     try:
-        data = _encoder.encode(value)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise PayloadEncodingError(f"{what} is not JSON-serializable: {exc}") from exc
+        data = _strict_json(value)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise PayloadEncodingError(f"{what} is not JSON-serializable: {_explain(value, exc)}") from exc
     if len(data) > limit:
         raise PayloadTooLargeError(
             f"{what} is {len(data)} bytes encoded, over the limit of {limit} bytes "
@@ -57,9 +105,9 @@ def encode_payload(value: Any, what: str, limit: int) -> bytes:
 def encode_output(value: Any, what: str, limit: int) -> bytes:
     """Encode a step or workflow output; failures are OutputSerializationError (not retried)."""
     try:
-        data = _encoder.encode(value)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise OutputSerializationError(f"{what} is not JSON-serializable: {exc}", exc) from exc
+        data = _strict_json(value)
+    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        raise OutputSerializationError(f"{what} is not JSON-serializable: {_explain(value, exc)}", exc) from exc
     if len(data) > limit:
         raise OutputSerializationError(
             f"{what} is {len(data)} bytes encoded, over the limit of {limit} bytes "

@@ -31,6 +31,7 @@ from .errors import (
     TimeoutError,
     WaitForInputError,
 )
+from .retries import serialize_error
 from .storage.records import StepRecord
 from .types import ReceivedEvent, RunContext
 
@@ -45,14 +46,30 @@ class LeaseLostError(BaseException):
 
 def wait_for_input(message: str, schema: Any = None) -> WaitForInputError:
     """The exception to raise (from a step function or the handler) to pause the run until
-    ``client.resume_run`` supplies input; ``schema`` (a JSON Schema dict) validates the form."""
-    if schema is not None and not isinstance(schema, dict):
-        raise RedflowError(f"wait_for_input schema must be a JSON Schema dict, got {schema!r}")
-    return WaitForInputError(message, schema)
+    ``client.resume_run`` supplies input; ``schema`` validates the form: a pydantic model class, a
+    msgspec Struct class or a JSON Schema dict, as ``input_schema`` accepts."""
+    return WaitForInputError(message, form_schema(schema))
+
+
+def form_schema(schema: Any) -> dict[str, Any] | None:
+    """The JSON Schema of a wait_for_input form schema (None: any form)."""
+    if schema is None:
+        return None
+    from .validation import schema_adapter
+
+    if isinstance(schema, dict):
+        return schema
+    try:
+        return schema_adapter("wait_for_input", schema).json_schema()
+    except RedflowError:
+        raise RedflowError(
+            "wait_for_input schema must be a pydantic model class, a msgspec Struct class or a JSON Schema "
+            f"dict, got {schema!r}"
+        ) from None
 
 
 def input_wait_info(error: WaitForInputError) -> bytes:
-    return encode({"msg": str(error), "schema": error.schema})
+    return encode({"msg": str(error), "schema": form_schema(error.schema)})
 
 
 class StepBackend(Protocol):
@@ -111,6 +128,32 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _timeout_info(limit_ms: int) -> bytes:
+    return encode({"timeout_ms": limit_ms})
+
+
+def _cut_short(record: StepRecord) -> bool:
+    """Whether a resolved sleep ended at its timeout rather than at its target."""
+    if record.kind != "sleep" or not record.info:
+        return False
+    info = decode(record.info)
+    return isinstance(info, dict) and "timeout_ms" in info
+
+
+async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Call a step function and await what it returns, whatever returns it: an async function, or a
+    plain callable returning an awaitable (``lambda: compute(5)``)."""
+    if _is_async(fn):
+        result = fn(*args, **kwargs)
+    else:
+        # A plain function runs in a thread so it cannot stall the event loop (heartbeats, other
+        # runs) and its timeout applies.
+        result = await asyncio.to_thread(fn, *args, **kwargs)
+    while inspect.isawaitable(result):
+        result = await result
+    return result
+
+
 class StepApi:
     def __init__(
         self,
@@ -138,6 +181,7 @@ class StepApi:
         self._position = 0
         self.input_timeout_ms = -1  # how long an input wait lasts; the worker sets the retention window
         self._active_signals: set[asyncio.Event] = set()
+        self.canceled = False  # the run's cancellation was requested (the worker sets it)
 
     # --- bookkeeping ----------------------------------------------------------------------------------
     def cancel_active(self) -> None:
@@ -186,6 +230,18 @@ class StepApi:
         await self._backend.record(record)
         self._latest[name] = record
 
+    async def _record_failure(
+        self, name: str, position: int, kind: str, started: int, state: str, error: BaseException
+    ) -> None:
+        """Record that a step failed (or was canceled) with its error. The line supersedes nothing
+        completed: a replay runs the step again."""
+        record = StepRecord(
+            name=name, position=position, attempt=self._run.attempt, started_at_ms=started,
+            finished_at_ms=_now_ms(), kind=kind, state=state, error=msgspec.Raw(serialize_error(error)),
+        )
+        await self._backend.record(record)
+        self._latest[name] = record
+
     def _resolved(self, name: str, position: int, kind: str, resolution: str, raw: bytes, **extra: Any) -> None:
         """Mirror a wait resolved at once by the backend (it recorded the resolution itself)."""
         self._latest[name] = StepRecord(
@@ -216,57 +272,84 @@ class StepApi:
         started = _now_ms()
         self._active_signals.add(signal)
         try:
-            if _is_async(fn):
-                result = fn(*args, **kwargs)
+            if timeout_ms is None:
+                result = await _call(fn, args, kwargs)
             else:
-                # A plain function runs in a thread so it cannot stall the event loop (heartbeats,
-                # other runs) and its timeout applies.
-                result = asyncio.to_thread(fn, *args, **kwargs)
-            if inspect.isawaitable(result):
-                if timeout_ms is None:
-                    result = await result
-                else:
-                    try:
-                        async with asyncio.timeout(timeout_ms / 1000):
-                            result = await result
-                    except builtins.TimeoutError:
-                        signal.set()
-                        raise TimeoutError(f"{self._where(name)} timed out after {timeout_ms} ms") from None
+                try:
+                    async with asyncio.timeout(timeout_ms / 1000):
+                        result = await _call(fn, args, kwargs)
+                except builtins.TimeoutError:
+                    signal.set()
+                    raise TimeoutError(f"{self._where(name)} timed out after {timeout_ms} ms") from None
+            data = self._encode(result, name)
         except WaitForInputError as wait:
             # Only this step runs again once input arrives; recorded steps are kept.
             await self._backend.suspend(name, position, "input", delay_ms=self.input_timeout_ms,
                                         info=input_wait_info(wait))
             raise AssertionError("unreachable: suspend raises") from None
+        except Exception as error:
+            await self._record_failure(name, position, "run", started, "failed", error)
+            raise
+        except asyncio.CancelledError:
+            if self.canceled:
+                try:
+                    await self._record_failure(name, position, "run", started, "canceled",
+                                               CanceledError(f"{self._where(name)} was canceled with its run"))
+                except Exception:  # best effort: the cancellation itself must go on
+                    pass
+            raise
         finally:
             self._active_signals.discard(signal)
-        data = self._encode(result, name)
         await self._record(name, position, data, "run", started)
         return decode(data)
 
     async def wait_for(self, name: str, target: Any, timeout_ms: int | None = None) -> None:
         """Sleep durably until ``target`` (ms, a duration string, or a datetime); frees the worker slot.
 
-        ``timeout_ms`` is accepted for API compatibility; a sleep ends at its target.
+        With ``timeout_ms``, a sleep that would last longer ends after ``timeout_ms`` instead and the
+        step fails with :class:`TimeoutError` (retried by the workflow's policy; the next attempt
+        sleeps again).
         """
         position, record = self._enter(name)
+        limit = None if timeout_ms is None else duration_ms(timeout_ms, f"timeout_ms of {self._where(name)}")
+        if record is not None and record.state in ("failed", "canceled"):
+            record = None  # an earlier attempt's sleep failed: this attempt sleeps again
         if record is not None and record.state in ("ok", "done"):
+            if record.state == "done" and _cut_short(record):
+                info = decode(record.info or "{}")
+                await self._timed_out(name, position, record.started_at_ms, int(info["timeout_ms"]))
             return None
         if record is not None and record.wait_until_ms is not None:
-            await self._backend.suspend(name, position, "sleep", due_ms=record.wait_until_ms)
+            info = record.info.encode() if record.info else b""
+            await self._backend.suspend(name, position, "sleep", due_ms=record.wait_until_ms, info=info)
             return None
+        now = _now_ms()
         if isinstance(target, datetime):
             due = datetime_ms(target)
-            if due <= _now_ms():
-                await self._record(name, position, b"null", "sleep", _now_ms())
+            if due <= now:
+                await self._record(name, position, b"null", "sleep", now)
                 return None
+            if limit is not None and due - now > limit:
+                # Cut short by its timeout: the wait's details say so, for the replay that wakes.
+                await self._backend.suspend(name, position, "sleep", due_ms=now + limit, info=_timeout_info(limit))
+                await self._timed_out(name, position, now, limit)
             await self._backend.suspend(name, position, "sleep", due_ms=due)
         else:
             delay = duration_ms(target, f"wait_for target of {self._where(name)}")
             if delay == 0:
-                await self._record(name, position, b"null", "sleep", _now_ms())
+                await self._record(name, position, b"null", "sleep", now)
                 return None
+            if limit is not None and delay > limit:
+                await self._backend.suspend(name, position, "sleep", delay_ms=limit, info=_timeout_info(limit))
+                await self._timed_out(name, position, now, limit)
             await self._backend.suspend(name, position, "sleep", delay_ms=delay)
         return None
+
+    async def _timed_out(self, name: str, position: int, started: int, limit: int) -> None:
+        """A sleep ended by its timeout: record the failed step and raise TimeoutError."""
+        error = TimeoutError(f"{self._where(name)} timed out after {limit} ms")
+        await self._record_failure(name, position, "sleep", started, "failed", error)
+        raise error
 
     async def wait_for_event(
         self, name: str, event_name: str, correlation_key: str, timeout: Any  # noqa: ASYNC109 (public API)

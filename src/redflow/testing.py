@@ -9,14 +9,15 @@ once; ``run_workflow`` needs an override; ``emit_workflow`` returns a synthetic 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from .encoding import decode, encode, max_payload_bytes
-from .errors import RedflowError
+from .encoding import decode, encode, encode_output, encode_payload, max_payload_bytes
+from .errors import RedflowError, TimeoutError
 from .step import StepApi
 from .storage.records import StepRecord
 from .types import RunContext, WorkflowHandlerContext
@@ -100,7 +101,9 @@ async def run_inline(
 ) -> InlineRunResult:
     """Run ``definition``'s handler once; errors are captured in ``.error``, never raised.
 
-    Input and outputs go through JSON as they would on a worker.
+    Input and outputs go through JSON as they would on a worker: the input is validated with the
+    workflow's ``input_schema`` and the handler gets the validated object; an output JSON cannot
+    encode is an ``OutputSerializationError``; the workflow's ``timeout_ms`` applies.
     """
     result = InlineRunResult()
     overrides = dict(step_overrides or {})
@@ -114,12 +117,18 @@ async def run_inline(
     )
     signal = asyncio.Event()
     backend = _InlineBackend(run_id, result.steps, overrides)
-    steps = _InlineSteps(run, signal, history, backend, max_payload_bytes())
+    limit = max_payload_bytes()
+    steps = _InlineSteps(run, signal, history, backend, limit)
+    steps.results = result.steps
     try:
-        ctx = WorkflowHandlerContext(input=decode(encode(input)), run=run, signal=signal, step=steps)
+        value = decode(encode_payload(input, f"input of workflow {definition.name!r}", limit))
+        if definition.input_schema is not None:
+            value = definition.input_schema.validate(value)
+        ctx = WorkflowHandlerContext(input=value, run=run, signal=signal, step=steps)
         async with asyncio.timeout(timeout_s):
-            output = await definition.handler(ctx)
-        result.output = decode(encode(output))
+            output = await _handler_output(definition, ctx)
+        result.output = decode(encode_output(output, f"output of workflow {definition.name!r} in run {run_id}",
+                                             limit))
     except (Exception, asyncio.CancelledError) as error:
         result.error = error if isinstance(error, Exception) else RedflowError("canceled")
     for name in overrides:
@@ -128,8 +137,26 @@ async def run_inline(
     return result
 
 
+async def _handler_output(definition: WorkflowDefinition[Any], ctx: WorkflowHandlerContext[Any]) -> Any:
+    timeout_ms = definition.options.timeout_ms
+    if timeout_ms is None:
+        return await definition.handler(ctx)
+    try:
+        async with asyncio.timeout(timeout_ms / 1000):
+            return await definition.handler(ctx)
+    except builtins.TimeoutError:
+        raise TimeoutError(f"workflow {definition.name!r} timed out after {timeout_ms} ms") from None
+
+
 class _InlineSteps(StepApi):
     """Overrides replace a step's outcome wherever the handler calls it (no replay positions)."""
+
+    results: list[InlineStepResult]
+
+    async def _record_failure(
+        self, name: str, position: int, kind: str, started: int, state: str, error: BaseException
+    ) -> None:
+        self.results.append(InlineStepResult(name=name, status=state, error=error))
 
     def _enter(self, name: str) -> tuple[int, StepRecord | None]:
         if name in self._seen:

@@ -46,6 +46,7 @@ class DefineWorkflowOptions:
     stream: bool = False
     throttle: WorkflowRateLimitOptions | None = None
     input_schema: Any = None
+    timeout_ms: int | None = None  # per attempt: a handler still running after it fails the attempt (kind timeout)
 
     def resolved_max_attempts(self) -> int:
         if self.retries is not None and self.retries.max_attempts is not None:
@@ -163,6 +164,9 @@ def _validate(options: DefineWorkflowOptions, handler: Any) -> None:
             raise ConfigurationError(f"workflow {name!r}: {option_name}.limit must be an integer >= 1")
         if duration_ms(config.period, f"workflow {name!r}: {option_name}.period") <= 0:
             raise ConfigurationError(f"workflow {name!r}: {option_name}.period must be positive")
+    timeout = options.timeout_ms
+    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 1):
+        raise ConfigurationError(f"workflow {name!r}: timeout_ms must be an integer >= 1 or None, got {timeout!r}")
     if options.mutex is not None and not callable(options.mutex):
         raise ConfigurationError(f"workflow {name!r}: mutex must be a function of the input returning a key")
     debounce = options.debounce
@@ -193,6 +197,7 @@ def define_workflow(
     on_failure: OnFailure | None = None,
     input_schema: Any = None,
     stream: bool = False,
+    timeout_ms: int | None = None,
     registry: WorkflowRegistry | None = None,
 ) -> WorkflowDefinition[OutputT]:
     """Define a workflow and register it (in ``registry`` or the process-wide default)."""
@@ -211,6 +216,7 @@ def define_workflow(
         stream=stream,
         throttle=throttle,
         input_schema=input_schema,
+        timeout_ms=timeout_ms,
     )
     definition = WorkflowDefinition(options, handler)
     (registry if registry is not None else get_default_registry()).register(definition)

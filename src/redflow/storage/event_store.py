@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 from typing import Any
 
+import msgspec
+
 from ..encoding import decode, encode
 from ..errors import ConfigurationError
 from ..validation import json_schema_issues, validation_error
@@ -385,16 +387,48 @@ class EventStore:
         return Code(reply[0])
 
 
+# Keywords that only document a schema; dropped where they are keywords (not a property so named).
+_SCHEMA_METADATA = frozenset({
+    "$id", "$schema", "$comment", "title", "description", "default", "examples", "deprecated", "readOnly",
+    "writeOnly",
+})
+# Keywords whose value maps names (of properties, definitions) to schemas.
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+# Keywords whose value is one schema (or, for items in older drafts, a list of them).
+_SCHEMA_VALUED = frozenset({
+    "items", "additionalItems", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+    "unevaluatedItems", "unevaluatedProperties", "contentSchema",
+})
+_SCHEMA_ALTERNATIVES = frozenset({"allOf", "anyOf", "oneOf"})  # lists of schemas whose order means nothing
+_UNORDERED_ARRAYS = frozenset({"enum", "type", "required"})  # lists of values whose order means nothing
+_sorted_encoder = msgspec.json.Encoder(order="sorted")
+
+
 def canonical(schema: Any) -> bytes:
-    """A schema compared by content (key order and documentation-only fields ignored)."""
-    ignored = {"title", "description", "examples", "$schema", "$id", "default"}
+    """A schema compared by content: key order, the order of enum / type / required values and of
+    allOf / anyOf / oneOf members, and documentation keywords (title, description, ...) ignored.
+    Only keywords are stripped: a property or definition named ``title`` is part of the schema."""
 
-    def strip(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in sorted(value.items()) if k not in ignored}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        return value
+    def walk(value: Any) -> Any:
+        if isinstance(value, list):  # items as a list (tuple validation): the order matters
+            return [walk(v) for v in value]
+        if not isinstance(value, dict):
+            return value  # true / false schemas
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            if key in _SCHEMA_METADATA:
+                continue
+            if key in _SCHEMA_MAPS and isinstance(sub, dict):
+                out[key] = {name: walk(s) for name, s in sub.items()}
+            elif key in _SCHEMA_VALUED or key == "prefixItems":
+                out[key] = walk(sub)
+            elif key in _SCHEMA_ALTERNATIVES and isinstance(sub, list):
+                out[key] = sorted((walk(s) for s in sub), key=_sorted_encoder.encode)
+            elif key in _UNORDERED_ARRAYS and isinstance(sub, list):
+                out[key] = sorted(sub, key=_sorted_encoder.encode)
+            else:
+                out[key] = sub  # const, enum values, formats, bounds...: data, compared as is
+        return out
 
-    return encode(strip(schema))
+    return _sorted_encoder.encode(walk(schema))
 

@@ -46,7 +46,7 @@ Key (type) — contents — lifetime:
   subscriber_index (zset) the same members, lexicographic                 permanent
   limits (hash)           workflow -> max_concurrency                     permanent (per definition)
   admission (hash)        workflow -> {throttle, rate_limit, mutex}      permanent (per definition)
-  mutexes (hash)          <n>:<wf>:<n>:<key>: -> run holding that mutex   while that run runs
+  mutexes (hash)          <n>:<key>: -> run holding that mutex            while that run runs
   tb:<n>:<wf>:<key> (str) throttle window counter                         PX the window
   rb:<n>:<wf>:<key> (str) rate-limit window counter                       PX the window
   db:<n>:<wf>:<key> (str) the pending run of a debounce key               PX the debounce deadline

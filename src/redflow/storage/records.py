@@ -71,7 +71,7 @@ class StepRecord(msgspec.Struct, omit_defaults=True):
     wait_until_ms: int | None = msgspec.field(default=None, name="u")  # a wait's deadline (server clock)
     child_id: str | None = msgspec.field(default=None, name="ch")
     info: str | None = msgspec.field(default=None, name="i")  # a wait's details, JSON text (see WaitRecord.info)
-    error: msgspec.Raw | None = msgspec.field(default=None, name="e")  # a failed or canceled step's error JSON
+    error: msgspec.Raw = msgspec.field(default=msgspec.Raw(b"null"), name="e")  # a failed or canceled step's error
 
 
 class AttemptRecord(msgspec.Struct, omit_defaults=True):

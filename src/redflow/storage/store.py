@@ -257,7 +257,7 @@ class Store:
             "admit",
             (run_id, token, throttle[1] if throttle else 0, throttle[2] if throttle else 0,
              rate[1] if rate else 0, rate[2] if rate else 0, 1 if hook else 0, retention_ms, k.done_channel(run_id),
-             tag(workflow) + tag(mutex_key) if mutex_key is not None else "",
+             tag(mutex_key) if mutex_key is not None else "",  # one mutex per key within a prefix
              tag(workflow) + tag(throttle[0]) if throttle else ""),
             queues=self._queues(queue), owned=k.owned(worker_id),
             throttle_counter=k.throttle(workflow, throttle[0]) if throttle else placeholder,

@@ -31,7 +31,7 @@
 -- ARGV[7] 1 when an on_failure hook must run after a rate-limit failure
 -- ARGV[8] retention in ms
 -- ARGV[9] done channel of the run
--- ARGV[10] mutex field <tag(wf)><tag(key)> ('' = no mutex)
+-- ARGV[10] mutex field <tag(key)>, shared by every workflow ('' = no mutex)
 -- ARGV[11] throttle group <tag(wf)><tag(key)> ('' = no throttle)
 -- ARGV[12] queues: the run's queue, and any other queue it may hand on to, one per line
 -- RETURNS {C.OK, header JSON} (started: status running, attempt 1)

@@ -57,7 +57,8 @@ local function held_first(kind, group, n)
   return redis.call('ZRANGEBYLEX', K.held, '[' .. p, '[' .. p .. '\255', 'LIMIT', 0, n)
 end
 
--- Mutexes: hash `mutexes` maps <tag(wf)><key> (h.mf) to the run holding it, only while it runs.
+-- Mutexes: hash `mutexes` maps <tag(key)> (h.mf) to the run holding it, only while it runs; a key
+-- is one mutex for every workflow of the prefix.
 local function mutex_free_for(id, h)
   if not h.mf then return true end
   local holder = redis.call('HGET', K.mutexes, h.mf)
