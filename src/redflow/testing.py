@@ -156,6 +156,8 @@ class _InlineSteps(StepApi):
     async def _record_failure(
         self, name: str, position: int, kind: str, started: int, state: str, error: BaseException
     ) -> None:
+        if self.results and self.results[-1].name == name:  # a sleep cut short by its timeout_ms
+            self.results.pop()
         self.results.append(InlineStepResult(name=name, status=state, error=error))
 
     def _enter(self, name: str) -> tuple[int, StepRecord | None]:
