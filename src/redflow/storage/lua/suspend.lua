@@ -28,7 +28,8 @@
 -- ARGV[8] waiter member for an event wait ('' otherwise)
 -- ARGV[9] child run id for a child wait ('' otherwise)
 -- ARGV[10] event buffer member prefix (<len>:<event>:<len>:<key>:) for an event wait ('' otherwise)
--- ARGV[11] details of the wait as JSON ({msg, schema} for input, {event, key} for event), '' for none;
+-- ARGV[11] details of the wait as JSON ({msg, schema} for input, {event, key} for event, {timeout_ms}
+--          for a sleep cut short by its timeout), '' for none;
 --          kept as a string in the wait record and on the wait's history lines
 -- ARGV[12] queues: the run's queue, and any other queue it may hand on to, one per line
 -- ARGV[13..] ids of events earlier wait steps of this run consumed
