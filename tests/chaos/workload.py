@@ -1,0 +1,169 @@
+"""The chaos workload and its worker process.
+
+``python -m tests.chaos.workload URL PREFIX LOG_DIR CONCURRENCY LEASE_MS``.
+
+Every step body and every on_failure call appends lines to ``LOG_DIR/exec-<pid>.log`` with one
+``os.write`` on an O_APPEND descriptor (no buffering: a SIGKILL loses nothing already written, and a
+server that loses data cannot lose these). A line is tab-separated:
+
+    phase  run_id  step  token  time.time()  pid
+
+``phase`` is ``start`` (the body began), ``end`` (it returned ``token``, which becomes the step's
+recorded output), ``raise`` (it failed on purpose), ``hook-start`` / ``hook-end`` (on_failure). The
+checker in test_workload.py compares these with what the server recorded.
+
+The process serves until SIGTERM, then drains and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import sys
+import time
+import uuid
+from typing import Any
+
+from redflow import (
+    StartWorkerOptions,
+    WorkflowHandlerContext,
+    WorkflowRegistry,
+    WorkflowRetryPolicy,
+    create_client,
+    define_workflow,
+    set_default_client,
+    start_worker,
+)
+
+registry = WorkflowRegistry()
+
+EVENT = "chaos.ping"
+CANCEL_SLEEP = "120s"  # runs of chaos-cancel only end when the driver cancels them
+STEP_S = float(os.environ.get("CHAOS_STEP_MS", "20")) / 1000  # mean duration of a step body
+_fd: int | None = None
+_seq = 0
+
+
+def _log(phase: str, run_id: str, step: str, token: str = "-") -> None:
+    global _fd
+    if _fd is None:
+        path = os.path.join(os.environ["CHAOS_LOG_DIR"], f"exec-{os.getpid()}.log")
+        _fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(_fd, f"{phase}\t{run_id}\t{step}\t{token}\t{time.time():.6f}\t{os.getpid()}\n".encode())
+
+
+def body(ctx: WorkflowHandlerContext[Any], step: str, *, fail_first_attempt: bool = False) -> Any:
+    """A step body that logs its execution and returns a token unique to this execution."""
+
+    async def run() -> str:
+        global _seq
+        _log("start", ctx.run.id, step)
+        await asyncio.sleep(STEP_S * (0.5 + random.random()))
+        if fail_first_attempt and ctx.run.attempt == 1:
+            _log("raise", ctx.run.id, step)
+            raise RuntimeError(f"{step} fails on the first attempt")
+        _seq += 1
+        token = f"{os.getpid()}.{_seq}.{uuid.uuid4().hex[:6]}"
+        _log("end", ctx.run.id, step, token)
+        return token
+
+    return run
+
+
+async def steps(ctx: WorkflowHandlerContext[Any]) -> list[str]:
+    return [await ctx.step.run(name, body(ctx, name)) for name in ("a", "b", "c")]
+
+
+async def sleeper(ctx: WorkflowHandlerContext[Any]) -> list[str]:
+    first = await ctx.step.run("a", body(ctx, "a"))
+    await ctx.step.wait_for("nap", f"{ctx.input.get('nap_ms', 300)}ms")
+    return [first, await ctx.step.run("b", body(ctx, "b"))]
+
+
+async def waiter(ctx: WorkflowHandlerContext[Any]) -> Any:
+    first = await ctx.step.run("a", body(ctx, "a"))
+    event = await ctx.step.wait_for_event("ev", EVENT, ctx.run.id, "90s")
+    second = await ctx.step.run("b", body(ctx, "b"))
+    return [first, second, None if event is None else event["data"]]
+
+
+async def child(ctx: WorkflowHandlerContext[Any]) -> str:
+    token = await ctx.step.run("c1", body(ctx, "c1"))
+    await ctx.step.wait_for("child-nap", "100ms")
+    return token
+
+
+async def parent(ctx: WorkflowHandlerContext[Any]) -> list[str]:
+    first = await ctx.step.run("a", body(ctx, "a"))
+    kid = await ctx.step.run_workflow("kid", "chaos-child", {"parent": ctx.run.id})
+    return [first, kid, await ctx.step.run("b", body(ctx, "b"))]
+
+
+async def flaky(ctx: WorkflowHandlerContext[Any]) -> list[str]:
+    first = await ctx.step.run("a", body(ctx, "a"))
+    return [first, await ctx.step.run("flaky", body(ctx, "flaky", fail_first_attempt=True))]
+
+
+async def doomed(ctx: WorkflowHandlerContext[Any]) -> None:
+    await ctx.step.run("a", body(ctx, "a"))
+    raise RuntimeError("chaos-fail always fails")
+
+
+async def cancel_target(ctx: WorkflowHandlerContext[Any]) -> str:
+    first = await ctx.step.run("a", body(ctx, "a"))
+    await ctx.step.wait_for("long", CANCEL_SLEEP)
+    await ctx.step.run("b", body(ctx, "b"))
+    return first
+
+
+async def hook(ctx: Any) -> None:
+    _log("hook-start", ctx.run.id, "on_failure")
+    await asyncio.sleep(random.random() * 0.02)
+    _log("hook-end", ctx.run.id, "on_failure")
+
+
+FAST_RETRY = WorkflowRetryPolicy(max_attempts=3, delay=50)
+
+define_workflow("chaos-steps", handler=steps, registry=registry, on_failure=hook, retries=FAST_RETRY)
+define_workflow("chaos-sleep", handler=sleeper, registry=registry, on_failure=hook, retries=FAST_RETRY)
+define_workflow("chaos-event", handler=waiter, registry=registry, on_failure=hook, retries=FAST_RETRY)
+define_workflow("chaos-child", handler=child, registry=registry, on_failure=hook, retries=FAST_RETRY)
+define_workflow("chaos-parent", handler=parent, registry=registry, on_failure=hook, retries=FAST_RETRY)
+define_workflow("chaos-retry", handler=flaky, registry=registry, on_failure=hook, retries=FAST_RETRY)
+define_workflow("chaos-fail", handler=doomed, registry=registry, on_failure=hook,
+                retries=WorkflowRetryPolicy(max_attempts=2, delay=50))
+define_workflow("chaos-cancel", handler=cancel_target, registry=registry, on_failure=hook, retries=FAST_RETRY)
+
+# What each workflow ends as when nobody cancels it.
+DESIGNED_STATUS = {
+    "chaos-steps": "succeeded", "chaos-sleep": "succeeded", "chaos-event": "succeeded", "chaos-child": "succeeded",
+    "chaos-parent": "succeeded", "chaos-retry": "succeeded", "chaos-fail": "failed", "chaos-cancel": "canceled",
+}
+# The step bodies of each workflow (recorded outputs are checked against the logs).
+STEP_NAMES = {
+    "chaos-steps": ("a", "b", "c"), "chaos-sleep": ("a", "b"), "chaos-event": ("a", "b"), "chaos-child": ("c1",),
+    "chaos-parent": ("a", "b"), "chaos-retry": ("a", "flaky"), "chaos-fail": ("a",), "chaos-cancel": ("a", "b"),
+}
+
+
+async def main(url: str, prefix: str, concurrency: int, lease_ms: int) -> None:
+    set_default_client(create_client(url=url, prefix=prefix))
+    worker = await start_worker(StartWorkerOptions(
+        app="chaos", url=url, prefix=prefix, registry=registry, concurrency=concurrency, lease_ms=lease_ms,
+        grace_period_ms=2000, max_recoveries=1000, blmove_timeout_sec=1.0, reaper_interval_ms=500,
+    ))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    await worker.stop()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {os.getpid()} %(name)s %(message)s")
+    url_arg, prefix_arg, log_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+    os.environ["CHAOS_LOG_DIR"] = log_dir
+    asyncio.run(main(url_arg, prefix_arg, int(sys.argv[4]), int(sys.argv[5])))
