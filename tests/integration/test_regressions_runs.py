@@ -53,11 +53,12 @@ async def test_cancel_while_a_failure_becomes_a_retry_ends_the_run_canceled(
 
     wf = define_workflow("cancel-in-retry", handler=handler, max_attempts=5,
                          retries=WorkflowRetryPolicy(should_retry=should_retry, delay=0), registry=registry)
-    await make_worker()
+    worker = await make_worker()
     handle = await client.enqueue_definition(wf, None)
     await asyncio.wait_for(deciding.wait(), 10)
     assert await client.cancel_run(handle.id) is True
-    await asyncio.sleep(0.05)  # let the cancel request reach the worker before the policy answers
+    # The request reaches the worker while the policy is still deciding.
+    await wait_until(lambda: worker.active[handle.id].cancel_requested, what="cancel request delivered")
     release.set()
     await _reaches(client, handle.id, "canceled")
     with pytest.raises(CanceledError):

@@ -369,8 +369,6 @@ class Store:
             taken += outcome != "gone"
             crashed += outcome == "crashed"
             left = int(reply[2])
-        if ids and left == 0:
-            return Code.OK, taken, crashed, 0
         return Code.OK, taken, crashed, left
 
     async def cleanup(self, limit: int, cutoff_ms: int = 0, what: str = "both") -> tuple[int, int]:

@@ -123,19 +123,18 @@ def parse_config(argv: list[str] | None = None) -> SupervisorConfig:
         raise ConfigurationError(f"--log-format must be 'text' or 'json', got {ns.log_format!r}")
     if str(ns.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigurationError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {ns.log_level!r}")
-    try:
-        grace = float(ns.grace_period)
-    except ValueError:
-        raise ConfigurationError(f"--grace-period must be a number of seconds, got {ns.grace_period!r}") from None
-    if grace < 0:
-        raise ConfigurationError(f"--grace-period must be >= 0, got {grace}")
+    def as_seconds(name: str, value: object, minimum: float) -> float:
+        try:
+            number = float(str(value))
+        except ValueError:
+            raise ConfigurationError(f"--{name} must be a number of seconds, got {value!r}") from None
+        if number < minimum:
+            raise ConfigurationError(f"--{name} must be >= {minimum:g}, got {number:g}")
+        return number
+
+    grace = as_seconds("grace-period", ns.grace_period, 0)
+    stale_after = as_seconds("stale-after", ns.stale_after, 1)
     queues = [q.strip() for q in ns.queues.split(",") if q.strip()] if ns.queues else None
-    try:
-        stale_after = float(ns.stale_after)
-    except ValueError:
-        raise ConfigurationError(f"--stale-after must be a number of seconds, got {ns.stale_after!r}") from None
-    if stale_after < 1:
-        raise ConfigurationError(f"--stale-after must be >= 1 second, got {stale_after}")
     return SupervisorConfig(
         procs=available_cpus() if ns.procs is None else as_int("procs", ns.procs, 1),
         imports=imports,

@@ -67,6 +67,15 @@ class Execution:
     def count(self, outcome: str) -> None:
         count_run(self.claimed.header.workflow, outcome, time.monotonic() - self.started)
 
+    def stop_here(self) -> None:
+        """Stop executing the run in this process (the worker stops, or lost the run): set its
+        signals and cancel its task. Whether anything is handed back is the caller's decision."""
+        self.signal.set()
+        if self.steps is not None:
+            self.steps.cancel_active()
+        if self.task is not None:
+            self.task.cancel()
+
     def request_cancel(self) -> None:
         """Cancel the run's handler; its outcome is then written as canceled."""
         if self.cancel_requested or self.claimed.kind == "hook":

@@ -118,11 +118,7 @@ class Worker:
             await asyncio.wait(pending, timeout=grace / 1000)
         leftovers = list(self.active.values())
         for ex in leftovers:
-            ex.signal.set()
-            if ex.steps is not None:
-                ex.steps.cancel_active()
-            if ex.task is not None:
-                ex.task.cancel()
+            ex.stop_here()
         for ex in leftovers:
             if ex.task is not None:
                 with contextlib.suppress(BaseException):
@@ -337,11 +333,7 @@ class Worker:
                 if token != ex.claimed.token and not ex.settled and self.active.get(run_id) is ex:
                     log.warning("worker %s: run %s is no longer ours on the server; stopping it", self.id, run_id)
                     ex.settled = True  # nothing of ours to write or hand back
-                    ex.signal.set()
-                    if ex.steps is not None:
-                        ex.steps.cancel_active()
-                    if ex.task is not None:
-                        ex.task.cancel()
+                    ex.stop_here()
                     abandoned += 1
             return released, abandoned
 
@@ -421,11 +413,7 @@ class Worker:
 
     def _abandon_local_runs(self, *, release: bool) -> None:
         for ex in list(self.active.values()):
-            ex.signal.set()
-            if ex.steps is not None:
-                ex.steps.cancel_active()
-            if ex.task is not None:
-                ex.task.cancel()
+            ex.stop_here()
             if release and not ex.settled:
                 self._to_release[ex.claimed.id] = ex
 
