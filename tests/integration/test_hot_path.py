@@ -82,7 +82,9 @@ async def test_concurrent_runs_share_socket_writes(
     sent = counters.commands - commands
     written = counters.writes - writes
     assert sent >= 200  # a step record and a finish per run
-    assert written <= 10, f"{sent} commands went out in {written} socket writes"
+    # How many writes the replies split into depends on the scheduler, and heartbeats and ownership
+    # checks share the socket; what pipelining guarantees is many commands per write, not a count.
+    assert written * 10 <= sent, f"{sent} commands went out in {written} socket writes"
     assert all([await h.result(timeout_ms=2000) == 1 for h in handles])
 
 
