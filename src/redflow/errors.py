@@ -127,6 +127,15 @@ class RunNotFoundError(RedflowError):
     kind = "not_found"
 
 
+class InvalidRunStateError(RedflowError):
+    """An action that needs the run in another state (retrying a run that has not ended, ...)."""
+
+    def __init__(self, run_id: str, status: str, message: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.status = status
+
+
 class NonDeterminismError(RedflowError):
     """A replay asked for different steps than the stored history of the run."""
 
@@ -157,14 +166,21 @@ class CrashedError(RedflowError):
     kind = "crashed"
 
 
+FAILED_STEP_ATTR = "__redflow_step__"  # set on an exception by the step it escaped from
+
+
 def serialize_error(error: BaseException) -> dict[str, Any]:
-    """The error as runs store it: ``{name, message, kind, stack, retryAfterMs?}``."""
+    """The error as runs store it: ``{name, message, kind, stack, retryAfterMs?, step?}``; ``step``
+    names the step the error escaped from, when it came from one."""
     record: dict[str, Any] = {
         "name": type(error).__name__,
         "message": str(error),
         "kind": str(error.kind) if isinstance(error, RedflowError) else "error",
         "stack": "".join(traceback.format_exception(error))[-8000:],
     }
+    step = getattr(error, FAILED_STEP_ATTR, None)
+    if isinstance(step, str):
+        record["step"] = step
     if isinstance(error, RateLimitExceededError):
         record["retryAfterMs"] = error.retry_after_ms
     elif isinstance(error, RetryAfterError):

@@ -20,10 +20,10 @@ from typing import Any, Protocol
 
 import msgspec
 
-from .client_events import check_event_name
 from .durations import datetime_ms, duration_ms
 from .encoding import decode, encode, encode_output
 from .errors import (
+    FAILED_STEP_ATTR,
     CanceledError,
     DuplicateStepError,
     NonDeterminismError,
@@ -34,6 +34,7 @@ from .errors import (
 from .retries import serialize_error
 from .storage.records import StepRecord
 from .types import ReceivedEvent, RunContext
+from .validation import check_event_name
 
 
 class Suspended(BaseException):
@@ -235,6 +236,11 @@ class StepApi:
     ) -> None:
         """Record that a step failed (or was canceled) with its error. The line supersedes nothing
         completed: a replay runs the step again."""
+        if state == "failed" and not hasattr(error, FAILED_STEP_ATTR):
+            try:
+                setattr(error, FAILED_STEP_ATTR, name)  # the run's error then names its failing step
+            except AttributeError:
+                pass
         record = StepRecord(
             name=name, position=position, attempt=self._run.attempt, started_at_ms=started,
             finished_at_ms=_now_ms(), kind=kind, state=state, error=msgspec.Raw(serialize_error(error)),

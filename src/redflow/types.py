@@ -146,6 +146,7 @@ class RunState(TypedDict, total=False):
     cancel_reason: str | None
     parent_run_id: str | None
     stream_enabled: bool
+    replayed_from: str  # present only on a run started by replay_run: the run it replays
 
 
 class EventWaitInfo(TypedDict):
@@ -357,3 +358,53 @@ class StartWorkerOptions:
     grace_period_ms: int = 10000
     max_recoveries: int = 3
     claim_batch_size: int = 64
+
+
+class BulkQuery(TypedDict, total=False):
+    """Which runs a bulk action (retry_runs, cancel_runs) covers; every given field must match."""
+
+    workflow: str
+    status: RunStatus
+    queue: str
+    created_after_ms: int
+    created_before_ms: int
+
+
+class BulkResult(TypedDict):
+    """Progress of a bulk action. ``job_id`` resumes it after an interruption; ``finished`` once every
+    matching run was visited (``matched`` counts them; ``done`` were changed, ``skipped`` were not:
+    they had moved on in the meantime)."""
+
+    job_id: str
+    dry_run: bool
+    matched: int
+    done: int
+    skipped: int
+    finished: bool
+
+
+class FailureGroup(TypedDict):
+    """Failed runs of one workflow that failed the same way (see ``list_failures``)."""
+
+    workflow: str
+    category: Literal["exhausted", "non_retriable", "crashed", "other"]
+    fingerprint: str
+    error_name: str
+    error_kind: str
+    message: str  # the latest run's message
+    step: str | None  # the step that failed, None when the handler itself raised
+    count: int
+    first_seen_ms: int
+    last_seen_ms: int
+    sample_run_ids: list[str]  # newest first
+
+
+class RunExplanation(TypedDict):
+    """Why a run is where it is (see ``explain_run``): ``reason`` is a short code, ``message`` the
+    same in words, ``details`` the data behind it."""
+
+    run_id: str
+    status: RunStatus
+    reason: str
+    message: str
+    details: dict[str, Any]

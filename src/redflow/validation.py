@@ -144,3 +144,13 @@ def schema_adapter(workflow: str, schema: Any) -> InputSchema:
         f"workflow {workflow!r}: input_schema must be a pydantic model class, a msgspec Struct class or a JSON "
         f"Schema dict, got {schema!r}"
     )
+
+
+def check_event_name(value: Any, what: str) -> str:
+    """An event name or correlation key: a non-empty string, used exactly as given, so one without
+    leading or trailing whitespace (emit_event and wait_for_event apply this same rule)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{what} must be a non-empty string, got {value!r}")
+    if value != value.strip():
+        raise ConfigurationError(f"{what} must not have leading or trailing whitespace, got {value!r}")
+    return value

@@ -20,7 +20,7 @@ from .types import (
     WorkflowRateLimitOptions,
     WorkflowRetryPolicy,
 )
-from .validation import InputSchema, schema_adapter
+from .validation import InputSchema, check_event_name, schema_adapter
 
 if TYPE_CHECKING:
     from .client import RunHandle
@@ -153,6 +153,7 @@ def _validate(options: DefineWorkflowOptions, handler: Any) -> None:
     for event in options.event or []:
         if not isinstance(event, EventTrigger) or not isinstance(event.name, str) or not event.name.strip():
             raise ConfigurationError(f"workflow {name!r}: event triggers must be EventTrigger(name=...), got {event!r}")
+        check_event_name(event.name, f"workflow {name!r}: event trigger name")
     for option_name in ("throttle", "rate_limit"):
         config = getattr(options, option_name)
         if config is None:

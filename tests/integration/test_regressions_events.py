@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-import redflow.client as client_module
+import redflow.client.facade as client_module
 from redflow import (
     EventTrigger,
     ListEventsParams,

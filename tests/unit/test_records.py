@@ -228,14 +228,17 @@ async def test_records_written_by_the_server_decode_to_the_old_shapes(client: An
     meta = {"name": "bill", "queue": "default", "max_attempts": 2, "input_json_schema": None,
             "max_concurrency": None, "admission": {}}
     cron = CronRecord(workflow="bill", queue="default", expression="0 3 * * *")
-    await events.register({"bill": meta}, {"bill": ["paid"]}, {"nightly": cron}, now, worker_id="w-1")
+    await events.register({"bill": meta}, {"bill": ["paid"]}, {"nightly": cron}, now)
+    await events.record_registration("w-1", ["bill"], ["default"])
     raw_sub = (await redis.execute("HGETALL", k.subscribers))[1]
     assert raw_sub == encode({"event": "paid", "workflow": "bill", "queue": "default", "max_attempts": 2,
                               "input_json_schema": None})
     assert await redis.execute("HGET", k.crons, "nightly") == encode(
         {"workflow": "bill", "queue": "default", "expression": "0 3 * * *", "timezone": None, "input": None,
          "max_attempts": 3, "max_concurrency": 0})
-    assert decode(await redis.execute("HGET", k.registrations, "w-1")) == {"workflows": ["bill"], "at": now}
+    registration = decode(await redis.execute("HGET", k.registrations, "w-1"))
+    assert registration["workflows"] == ["bill"] and registration["queues"] == ["default"]
+    assert now <= registration["at"] <= now + 5000
 
     await client.emit_event("paid", {"n": 1.10, "l": []}, event_id="e-1", correlation_key="c")
     await client.emit_event("nobody.listens", None, event_id="e-2")

@@ -57,14 +57,11 @@ class EventStore:
         subscriptions: dict[str, list[str]],
         crons: dict[str, CronRecord],
         server_now_ms: int,
-        *,
-        worker_id: str | None = None,
     ) -> None:
         """Publish what this build defines: for each of its workflows, the event subscriptions and
         cron triggers it has now replace whatever an earlier build registered for that workflow.
         A build whose event contracts disagree with the registered ones is refused before anything
-        is written. With ``worker_id``, also records that this worker defines these workflows (the
-        leader does not fire a trigger whose workflow no live worker defines)."""
+        is written."""
         k = self.keys
         redis = self.redis
         await self._check_contracts(workflows, subscriptions)
@@ -125,13 +122,15 @@ class EventStore:
             await redis.execute("HSET", k.limits, *[x for item in limited.items() for x in item])
         if unlimited:
             await redis.execute("HDEL", k.limits, *unlimited)
-        if worker_id is not None:
-            await self._record_registration(worker_id, sorted(workflows), server_now_ms)
 
-    async def _record_registration(self, worker_id: str, workflows: list[str], now_ms: int) -> None:
-        """Record what ``worker_id`` defines, and forget workers gone for REGISTRATION_RETENTION_MS."""
+    async def record_registration(self, worker_id: str, workflows: list[str], queues: list[str]) -> None:
+        """Record what a started worker defines and which queues it claims from (the leader does not
+        fire a trigger whose workflow no live worker defines), and forget workers gone for
+        REGISTRATION_RETENTION_MS."""
+        sec, usec = await self.redis.execute("TIME")
+        now_ms = int(sec) * 1000 + int(usec) // 1000
         key = self.registrations_key
-        record = RegistrationRecord(workflows=workflows, registered_at_ms=now_ms)
+        record = RegistrationRecord(workflows=sorted(workflows), registered_at_ms=now_ms, queues=queues)
         await self.redis.execute("HSET", key, worker_id, encode_record(record))
         registrations = await self._registrations(now_ms)
         gone = [wid for wid, (live, at) in registrations.items()
@@ -155,6 +154,10 @@ class EventStore:
             wid, record = flat[i].decode(), decode_registration(flat[i + 1])
             out[wid] = (wid in listed or record.registered_at_ms > now_ms - REGISTRATION_GRACE_MS, record)
         return out
+
+    async def live_registrations(self, now_ms: int) -> list[RegistrationRecord]:
+        """The registrations of live workers (see live_workflows)."""
+        return [record for live, record in (await self._registration_records(now_ms)).values() if live]
 
     async def live_workflows(self, now_ms: int) -> set[str] | None:
         """The workflows some live worker defines, from the registrations workers record at start;

@@ -59,6 +59,7 @@ Key (type) — contents — lifetime:
   cron_version (string)   bumped when triggers change                     permanent
   registrations (hash)    worker id -> {workflows, at}: what each started worker defines  pruned at start
   cron_orphans (hash)     trigger id -> {workflow, since}: triggers no live worker serves  while orphaned
+  bulk:<job id> (string)  progress of a bulk retry or cancel: its query, cursor and counts  EX 7 days
 Channels: done:<run id> (a run reached a terminal status; payload = status, then a newline and the
 output or error JSON when it is small); ctl:<worker id>
 (cancellation requests for runs that worker holds; payload = run id).
@@ -197,6 +198,9 @@ class PartitionKeys:
 
     def event_idempotency(self, event: str, key: str) -> str:
         return f"{self.base}:evidem:{len(event)}:{event}:{key}"
+
+    def bulk_job(self, job_id: str) -> str:
+        return f"{self.base}:bulk:{job_id}"
 
     def stream(self, run_id: str) -> str:
         return f"{self.base}:stream:{run_id}"

@@ -47,6 +47,9 @@ class RunHeader(msgspec.Struct, omit_defaults=True):
     throttle_group: str | None = msgspec.field(default=None, name="tg")  # <tag(workflow)><throttle key>
     debounced: int | None = msgspec.field(default=None, name="db")  # created through a debounce key
     debounce_deadline_ms: int | None = msgspec.field(default=None, name="dl")  # latest start of a debounce
+    attempt_budget: int | None = msgspec.field(default=None, name="mb")  # attempts granted at creation, once retried
+    readmit: int | None = msgspec.field(default=None, name="ad")  # an operator's retry passes admission again
+    replayed_from: str | None = msgspec.field(default=None, name="rf")  # the run this one replays
 
 
 class StepRecord(msgspec.Struct, omit_defaults=True):
@@ -280,11 +283,12 @@ class CronRecord(msgspec.Struct):
     max_concurrency: int = 0  # 0: unlimited
 
 
-class RegistrationRecord(msgspec.Struct):
+class RegistrationRecord(msgspec.Struct, omit_defaults=True):
     """What a started worker defines (hash ``registrations``, by worker id)."""
 
     workflows: list[str] = msgspec.field(default_factory=list)
     registered_at_ms: int = msgspec.field(default=0, name="at")
+    queues: list[str] | None = None  # the queues it claims from (None: recorded before queues were)
 
 
 class CronOrphanRecord(msgspec.Struct):

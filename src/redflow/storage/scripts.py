@@ -53,6 +53,8 @@ SCRIPT_NAMES = (
     "emit",
     "cron_fire",
     "resume_input",
+    "requeue",
+    "replay",
     "admit",
     "debounce",
     "stream_write",

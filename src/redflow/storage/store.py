@@ -29,6 +29,8 @@ from .scripts import ScriptRunner
 
 log = logging.getLogger("redflow.storage")
 
+BULK_JOB_TTL_S = 7 * 86_400  # how long a bulk action can be resumed
+
 
 class Heartbeat(NamedTuple):
     state: int  # 0 no entry (new, or reaped), 1 renewed, 2 lapsed but not reaped
@@ -376,10 +378,82 @@ class Store:
         reply = await self.scripts.run("cleanup", (limit, cutoff_ms, what))
         return int(reply[1]), int(reply[2])
 
+    # --- operator actions -------------------------------------------------------------------------
+    async def requeue(self, run_id: str, queue: str) -> tuple[Code, str]:
+        """Send a failed or canceled run back to its queue as its next attempt: (OK, ''),
+        (WRONG_STATUS, status), (HELD, '') while its on_failure hook runs, (CANCELED, '') when its
+        parent was canceled, or (NOT_FOUND, '')."""
+        k = self.keys
+        reply = await self.scripts.run("requeue", (run_id,), ready=k.ready(queue), bell=k.bell(queue))
+        return Code(reply[0]), reply[1].decode() if len(reply) > 1 else ""
+
+    async def replay(
+        self, run_id: str, source_id: str, workflow: str, queue: str, input_json: bytes, max_attempts: int,
+        lines: Sequence[bytes],
+    ) -> tuple[Code, str]:
+        """Create ``run_id`` replaying ended run ``source_id`` with ``lines`` of its history copied:
+        (CREATED | EXISTING, run id), (WRONG_STATUS, status) or (NOT_FOUND, '')."""
+        k = self.keys
+        reply = await self.scripts.run(
+            "replay", (run_id, workflow, queue, input_json, max_attempts, source_id, *lines),
+            ready=k.ready(queue), scheduled=k.scheduled(queue), bell=k.bell(queue),
+        )
+        return Code(reply[0]), reply[1].decode() if len(reply) > 1 else ""
+
+    async def read_bulk_job(self, job_id: str) -> bytes | None:
+        raw: bytes | None = await self.redis.execute("GET", self.keys.bulk_job(job_id))
+        return raw
+
+    async def write_bulk_job(self, job_id: str, record: bytes) -> None:
+        await self.redis.execute("SET", self.keys.bulk_job(job_id), record, "EX", BULK_JOB_TTL_S)
+
+    async def read_errors(self, run_ids: Sequence[str]) -> list[bytes | None]:
+        if not run_ids:
+            return []
+        errors: list[bytes | None] = await self.redis.execute("HMGET", self.keys.errors, *run_ids)
+        return errors
+
+    async def explain_facts(self, run_id: str, h: RunHeader) -> dict[str, Any]:
+        """What explain_run needs beyond the header, in one pipelined batch: server time, the run's
+        place in its ready list, its workflow's running count and limit, the holder of its mutex,
+        its worker's liveness deadline, its wait and its error."""
+        k, redis = self.keys, self.redis
+        running_prefix = f"ws:{tag(h.workflow)}running:".encode()
+        server, pos, length, running, limit, holder, deadline, wait, error = await asyncio.gather(
+            redis.execute("TIME"),
+            redis.execute("LPOS", k.ready(h.queue), run_id),
+            redis.execute("LLEN", k.ready(h.queue)),
+            redis.execute("ZLEXCOUNT", k.index, b"[" + running_prefix, b"[" + running_prefix + b"\xff"),
+            redis.execute("HGET", k.limits, h.workflow),
+            redis.execute("HGET", k.mutexes, h.mutex_field) if h.mutex_field else _none(),
+            redis.execute("ZSCORE", k.workers, h.owner) if h.owner else _none(),
+            self.read_wait(run_id),
+            redis.execute("HGET", k.errors, run_id),
+        )
+        return {
+            "now_ms": int(server[0]) * 1000 + int(server[1]) // 1000,
+            "ahead": None if pos is None else int(length) - 1 - int(pos),  # runs claimed before it
+            "running": int(running), "limit": None if limit is None else int(limit),
+            "mutex_holder": None if holder is None else holder.decode(),
+            "owner_deadline_ms": None if deadline is None else int(float(deadline)),
+            "wait": wait, "error": error,
+        }
+
+    async def read_history_lines(self, run_id: str) -> list[bytes]:
+        """The run's history as stored, one JSON line each (newline included)."""
+        reply = await self.scripts.run("history", (run_id,))
+        return [line + b"\n" for line in (reply[1] or b"").split(b"\n") if line]
+
     # --- reads ---------------------------------------------------------------------------------------
     async def read_header(self, run_id: str) -> RunHeader | None:
         raw = await self.redis.execute("HGET", self.keys.runs, run_id)
         return None if raw is None else decode_header(raw)
+
+    async def read_headers(self, run_ids: Sequence[str]) -> list[RunHeader | None]:
+        if not run_ids:
+            return []
+        raws = await self.redis.execute("HMGET", self.keys.runs, *run_ids)
+        return [None if raw is None else decode_header(raw) for raw in raws]
 
     async def read_run(self, run_id: str) -> tuple[RunHeader, bytes | None, bytes | None, bytes | None] | None:
         """(header, input, output, error) of a run, read in one pipelined batch."""
@@ -431,3 +505,7 @@ class Store:
     async def read_workflow(self, name: str) -> bytes | None:
         result: bytes | None = await self.redis.execute("HGET", self.keys.workflows, name)
         return result
+
+
+async def _none() -> None:
+    return None

@@ -223,7 +223,8 @@ async def _admit(worker: Worker, ex: Execution) -> bool:
         return True
     _settled(ex, code, code.name.lower())
     if code is Code.RATE_LIMITED and hook:
-        run = RunContext(id=claimed.id, workflow=h.workflow, queue=h.queue, attempt=1, max_attempts=h.max_attempts)
+        run = RunContext(id=claimed.id, workflow=h.workflow, queue=h.queue, attempt=h.attempt + 1,
+                         max_attempts=h.max_attempts)
         limited = RateLimitExceededError(f"run {claimed.id} of workflow {h.workflow!r} exceeded its rate limit", detail)
         await _call_hook(worker, ex, run, decode(claimed.input), limited)
     return False

@@ -90,7 +90,10 @@ class Worker:
         await self.store.ensure_ready()
         await self._warn_on_eviction()
         # Contracts are checked first: a refused start writes nothing.
-        await self.client.sync_registry(self.registry, worker_id=self.id)
+        await self.client.sync_registry(self.registry)
+        await self.client.events.record_registration(
+            self.id, [d.name for d in self.registry.definitions()], list(self.queues)
+        )
         self._control = Subscriber(self.store.redis)
         await self._control.subscribe(self.store.keys.control_channel(self.id), self._on_control)
         await self._heartbeat_once()

@@ -1,9 +1,9 @@
 -- admit: decide whether a run handed out as 'admit' (a first start of a workflow with admission
--- limits) starts now. Order: cancellation, max_concurrency, mutex, rate limit (over budget: the run
--- fails as rate_limited, its handler never runs), throttle. Throttled runs wait in FIFO order per
--- throttle key: only the head of the queue is scheduled (for when its window opens); each
--- admission hands the head to the next run, so admitting n runs costs O(n) calls. Budgets are
--- fixed windows that expire on their own; only a run that starts is charged.
+-- limits, or a run an operator retried) starts now. Order: cancellation, max_concurrency, mutex,
+-- rate limit (over budget: the run fails as rate_limited, its handler never runs), throttle.
+-- Throttled runs wait in FIFO order per throttle key: only the head of the queue is scheduled (for
+-- when its window opens); each admission hands the head to the next run, so admitting n runs
+-- costs O(n) calls. Budgets are fixed windows that expire on their own; only a run that starts is charged.
 -- KEYS[1] runs
 -- KEYS[2] leases
 -- KEYS[3] index
@@ -34,7 +34,7 @@
 -- ARGV[10] mutex field <tag(key)>, shared by every workflow ('' = no mutex)
 -- ARGV[11] throttle group <tag(wf)><tag(key)> ('' = no throttle)
 -- ARGV[12] queues: the run's queue, and any other queue it may hand on to, one per line
--- RETURNS {C.OK, header JSON} (started: status running, attempt 1)
+-- RETURNS {C.OK, header JSON} (started: status running, its next attempt)
 --       | {C.THROTTLED, due ms, or -1 behind other throttled runs} | {C.RATE_LIMITED, retry after ms}
 --       | {C.HELD} (its mutex is taken, or the workflow is at max_concurrency) | {C.CANCELED}
 --       | {C.STALE} | {C.WRONG_STATUS, status} | {C.NEED_QUEUES, queue, ...}
@@ -86,7 +86,7 @@ if rate_limit > 0 then
   if wait then
     local p, missing = plan(id, h, {ends = true})
     if #missing > 0 then return need_queues(missing) end
-    h.a = 1
+    h.a, h.ad = h.a + 1, nil
     h.st = now
     local err = cjson.encode({name = 'RateLimitExceededError', kind = 'rate_limited', retryAfterMs = wait,
       message = 'run ' .. id .. ' of workflow ' .. h.w .. ' exceeded its rate limit of ' .. rate_limit ..
@@ -161,9 +161,9 @@ if h.tq then
 end
 if next_throttled then wake_throttled(next_throttled) end
 if h.mf then redis.call('HSET', K.mutexes, h.mf, id) end
-h.a = 1
+h.a, h.ad = h.a + 1, nil
 h.st = now
-h.sa = now
+if not h.sa then h.sa = now end
 set_status(K.index, id, h, 'running')
 local encoded = cjson.encode(h)
 redis.call('HSET', K.runs, id, encoded)

@@ -97,7 +97,7 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
       elseif queued and not mutex_free_for(id, h) then
         h.hd = held_add('m', h.mf, id)
         save_run(id, h)
-      elseif queued and h.a == 0 and not h.rc and needs_admission(h.w) then
+      elseif queued and (h.a == 0 or h.ad) and not h.rc and needs_admission(h.w) then
         kind = 'admit'
       elseif queued then
         kind = 'run'
@@ -105,9 +105,10 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
         if h.rc then
           h.rc = nil
         else
-          fresh = h.a == 0  -- a first attempt that never ran has no history to replay
+          fresh = h.a == 0 and not h.rf  -- a first attempt has no history, unless it replays a run
           h.a = h.a + 1
           h.x = nil
+          h.ad = nil
         end
         h.st = now
         if not h.sa then h.sa = now end

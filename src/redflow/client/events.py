@@ -6,30 +6,21 @@ import os
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .durations import datetime_ms
-from .encoding import encode_payload
-from .errors import CanceledError, ConfigurationError, RedflowError
-from .ids import new_run_id
-from .storage.codes import Code
-from .storage.event_store import EventStore
-from .types import IDEMPOTENCY_TTL_SEC, EmitEventResult, ListEventsParams
+from ..durations import datetime_ms
+from ..encoding import encode_payload
+from ..errors import CanceledError, ConfigurationError, RedflowError
+from ..ids import new_run_id
+from ..storage.codes import Code
+from ..storage.event_store import EventStore
+from ..types import IDEMPOTENCY_TTL_SEC, EmitEventResult, ListEventsParams
+from ..validation import check_event_name
 
 if TYPE_CHECKING:
-    from .client import RunHandle
-    from .storage.keys import PartitionKeys
-    from .storage.store import Store
+    from ..storage.keys import PartitionKeys
+    from ..storage.store import Store
+    from .handle import RunHandle
 
 FANOUT_STATUSES = frozenset({"pending", "completed", "partial", "failed", "no-subscribers"})
-
-
-def check_event_name(value: Any, what: str) -> str:
-    """An event name or correlation key: a non-empty string, used exactly as given, so one without
-    leading or trailing whitespace (emit_event and wait_for_event apply this same rule)."""
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigurationError(f"{what} must be a non-empty string, got {value!r}")
-    if value != value.strip():
-        raise ConfigurationError(f"{what} must not have leading or trailing whitespace, got {value!r}")
-    return value
 
 
 class EventsMixin:

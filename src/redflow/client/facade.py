@@ -1,52 +1,53 @@
-"""The client: start runs, read their state, wait for results."""
+"""RedflowClient: start runs, read their state, wait for results; and create_client."""
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import os
 from datetime import datetime
 from typing import Any
 
-from ._redis.client import RedisClient, ServerAddress
-from ._redis.pubsub import Subscriber
-from .client_events import EventsMixin
-from .client_queries import QueriesMixin
-from .durations import datetime_ms, duration_ms
-from .encoding import decode, encode, encode_payload, max_payload_bytes
-from .errors import (
+from .._redis.client import RedisClient, ServerAddress
+from .._redis.pubsub import Subscriber
+from ..durations import datetime_ms, duration_ms
+from ..encoding import decode, encode_payload, max_payload_bytes
+from ..errors import (
     CanceledError,
     ConfigurationError,
-    RunFailedError,
-    RunNotFoundError,
-    TimeoutError,
     UnknownWorkflowError,
 )
-from .ids import new_run_id
-from .registry import WorkflowRegistry, get_default_registry
-from .storage.codes import Code
-from .storage.event_store import EventStore
-from .storage.keys import DEFAULT_PARTITION, PartitionKeys
-from .storage.records import RunHeader, StepRecord, WaitRecord, encode_record, workflow_meta
-from .storage.store import Store
-from .streams import RunStreamReader, RunStreamRecord, check_read_args, stream_record
-from .types import (
+from ..ids import new_run_id
+from ..registry import WorkflowRegistry, get_default_registry
+from ..storage.codes import Code
+from ..storage.event_store import EventStore
+from ..storage.keys import DEFAULT_PARTITION, PartitionKeys
+from ..storage.records import StepRecord, encode_record, workflow_meta
+from ..storage.store import Store
+from ..streams import RunStreamReader, RunStreamRecord, check_read_args, stream_record
+from ..types import (
     IDEMPOTENCY_TTL_SEC,
     TERMINAL_STATUSES,
     AttemptTrace,
-    EventWaitInfo,
-    InputWaitInfo,
+    BulkQuery,
+    BulkResult,
+    FailureGroup,
+    RunExplanation,
     RunState,
     StepState,
-    WaitInfo,
 )
-from .validation import json_schema_issues, validation_error
-from .workflow import WorkflowDefinition
+from ..validation import json_schema_issues, validation_error
+from ..workflow import WorkflowDefinition
+from .actions import UNSET, Actions
+from .events import EventsMixin
+from .explain import explain_run
+from .failures import list_failures
+from .handle import DEFAULT_RESULT_TIMEOUT_MS, RunHandle, wait_for_outcome
+from .queries import QueriesMixin
+from .states import run_state, step_state, wait_info
 
 DEFAULT_URL = "redis://localhost:6379"
 DEFAULT_PREFIX = "redflow:v1"
 DEFAULT_RETENTION_DAYS = 30.0
-DEFAULT_RESULT_TIMEOUT_MS = 30_000
 
 
 def default_prefix() -> str:
@@ -64,26 +65,6 @@ def retention_ms_from_env() -> int:
     if days <= 0:
         raise ConfigurationError(f"REDFLOW_RUN_RETENTION_DAYS must be positive, got {raw!r}")
     return int(days * 86_400_000)
-
-
-class RunHandle:
-    """A started run: its ``id``, its state, and its result once it ends."""
-
-    __slots__ = ("_client", "id")
-
-    def __init__(self, client: RedflowClient, run_id: str) -> None:
-        self._client = client
-        self.id = run_id
-
-    async def get_state(self) -> RunState | None:
-        return await self._client.get_run(self.id)
-
-    async def result(self, *, timeout_ms: int = DEFAULT_RESULT_TIMEOUT_MS) -> Any:
-        """The run's output; raises RunFailedError, CanceledError or TimeoutError."""
-        return await self._client.wait_for_result(self.id, timeout_ms=timeout_ms)
-
-    def __repr__(self) -> str:
-        return f"RunHandle({self.id!r})"
 
 
 class RedflowClient(EventsMixin, QueriesMixin):
@@ -107,27 +88,25 @@ class RedflowClient(EventsMixin, QueriesMixin):
         self._subscriber: Subscriber | None = None
         self._events: EventStore | None = None
         self._remote_meta: dict[str, dict[str, Any]] = {}
+        self._actions = Actions(self)
 
     @property
     def prefix(self) -> str:
         return self.keys.prefix
 
-    def _registry(self) -> WorkflowRegistry:
+    def registry_or_default(self) -> WorkflowRegistry:
         return self.registry if self.registry is not None else get_default_registry()
 
     # --- registration -----------------------------------------------------------------------------
-    async def sync_registry(
-        self, registry: WorkflowRegistry | None = None, *, app: str | None = None, worker_id: str | None = None
-    ) -> None:
+    async def sync_registry(self, registry: WorkflowRegistry | None = None, *, app: str | None = None) -> None:
         """Publish a registry's workflows under this prefix without starting a worker: their metadata
         (so clients without the definitions can start them), cron triggers, event subscriptions and
         event contracts. Defaults to the client's registry (else the default registry) and app.
         A registry whose event contracts disagree with the registered ones is refused with a
-        ConfigurationError before anything is written. Workers call this when they start (with
-        their ``worker_id``, which also records that a live worker defines these workflows)."""
-        from .leader.cron import cron_records
+        ConfigurationError before anything is written. Workers call this when they start."""
+        from ..leader.cron import cron_records
 
-        reg = registry if registry is not None else self._registry()
+        reg = registry if registry is not None else self.registry_or_default()
         definitions = reg.definitions()
         await self.store.ensure_ready()
         sec, usec = await self.redis.execute("TIME")
@@ -135,7 +114,7 @@ class RedflowClient(EventsMixin, QueriesMixin):
         metas = {d.name: d.meta() for d in definitions}
         subscriptions = {d.name: [t.name for t in (d.options.event or [])] for d in definitions}
         # Contracts are checked first inside register(): a refused registry writes nothing.
-        await self.events.register(metas, subscriptions, cron_records(definitions), now_ms, worker_id=worker_id)
+        await self.events.register(metas, subscriptions, cron_records(definitions), now_ms)
         owner = self.app if app is None else app
         await self.store.write_workflows({
             name: encode_record(workflow_meta({**meta, "app": owner, "updated_at": now_ms}))
@@ -236,7 +215,7 @@ class RedflowClient(EventsMixin, QueriesMixin):
         parent_run_id: str | None = None,
     ) -> RunHandle:
         """Start a run of a workflow known by name, locally or from a worker's registration."""
-        definition = self._registry().get(workflow_name)
+        definition = self.registry_or_default().get(workflow_name)
         if definition is not None and definition.options.debounce is not None:
             return await self._enqueue_debounced(definition, input, queue_override, parent_run_id)
         if definition is not None:
@@ -342,7 +321,7 @@ class RedflowClient(EventsMixin, QueriesMixin):
 
     async def _streams(self, workflow: str) -> bool:
         """Whether the workflow streams: from its local definition, else its registered metadata."""
-        definition = self._registry().get(workflow)
+        definition = self.registry_or_default().get(workflow)
         if definition is not None:
             return bool(definition.options.stream)
         meta = await self._workflow_meta(workflow)
@@ -461,145 +440,47 @@ class RedflowClient(EventsMixin, QueriesMixin):
         await self.store.ensure_ready()
         if self._subscriber is None:
             self._subscriber = Subscriber(self.redis)
-        subscriber = self._subscriber
-        channel = self.keys.done_channel(run_id)
-        changed = asyncio.Event()
-        pushed: list[bytes] = []
+        return await wait_for_outcome(self.store, self._subscriber, self.keys.done_channel(run_id), run_id, timeout_ms)
 
-        def on_message(payload: bytes | None) -> None:
-            if payload is not None:
-                pushed.append(payload)
-            changed.set()
+    # --- operator actions (client/actions.py, failures.py, explain.py) -----------------------------
+    async def retry_run(self, run_id: str) -> RunHandle:
+        """Run a failed or canceled run again as its next attempt, keeping its recorded step outputs
+        (failed and canceled steps run again), with a fresh attempt budget and through admission
+        control. Raises RunNotFoundError, or InvalidRunStateError when the run has not ended that way."""
+        return await self._actions.retry_run(run_id)
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_ms / 1000
-        await subscriber.subscribe(channel, on_message)
-        try:
-            while True:
-                changed.clear()
-                outcome = await self.store.read_outcome(run_id)
-                if outcome is None:
-                    raise RunNotFoundError(f"run {run_id} not found (never created, or removed by retention)")
-                status, out, err = outcome
-                if status in TERMINAL_STATUSES:
-                    return _result_of(run_id, status, out, err)
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TimeoutError(f"run {run_id} did not finish within {timeout_ms} ms (status {status})")
-                try:
-                    async with asyncio.timeout(remaining):
-                        await changed.wait()
-                except builtins.TimeoutError:
-                    continue
-                for message in pushed:
-                    head, sep, body = message.partition(b"\n")
-                    done = head.decode()
-                    if sep and done in TERMINAL_STATUSES:
-                        # The completion message carries the outcome: no read needed.
-                        return _result_of(run_id, done, body if done == "succeeded" else None,
-                                          None if done == "succeeded" else body)
-        finally:
-            subscriber.unsubscribe(channel, on_message)
+    async def replay_run(
+        self, run_id: str, *, from_step: str | None = None, input: Any = UNSET, queue: str | None = None
+    ) -> RunHandle:
+        """Start a new run of an ended run's workflow, linked to it (``replayed_from``): the steps
+        recorded before ``from_step`` return their recorded outputs without running (none are reused
+        without ``from_step``); ``input`` and ``queue`` default to the original's."""
+        return await self._actions.replay_run(run_id, from_step=from_step, input=input, queue=queue)
+
+    async def retry_runs(self, query: BulkQuery, *, dry_run: bool = False, job_id: str | None = None) -> BulkResult:
+        """Retry every failed or canceled run ``query`` matches, in batches; ``dry_run`` only counts
+        them. Progress is saved after each batch: call again with the returned ``job_id`` to resume."""
+        return await self._actions.retry_runs(query, dry_run=dry_run, job_id=job_id)
+
+    async def cancel_runs(
+        self, query: BulkQuery, *, dry_run: bool = False, reason: str = "", job_id: str | None = None
+    ) -> BulkResult:
+        """Cancel every queued, scheduled or running run ``query`` matches (like ``retry_runs``)."""
+        return await self._actions.cancel_runs(query, dry_run=dry_run, reason=reason, job_id=job_id)
+
+    async def list_failures(self, *, workflow: str | None = None, limit: int = 1000) -> list[FailureGroup]:
+        """The newest ``limit`` failed runs grouped by workflow, category (exhausted, non_retriable,
+        crashed, other), error, failing step and message shape, biggest groups first."""
+        return await list_failures(self, workflow, limit)
+
+    async def explain_run(self, run_id: str) -> RunExplanation:
+        """Why the run is where it is right now: ``reason`` (a code), ``message`` (words), ``details``."""
+        return await explain_run(self, run_id)
 
     async def close(self) -> None:
         if self._subscriber is not None:
             await self._subscriber.close()
         await self.redis.close()
-
-
-def _result_of(run_id: str, status: str, out: bytes | None, err: bytes | None) -> Any:
-    if status == "succeeded":
-        return None if out is None else decode(out)
-    error = decode(err) if err else {"name": "Error", "message": "unknown error", "kind": "error"}
-    if status == "canceled":
-        raise CanceledError(f"Run canceled: run {run_id}: {error.get('message', '')}")
-    raise RunFailedError(run_id, error)
-
-
-def wait_info(r: StepRecord, pending: WaitRecord | None) -> WaitInfo | None:
-    """What an event or input wait step waited for and how it ended (None for other steps)."""
-    if r.kind not in ("event", "input"):
-        return None
-    raw = r.info or (pending.info if pending is not None else None)
-    if not raw and pending is not None and pending.waiter_member:
-        raw = _event_from_member(pending.waiter_member)
-    details = decode(raw) if raw else {}
-    if not isinstance(details, dict):
-        details = {}
-    resolved_by = r.resolution if r.state == "done" else None
-    if r.kind == "input":
-        return InputWaitInfo(
-            kind="input", message=str(details.get("msg", "")), input_json_schema=details.get("schema"),
-            resolved_by=resolved_by,  # type: ignore[typeddict-item]
-        )
-    event = decode(r.output) if resolved_by == "event" else None
-    if not isinstance(event, dict):
-        event = {}
-    return EventWaitInfo(
-        kind="event", event=details.get("event", event.get("name")), correlation_key=details.get("key"),
-        event_id=event.get("id"), resolved_by=resolved_by, ts=event.get("ts"),  # type: ignore[typeddict-item]
-    )
-
-
-def _event_from_member(member: str) -> str | None:
-    """{event, key} from an event waiter member ``<len>:<event>:<len>:<key>:<run id>``."""
-    try:  # the lengths count bytes (storage.keys.tag)
-        size, rest = member.encode().split(b":", 1)
-        event, rest = rest[: int(size)], rest[int(size) + 1:]
-        size, rest = rest.split(b":", 1)
-        key = rest[: int(size)]
-        return encode({"event": event.decode(), "key": key.decode()}).decode()
-    except ValueError:
-        return None
-
-
-def step_state(r: StepRecord, pending: WaitRecord | None = None) -> StepState:
-    status = "succeeded"
-    if r.state == "wait":
-        status = "running"
-    elif r.state in ("failed", "canceled"):  # a step that raised, timed out or was canceled
-        status = r.state
-    elif r.resolution in ("failed", "canceled"):
-        status = r.resolution
-    elif r.kind == "child" and r.resolution == "timeout":
-        status = "failed"
-    state = StepState(name=r.name, seq=r.position, attempt=r.attempt, status=status, started_at=r.started_at_ms,
-                      finished_at=r.finished_at_ms, output=decode(r.output))
-    if r.kind != "run":
-        state["kind"] = r.kind
-    wait = wait_info(r, pending)
-    if wait is not None:
-        state["wait"] = wait
-    if r.wait_until_ms is not None:
-        state["wait_until_at"] = r.wait_until_ms
-    if r.child_id is not None:
-        state["child_run_id"] = r.child_id
-    state["error"] = decode(r.error)
-    return state
-
-
-def run_state(
-    run_id: str, h: RunHeader, inp: bytes | None, out: bytes | None, err: bytes | None
-) -> RunState:
-    return RunState(
-        id=run_id,
-        workflow=h.workflow,
-        queue=h.queue,
-        status=h.status,  # type: ignore[typeddict-item]
-        input=None if inp is None else decode(inp),
-        output=None if out is None else decode(out),
-        error=None if err is None else decode(err),
-        attempt=h.attempt,
-        max_attempts=h.max_attempts,
-        created_at=h.created_at_ms,
-        available_at=h.available_at_ms,
-        started_at=h.started_at_ms,
-        finished_at=h.finished_at_ms,
-        cancel_requested_at=h.cancel_requested_at_ms,
-        cancel_reason=h.cancel_reason,
-        parent_run_id=h.parent_id,
-        stream_enabled=False,  # get_run fills it in from the workflow's definition or metadata
-    )
 
 
 def create_client(

@@ -12,12 +12,12 @@ import heapq
 import time
 from typing import TYPE_CHECKING, cast
 
-from .encoding import decode
-from .errors import ConfigurationError
-from .ids import _b32
-from .storage.keys import tag
-from .storage.records import decode_header, decode_workflow_meta
-from .types import (
+from ..encoding import decode
+from ..errors import ConfigurationError
+from ..ids import _b32
+from ..storage.keys import tag
+from ..storage.records import decode_header, decode_workflow_meta
+from ..types import (
     ListedRun,
     ListRunsParams,
     RunStats,
@@ -28,8 +28,8 @@ from .types import (
 )
 
 if TYPE_CHECKING:
-    from .storage.keys import PartitionKeys
-    from .storage.store import Store
+    from ..storage.keys import PartitionKeys
+    from ..storage.store import Store
 
 STATUSES: tuple[RunStatus, ...] = ("scheduled", "queued", "running", "succeeded", "failed", "canceled")
 SEARCH_SCAN_LIMIT = 1000
@@ -49,8 +49,8 @@ def _check_page(sort: str, limit: int, status: str | None) -> int:
 def _public_meta(raw: bytes, now_ms: int) -> WorkflowMeta:
     """A stored workflow registration as get_workflow_meta returns it: each cron trigger with its
     trigger id and the time of its next slot."""
-    from .leader.cron import next_slot, trigger_id, trigger_zone
-    from .types import CronTrigger
+    from ..leader.cron import next_slot, trigger_id, trigger_zone
+    from ..types import CronTrigger
 
     meta = decode_workflow_meta(raw)
     out = meta.public()
@@ -108,6 +108,13 @@ class QueriesMixin:
         else:
             members = await self.store.redis.execute("ZRANGEBYLEX", key, lo_arg, hi_arg, "LIMIT", 0, limit)
         return [m[len(prefix):].decode() for m in members]
+
+    async def index_page(
+        self, prefix: bytes, after: str | None, limit: int, created_after: int | None = None,
+        created_before: int | None = None,
+    ) -> list[str]:
+        """Up to ``limit`` run ids of one index prefix, oldest first, after the id ``after``."""
+        return await self._page(self.keys.index, prefix, after, limit, False, created_after, created_before)
 
     async def _ids(
         self, prefixes: list[bytes], cursor: str | None, limit: int, descending: bool,

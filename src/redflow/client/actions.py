@@ -1,0 +1,202 @@
+"""Operator actions on runs: retry, replay from a step, bulk retry and cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..encoding import decode, encode, encode_payload
+from ..errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
+from ..ids import new_run_id
+from ..storage.codes import Code
+from ..storage.records import StepRecord, decode_steps, encode_step
+from ..types import TERMINAL_STATUSES, BulkQuery, BulkResult
+from .handle import RunHandle
+from .queries import _prefixes
+
+if TYPE_CHECKING:
+    from .facade import RedflowClient
+
+UNSET: Any = object()  # replay_run(input=UNSET): keep the original input
+BULK_BATCH = 200
+_BULK_FIELDS = frozenset(BulkQuery.__annotations__)
+_RETRYABLE = ("failed", "canceled")
+_CANCELABLE = ("queued", "scheduled", "running")
+
+
+def reusable(record: StepRecord) -> bool:
+    """Whether a replay may reuse this history line's outcome instead of running the step."""
+    if record.state == "ok":
+        return True
+    if record.state != "done":
+        return False
+    if record.kind == "child":
+        return record.resolution == "succeeded"
+    if record.kind == "sleep":
+        return not (record.info and "timeout_ms" in decode(record.info))  # a sleep cut short failed
+    return True
+
+
+class Actions:
+    """retry_run, replay_run, retry_runs and cancel_runs of one client."""
+
+    def __init__(self, client: RedflowClient) -> None:
+        self._client = client
+        self._store = client.store
+
+    async def retry_run(self, run_id: str) -> RunHandle:
+        store = self._store
+        await store.ensure_ready()
+        header = await store.read_header(run_id)
+        if header is None:
+            raise RunNotFoundError(f"run {run_id} not found (never created, or removed by retention)")
+        code, status = await store.requeue(run_id, header.queue)
+        if code is Code.NOT_FOUND:
+            raise RunNotFoundError(f"run {run_id} not found (never created, or removed by retention)")
+        if code is Code.WRONG_STATUS:
+            raise InvalidRunStateError(run_id, status, f"run {run_id} is {status}: only a failed or canceled run "
+                                       "can be retried")
+        if code is Code.HELD:
+            raise InvalidRunStateError(run_id, header.status, f"run {run_id} failed and its on_failure hook has not "
+                                       "finished yet; retry it once the hook is done")
+        if code is Code.CANCELED:
+            raise InvalidRunStateError(run_id, header.status, f"run {run_id} cannot be retried: its parent run "
+                                       f"{header.parent_id} was canceled")
+        return RunHandle(self._client, run_id)
+
+    async def replay_run(
+        self, run_id: str, *, from_step: str | None = None, input: Any = UNSET, queue: str | None = None
+    ) -> RunHandle:
+        client, store = self._client, self._store
+        if queue is not None and (not isinstance(queue, str) or not queue.strip()):
+            raise ConfigurationError(f"queue must be a non-empty string, got {queue!r}")
+        await store.ensure_ready()
+        found = await store.read_run(run_id)
+        if found is None:
+            raise RunNotFoundError(f"run {run_id} not found (never created, or removed by retention)")
+        header, original_input, _, _ = found
+        if header.status not in TERMINAL_STATUSES:
+            raise InvalidRunStateError(run_id, header.status, f"run {run_id} is {header.status}: only an ended run "
+                                       "can be replayed (cancel it first)")
+        lines = await self._lines_before(run_id, from_step) if from_step is not None else []
+        if input is UNSET:
+            data = original_input or b"null"
+        else:
+            definition = client.registry_or_default().get(header.workflow)
+            value = definition.prepare_input(input) if definition is not None else input
+            data = encode_payload(value, f"input of workflow {header.workflow!r}", client.max_payload_bytes)
+        new_id = new_run_id(client.keys.partition)
+        code, status = await store.replay(
+            new_id, run_id, header.workflow, queue or header.queue, data,
+            header.attempt_budget or header.max_attempts, lines,
+        )
+        if code is Code.NOT_FOUND:
+            raise RunNotFoundError(f"run {run_id} not found (removed by retention while replaying)")
+        if code is Code.WRONG_STATUS:
+            raise InvalidRunStateError(run_id, status, f"run {run_id} is {status}: only an ended run can be replayed")
+        return RunHandle(client, new_id)
+
+    async def _lines_before(self, run_id: str, from_step: str) -> list[bytes]:
+        """The latest reusable line of every step recorded before ``from_step``, marked as copied
+        (attempt 0: recorded by no attempt of the new run)."""
+        records = decode_steps(b"".join(await self._store.read_history_lines(run_id)))
+        named = [r for r in records if r.name]
+        start = next((r.position for r in named if r.name == from_step), None)
+        if start is None:
+            known = ", ".join(dict.fromkeys(r.name for r in named)) or "none"
+            raise ConfigurationError(f"run {run_id} has no step {from_step!r} to replay from (its steps: {known})")
+        latest: dict[str, StepRecord] = {}
+        for r in named:
+            if r.position < start and reusable(r):
+                latest[r.name] = r
+        return [encode_step(msgspec.structs.replace(r, attempt=0))
+                for r in sorted(latest.values(), key=lambda r: r.position)]
+
+    # --- bulk ---------------------------------------------------------------------------------------
+    async def retry_runs(self, query: BulkQuery, *, dry_run: bool = False, job_id: str | None = None) -> BulkResult:
+        return await self._bulk("retry", query, dry_run, job_id, "")
+
+    async def cancel_runs(
+        self, query: BulkQuery, *, dry_run: bool = False, reason: str = "", job_id: str | None = None
+    ) -> BulkResult:
+        return await self._bulk("cancel", query, dry_run, job_id, reason)
+
+    async def _bulk(self, action: str, query: BulkQuery, dry_run: bool, job_id: str | None, reason: str) -> BulkResult:
+        statuses = _bulk_statuses(action, query)
+        store = self._store
+        await store.ensure_ready()
+        job: dict[str, Any] | None = None
+        if job_id is not None:
+            raw = await store.read_bulk_job(job_id)
+            if raw is not None:
+                job = decode(raw)
+                if job["action"] != action or job["query"] != dict(query):
+                    raise ConfigurationError(f"bulk job {job_id!r} is a {job['action']} of {job['query']}, "
+                                             f"not a {action} of {dict(query)}")
+        if job is None:
+            job = {"action": action, "query": dict(query), "reason": reason, "status": 0, "cursor": None,
+                   "matched": 0, "done": 0, "skipped": 0}
+        job_id = job_id or secrets.token_hex(8)
+        while job["status"] < len(statuses):
+            status = statuses[job["status"]]
+            ids = await self._client.index_page(
+                _prefixes(status, query.get("workflow"))[0], job["cursor"], BULK_BATCH,
+                query.get("created_after_ms"), query.get("created_before_ms"),
+            )
+            if not ids:
+                job["status"], job["cursor"] = job["status"] + 1, None
+                continue
+            matching = await self._matching(ids, status, query.get("queue"))
+            job["matched"] += len(matching)
+            if not dry_run:
+                outcomes = await asyncio.gather(*(self._apply(action, run_id, reason) for run_id in matching))
+                job["done"] += sum(outcomes)
+                job["skipped"] += len(outcomes) - sum(outcomes)
+            job["cursor"] = ids[-1]
+            if not dry_run:
+                await store.write_bulk_job(job_id, encode(job))  # resumes after this batch
+        if not dry_run:
+            await store.write_bulk_job(job_id, encode({**job, "finished": True}))
+        return BulkResult(job_id=job_id, dry_run=dry_run, matched=job["matched"], done=job["done"],
+                          skipped=job["skipped"], finished=True)
+
+    async def _matching(self, ids: list[str], status: str, queue: str | None) -> list[str]:
+        headers = await self._store.read_headers(ids)
+        return [run_id for run_id, h in zip(ids, headers, strict=True)
+                if h is not None and h.status == status and (queue is None or h.queue == queue)]
+
+    async def _apply(self, action: str, run_id: str, reason: str) -> bool:
+        if action == "cancel":
+            return await self._client.cancel_run(run_id, reason=reason)
+        try:
+            await self.retry_run(run_id)
+        except (InvalidRunStateError, RunNotFoundError):
+            return False
+        return True
+
+
+def _bulk_statuses(action: str, query: BulkQuery) -> tuple[str, ...]:
+    if not isinstance(query, dict):
+        raise ConfigurationError(f"a bulk query is a dict with keys {sorted(_BULK_FIELDS)}, got {query!r}")
+    unknown = set(query) - _BULK_FIELDS
+    if unknown:
+        raise ConfigurationError(f"unknown bulk query keys {sorted(unknown)}; known: {sorted(_BULK_FIELDS)}")
+    for name in ("workflow", "queue", "status"):
+        value = query.get(name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigurationError(f"bulk query {name} must be a non-empty string, got {value!r}")
+    for name in ("created_after_ms", "created_before_ms"):
+        value = query.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ConfigurationError(f"bulk query {name} must be epoch milliseconds, got {value!r}")
+    allowed = _RETRYABLE if action == "retry" else _CANCELABLE
+    status = query.get("status")
+    if status is None:
+        return allowed
+    if status not in allowed:
+        verb = "retried" if action == "retry" else "canceled"
+        raise ConfigurationError(f"runs that are {status!r} cannot be {verb}; status must be one of {list(allowed)}")
+    return (status,)
