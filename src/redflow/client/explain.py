@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ..encoding import decode
 from ..errors import RunNotFoundError
 from ..storage.records import RunHeader, WaitRecord
+from ..storage.store import EXPLAIN_SCAN
 from ..types import RunExplanation
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ async def _queued(client: RedflowClient, h: RunHeader, facts: dict[str, Any]) ->
     if serving is not None and not serving:
         return ("no_worker_for_queue", f"no live worker claims from queue {h.queue!r}; start one with that queue",
                 details)
+    if ahead is None:
+        return "queued_behind", f"queued behind at least {EXPLAIN_SCAN} runs in queue {h.queue!r}", details
     if ahead:
         return "queued_behind", f"queued behind {ahead} runs in queue {h.queue!r}", details
     return "queued", f"next to be claimed from queue {h.queue!r}", details

@@ -30,6 +30,7 @@ from .scripts import ScriptRunner
 log = logging.getLogger("redflow.storage")
 
 BULK_JOB_TTL_S = 7 * 86_400  # how long a bulk action can be resumed
+EXPLAIN_SCAN = 10_000  # how far explain_run looks for a run in its ready list
 
 
 class Heartbeat(NamedTuple):
@@ -421,7 +422,8 @@ class Store:
         running_prefix = f"ws:{tag(h.workflow)}running:".encode()
         server, pos, length, running, limit, holder, deadline, wait, error = await asyncio.gather(
             redis.execute("TIME"),
-            redis.execute("LPOS", k.ready(h.queue), run_id),
+            # From the claim end, bounded: a page about one run never scans a long queue.
+            redis.execute("LPOS", k.ready(h.queue), run_id, "RANK", -1, "MAXLEN", EXPLAIN_SCAN),
             redis.execute("LLEN", k.ready(h.queue)),
             redis.execute("ZLEXCOUNT", k.index, b"[" + running_prefix, b"[" + running_prefix + b"\xff"),
             redis.execute("HGET", k.limits, h.workflow),
@@ -432,7 +434,8 @@ class Store:
         )
         return {
             "now_ms": int(server[0]) * 1000 + int(server[1]) // 1000,
-            "ahead": None if pos is None else int(length) - 1 - int(pos),  # runs claimed before it
+            # runs claimed before it; None when it is not among the EXPLAIN_SCAN next to be claimed
+            "ahead": None if pos is None else int(length) - 1 - int(pos),
             "running": int(running), "limit": None if limit is None else int(limit),
             "mutex_holder": None if holder is None else holder.decode(),
             "owner_deadline_ms": None if deadline is None else int(float(deadline)),
