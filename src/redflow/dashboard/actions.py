@@ -52,8 +52,9 @@ def _refused(request: Request) -> Response:
         "dashboard restarted since the page was loaded. Reload the page and try again.")
 
 
-def _to_run(run_id: str, done: str) -> RedirectResponse:
-    return RedirectResponse(f"/runs/{quote(run_id)}?done={done}", status_code=303)
+def _to_run(run_id: str, done: str, *, live: bool = False) -> RedirectResponse:
+    """To the run's page with a notice; ``live``: the page refreshes itself until the run ends."""
+    return RedirectResponse(f"/runs/{quote(run_id)}?done={done}{'&live=1' if live else ''}", status_code=303)
 
 
 def _needs(request: Request, method: str) -> Response:
@@ -88,7 +89,7 @@ async def retry(request: Request) -> Response:
     if method is None:
         return _needs(request, "retry_run")
     handle = await method(request.path_params["run_id"])
-    return _to_run(handle.id, "retried")
+    return _to_run(handle.id, "retried", live=True)
 
 
 async def replay(request: Request) -> Response:
@@ -108,7 +109,7 @@ async def replay(request: Request) -> Response:
         except ValueError as exc:
             raise ConfigurationError(f"the new input is not JSON: {exc}") from None
     handle = await method(request.path_params["run_id"], **kwargs)
-    return _to_run(handle.id, "replayed")
+    return _to_run(handle.id, "replayed", live=True)
 
 
 async def bulk(request: Request) -> Response:

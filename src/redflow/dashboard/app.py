@@ -49,14 +49,15 @@ class Dashboard:
             lstrip_blocks=True,
         )
         self.env.filters.update(FILTERS)
-        self.env.globals.update(nav=NAV, csrf_field=CSRF_FIELD, query=_query)
+        # Globals reach imported macros too (the CSRF field is rendered by a macro).
+        self.env.globals.update(nav=NAV, csrf_field=CSRF_FIELD, csrf=guard.csrf_token, qs=_query)
 
     def render(self, request: Request, template: str, *, status: int = 200, **context: Any) -> HTMLResponse:
         context.setdefault("active", "")
         context.setdefault("notice", None)
         context.setdefault("now", now_ms())
         html = self.env.get_template(template).render(
-            request=request, csrf=self.guard.csrf_token, prefix=self.client.prefix, redis_url=self.redis_url,
+            request=request, prefix=self.client.prefix, redis_url=self.redis_url,
             token_mode=self.guard.token is not None, **context,
         )
         return HTMLResponse(html, status_code=status, headers={"Cache-Control": "no-store"})

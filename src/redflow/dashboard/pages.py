@@ -79,6 +79,7 @@ async def run_detail(request: Request) -> Response:
         request, "run.html", active="runs", run=run, steps=steps, attempts=attempts, bars=bars,
         children=kids, more_children=more_kids, stream=stream, explanation=explanation, terminal=terminal,
         can_retry=run.get("status") in ("failed", "canceled"), notice=_notice(request),
+        live=bool(request.query_params.get("live")),
         step_names=[s["name"] for s in steps if s.get("name")],
         attempt_began={a["attempt"]: timeline.attempt_start(a["started_at"], a["steps"], a["started_at"])
                        for a in attempts},
