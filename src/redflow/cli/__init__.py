@@ -1,6 +1,7 @@
 """The ``redflow`` command.
 
     redflow supervisor [options]            run worker processes (see --help)
+    redflow dashboard [options]             serve the web dashboard (see --help)
     redflow runs list [--status S] [--workflow W] [--limit N] [--cursor ID]
     redflow runs show RUN_ID
     redflow runs cancel RUN_ID [--reason TEXT]
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="redflow", description="Inspect and operate a redflow deployment.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("supervisor", help="run worker processes (python -m redflow.supervisor)", add_help=False)
+    sub.add_parser("dashboard", help="serve the web dashboard (redflow dashboard --help)", add_help=False)
     runs = sub.add_parser("runs", help="list, show or cancel runs").add_subparsers(dest="action", required=True)
     ls = runs.add_parser("list", parents=[common])
     ls.add_argument("--status")
@@ -134,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         from ..supervisor import main as supervisor_main
 
         return supervisor_main(args_list[1:])
+    if args_list[:1] == ["dashboard"]:
+        from ..dashboard import main as dashboard_main
+
+        return dashboard_main(args_list[1:])
     args = _parser().parse_args(args_list)
     try:
         return asyncio.run(_main(args))
