@@ -1,17 +1,16 @@
-"""The ``redflow`` command.
+"""The ``redflow`` command (see docs/cli.md).
 
-    redflow supervisor [options]            run worker processes (see --help)
-    redflow dashboard [options]             serve the web dashboard (see --help)
-    redflow runs list [--status S] [--workflow W] [--limit N] [--cursor ID]
-    redflow runs show RUN_ID
-    redflow runs cancel RUN_ID [--reason TEXT]
-    redflow events list [--name N] [--limit N] [--cursor ID]
-    redflow events show EVENT_ID
-    redflow workflows
-    redflow stats
+    redflow runs list|show|start|retry|replay|cancel|explain|attempts ...
+    redflow failures | workers | workflows | stats
+    redflow events list|show|emit ...
+    redflow cron list
+    redflow supervisor [options]     run worker processes (python -m redflow.supervisor)
+    redflow dashboard [options]      the web dashboard (redflow dashboard --help)
+    redflow dev [--port 6390]        an embedded server and a supervisor for local development
 
-Every command but ``supervisor`` takes ``--url`` (default REDIS_URL), ``--prefix`` (default
-REDFLOW_PREFIX) and ``--json``; without ``--json`` the output is a readable table.
+Every command but ``supervisor`` and ``dev`` takes ``--url`` (default REDIS_URL), ``--prefix``
+(default REDFLOW_PREFIX) and ``--json``. Exit codes: 0 done, 1 not found or refused, 2 bad usage or
+input, 3 the server cannot be reached.
 """
 
 from __future__ import annotations
@@ -19,115 +18,108 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
-from datetime import UTC, datetime
-from typing import Any
 
-from ..client import RedflowClient, create_client
-from ..errors import RedflowError
-from ..types import ListEventsParams, ListRunsParams
+from ..client import create_client
+from ..errors import ConfigurationError, RedflowError
+from .commands import COMMANDS, NotFound
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--url", default=None, help="Redis URL (default: REDIS_URL)")
+    common.add_argument("--url", default=None, help="Redis URL (default: REDIS_URL, else redis://localhost:6379)")
     common.add_argument("--prefix", default=None, help="key prefix (default: REDFLOW_PREFIX or redflow:v1)")
-    common.add_argument("--json", action="store_true", help="print JSON")
+    common.add_argument("--json", action="store_true", help="print JSON instead of text")
     p = argparse.ArgumentParser(prog="redflow", description="Inspect and operate a redflow deployment.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("supervisor", help="run worker processes (python -m redflow.supervisor)", add_help=False)
+    sub.add_parser("supervisor", help="run worker processes (python -m redflow.supervisor --help)", add_help=False)
     sub.add_parser("dashboard", help="serve the web dashboard (redflow dashboard --help)", add_help=False)
-    runs = sub.add_parser("runs", help="list, show or cancel runs").add_subparsers(dest="action", required=True)
-    ls = runs.add_parser("list", parents=[common])
+    dev = sub.add_parser("dev", help="embedded server + supervisor for local development")
+    dev.add_argument("--port", type=int, default=6390, help="port of the embedded server (default 6390)")
+    dev.add_argument("--procs", type=int, default=1, help="worker processes (default 1)")
+    dev.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                     help="module defining workflows (repeatable)")
+    dev.add_argument("--data-dir", default=None, help="keep the server's data here (default: a temporary dir)")
+
+    runs = sub.add_parser("runs", help="list, show, start, retry, replay, cancel, explain runs")
+    ra = runs.add_subparsers(dest="action", required=True)
+    ls = ra.add_parser("list", parents=[common], help="runs, newest first")
     ls.add_argument("--status")
     ls.add_argument("--workflow")
     ls.add_argument("--limit", type=int, default=20)
     ls.add_argument("--cursor")
-    runs.add_parser("show", parents=[common]).add_argument("run_id")
-    cancel = runs.add_parser("cancel", parents=[common])
-    cancel.add_argument("run_id")
-    cancel.add_argument("--reason", default="")
-    events = sub.add_parser("events", help="list or show events").add_subparsers(dest="action", required=True)
-    els = events.add_parser("list", parents=[common])
+    ra.add_parser("show", parents=[common], help="a run, its steps and its error").add_argument("run_id")
+    start = ra.add_parser("start", parents=[common], help="start a run of a workflow by name")
+    start.add_argument("workflow")
+    start.add_argument("--input", default=None, help="the input, as JSON")
+    start.add_argument("--queue", default=None)
+    start.add_argument("--idempotency-key", default=None)
+    start.add_argument("--wait", action="store_true", help="wait for the run to end and print its output")
+    start.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits (default 60)")
+    for name, verb in (("retry", "retry a failed or canceled run"), ("cancel", "cancel a run")):
+        cmd = ra.add_parser(name, parents=[common], help=f"{verb}; or every run --workflow/--status/--queue select")
+        cmd.add_argument("run_id", nargs="?")
+        cmd.add_argument("--workflow")
+        cmd.add_argument("--status")
+        cmd.add_argument("--queue")
+        cmd.add_argument("--dry-run", action="store_true", help="count the runs selected; change nothing")
+        cmd.add_argument("--job", default=None, help="bulk job id: resumes an interrupted bulk action")
+        if name == "cancel":
+            cmd.add_argument("--reason", default="")
+    replay = ra.add_parser("replay", parents=[common], help="a new run of an ended run, reusing steps before one")
+    replay.add_argument("run_id")
+    replay.add_argument("--from-step", default=None, help="reuse the outputs of the steps before this one")
+    replay.add_argument("--input", default=None, help="new input, as JSON (default: the original's)")
+    replay.add_argument("--queue", default=None)
+    ra.add_parser("explain", parents=[common], help="why a run is not running").add_argument("run_id")
+    ra.add_parser("attempts", parents=[common], help="how each attempt ended").add_argument("run_id")
+
+    fl = sub.add_parser("failures", parents=[common], help="failed runs grouped by how they failed")
+    fl.add_argument("--workflow")
+    fl.add_argument("--limit", type=int, default=1000, help="newest failed runs to group (default 1000)")
+    events = sub.add_parser("events", help="list, show or emit events")
+    ea = events.add_subparsers(dest="action", required=True)
+    els = ea.add_parser("list", parents=[common])
     els.add_argument("--name")
     els.add_argument("--limit", type=int, default=20)
     els.add_argument("--cursor")
-    events.add_parser("show", parents=[common]).add_argument("event_id")
+    ea.add_parser("show", parents=[common]).add_argument("event_id")
+    emit = ea.add_parser("emit", parents=[common], help="emit an event")
+    emit.add_argument("name")
+    emit.add_argument("--data", default=None, help="the payload, as JSON")
+    emit.add_argument("--key", default=None, help="correlation key")
+    emit.add_argument("--id", default=None, help="event id (emitting one id twice delivers once)")
+    cron = sub.add_parser("cron", help="cron triggers")
+    cron.add_subparsers(dest="action", required=True).add_parser("list", parents=[common])
+    sub.add_parser("workers", parents=[common], help="workers, their queues, and the leader")
     sub.add_parser("workflows", parents=[common], help="registered workflows")
     sub.add_parser("stats", parents=[common], help="runs by status and queue backlog")
     return p
 
 
-def _time(ms: Any) -> str:
-    if not ms:
-        return "-"
-    return datetime.fromtimestamp(int(ms) / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
-    if not rows:
-        return "(none)"
-    cells = [[str(r.get(key, "")) if not key.endswith("_at") else _time(r.get(key)) for key, _ in columns]
-             for r in rows]
-    widths = [max(len(title), *(len(c[i]) for c in cells)) for i, (_, title) in enumerate(columns)]
-    lines = ["  ".join(title.ljust(w) for (_, title), w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
-async def _run(args: argparse.Namespace, client: RedflowClient) -> tuple[Any, str]:
-    """(data for --json, text for humans)."""
-    if args.command == "runs" and args.action == "list":
-        runs = await client.list_runs(ListRunsParams(status=args.status, workflow=args.workflow, limit=args.limit,
-                                                     cursor=args.cursor))
-        cols = [("id", "ID"), ("workflow", "WORKFLOW"), ("status", "STATUS"), ("attempt", "ATTEMPT"),
-                ("created_at", "CREATED"), ("finished_at", "FINISHED")]
-        return runs, _table([dict(r) for r in runs], cols)
-    if args.command == "runs" and args.action == "show":
-        run = await client.get_run(args.run_id)
-        if run is None:
-            raise RedflowError(f"run {args.run_id} not found")
-        steps = await client.get_run_steps(args.run_id)
-        data = {"run": run, "steps": steps}
-        text = "\n".join(f"{k}: {json.dumps(v) if isinstance(v, dict | list) else v}" for k, v in run.items())
-        text += "\n\nsteps:\n" + _table([dict(s) for s in steps], [("seq", "#"), ("name", "NAME"),
-                                                                    ("status", "STATUS"), ("attempt", "ATTEMPT")])
-        return data, text
-    if args.command == "runs" and args.action == "cancel":
-        canceled = await client.cancel_run(args.run_id, reason=args.reason)
-        text = "canceled" if canceled else "not canceled (not found or already ended)"
-        return {"run_id": args.run_id, "canceled": canceled}, text
-    if args.command == "events" and args.action == "list":
-        events = await client.list_events(ListEventsParams(name=args.name, limit=args.limit, cursor=args.cursor))
-        cols = [("id", "ID"), ("name", "NAME"), ("fanout_status", "FANOUT"), ("delivery_count", "DELIVERED"),
-                ("resumed_run_count", "RESUMED"), ("ts", "TIME")]
-        rows = [{**e, "ts": _time(e.get("ts"))} for e in events]
-        return events, _table(rows, cols)
-    if args.command == "events" and args.action == "show":
-        event = await client.get_event(args.event_id)
-        if event is None:
-            raise RedflowError(f"event {args.event_id} not found")
-        return event, json.dumps(event, indent=2)
-    if args.command == "workflows":
-        metas = await client.list_workflows_meta()
-        cols = [("name", "WORKFLOW"), ("queue", "QUEUE"), ("max_attempts", "MAX ATTEMPTS"), ("app", "APP")]
-        return metas, _table([dict(m) for m in metas], cols)
-    stats = await client.get_stats()
-    text = _table([{"status": s, "runs": n} for s, n in stats["by_status"].items()], [("status", "STATUS"),
-                                                                                      ("runs", "RUNS")])
-    text += "\n\n" + _table([{"queue": q, **b} for q, b in stats["backlog"].items()],
-                            [("queue", "QUEUE"), ("ready", "READY"), ("scheduled", "SCHEDULED")])
-    return stats, text
-
-
-async def _main(args: argparse.Namespace) -> int:
+async def _main(args: argparse.Namespace) -> tuple[object, str]:
     client = create_client(url=args.url, prefix=args.prefix)
     try:
-        data, text = await _run(args, client)
+        return await COMMANDS[(args.command, getattr(args, "action", None))](args, client)
     finally:
         await client.close()
-    print(json.dumps(data, indent=2, default=str) if args.json else text)
-    return 0
+
+
+def _emit(text: str) -> None:
+    """Print, quietly stopping when the reader went away (``redflow runs list | head``)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"redflow: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,8 +133,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return dashboard_main(args_list[1:])
     args = _parser().parse_args(args_list)
+    if args.command == "dev":
+        from .dev import run_dev
+
+        return run_dev(args)
     try:
-        return asyncio.run(_main(args))
+        data, text = asyncio.run(_main(args))
+    except NotFound as exc:
+        return _fail(EXIT_REFUSED, str(exc))
+    except (ConfigurationError, ValueError) as exc:
+        return _fail(EXIT_USAGE, str(exc))
+    except (OSError, ConnectionError) as exc:
+        where = args.url or os.environ.get("REDIS_URL") or "redis://localhost:6379"
+        return _fail(EXIT_UNREACHABLE, f"cannot reach the server at {where}: {exc.strerror or exc}")
     except RedflowError as exc:
-        print(f"redflow: {exc}", file=sys.stderr)
-        return 1
+        if isinstance(exc, ConnectionError):
+            return _fail(EXIT_UNREACHABLE, str(exc))
+        return _fail(EXIT_REFUSED, str(exc))
+    _emit(json.dumps(data, indent=2, default=str) if args.json else text)
+    return EXIT_OK

@@ -142,6 +142,13 @@ class EventsMixin:
         await self.store.ensure_ready()
         return await self.events.list_crons()
 
+    async def list_workers(self) -> list[dict[str, Any]]:
+        """Workers of this prefix: id, alive (lease not lapsed), lease_until_ms, leader (the elected
+        leader), workflows it defines, queues it claims from, registered_at_ms. A worker that
+        stopped is listed until its registration is forgotten (an hour after it stopped)."""
+        await self.store.ensure_ready()
+        return await self.events.list_workers()
+
     async def cancel_run(self, run_id: str, *, reason: str = "") -> bool:
         """Cancel a run and every run its steps started; True if this call canceled it.
 

@@ -155,6 +155,30 @@ class EventStore:
             out[wid] = (wid in listed or record.registered_at_ms > now_ms - REGISTRATION_GRACE_MS, record)
         return out
 
+    async def list_workers(self) -> list[dict[str, Any]]:
+        """Every worker in the liveness set or with a recent registration: id, alive (its lease
+        has not lapsed), lease_until_ms, leader, workflows, queues, registered_at_ms."""
+        k, redis = self.keys, self.redis
+        (sec, usec), leased, leader, flat = await asyncio.gather(
+            redis.execute("TIME"), redis.execute("ZRANGE", k.workers, 0, -1, "WITHSCORES"),
+            redis.execute("GET", k.leader), redis.execute("HGETALL", k.registrations),
+        )
+        now_ms = int(sec) * 1000 + int(usec) // 1000
+        leader_id = leader.decode().rsplit(":", 1)[0] if leader else None
+        leases = {leased[i].decode(): int(float(leased[i + 1])) for i in range(0, len(leased), 2)}
+        records = {flat[i].decode(): decode_registration(flat[i + 1]) for i in range(0, len(flat), 2)}
+        out = []
+        for wid in sorted(set(leases) | set(records)):
+            record = records.get(wid)
+            until = leases.get(wid)
+            out.append({
+                "id": wid, "alive": until is not None and until >= now_ms, "lease_until_ms": until,
+                "leader": wid == leader_id, "workflows": record.workflows if record else [],
+                "queues": record.queues if record else None,
+                "registered_at_ms": record.registered_at_ms if record else None,
+            })
+        return out
+
     async def live_registrations(self, now_ms: int) -> list[RegistrationRecord]:
         """The registrations of live workers (see live_workflows)."""
         return [record for live, record in (await self._registration_records(now_ms)).values() if live]
