@@ -5,7 +5,7 @@ touched (post/redirect/get), or shows what went wrong."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from starlette.datastructures import FormData
@@ -57,11 +57,6 @@ def _to_run(run_id: str, done: str, *, live: bool = False) -> RedirectResponse:
     return RedirectResponse(f"/runs/{quote(run_id)}?done={done}{'&live=1' if live else ''}", status_code=303)
 
 
-def _needs(request: Request, method: str) -> Response:
-    return _dashboard(request).error(request, 501, "Not available",
-                                     f"this redflow client has no {method}(): upgrade redflow")
-
-
 async def cancel(request: Request) -> Response:
     try:
         form = await _form(request)
@@ -84,11 +79,7 @@ async def retry(request: Request) -> Response:
         await _form(request)
     except FormRefused:
         return _refused(request)
-    d = _dashboard(request)
-    method = getattr(d.client, "retry_run", None)
-    if method is None:
-        return _needs(request, "retry_run")
-    handle = await method(request.path_params["run_id"])
+    handle = await _dashboard(request).client.retry_run(request.path_params["run_id"])
     return _to_run(handle.id, "retried", live=True)
 
 
@@ -97,18 +88,18 @@ async def replay(request: Request) -> Response:
         form = await _form(request)
     except FormRefused:
         return _refused(request)
-    d = _dashboard(request)
-    method = getattr(d.client, "replay_run", None)
-    if method is None:
-        return _needs(request, "replay_run")
-    kwargs: dict[str, Any] = {"from_step": _text(form, "from_step") or None, "queue": _text(form, "queue") or None}
+    client = _dashboard(request).client
+    run_id = request.path_params["run_id"]
+    from_step, queue = _text(form, "from_step") or None, _text(form, "queue") or None
     raw_input = _text(form, "input")
     if raw_input:
         try:
-            kwargs["input"] = json.loads(raw_input)
+            new_input = json.loads(raw_input)
         except ValueError as exc:
             raise ConfigurationError(f"the new input is not JSON: {exc}") from None
-    handle = await method(request.path_params["run_id"], **kwargs)
+        handle = await client.replay_run(run_id, from_step=from_step, queue=queue, input=new_input)
+    else:
+        handle = await client.replay_run(run_id, from_step=from_step, queue=queue)
     return _to_run(handle.id, "replayed", live=True)
 
 
@@ -121,18 +112,15 @@ async def bulk(request: Request) -> Response:
     action = _text(form, "action")
     if action not in BULK_ACTIONS:
         raise ConfigurationError(f"bulk action must be retry or cancel, got {action!r}")
-    method = getattr(d.client, f"{action}_runs", None)
-    if method is None:
-        return _needs(request, f"{action}_runs")
     f = RunFilters.read(form)
     query = f.bulk()
-    stage = _text(form, "stage")
-    kwargs: dict[str, Any] = {}
+    dry_run = _text(form, "stage") != "run"  # anything but a confirmation only counts
+    job_id = None if dry_run else _text(form, "job_id") or None
+    reason = ""
     if action == "cancel":
-        kwargs["reason"] = _text(form, "reason") or "canceled in bulk from the dashboard"
-    if stage == "run":
-        result = await method(query, job_id=_text(form, "job_id") or None, **kwargs)
+        reason = _text(form, "reason") or "canceled in bulk from the dashboard"
+        result = await d.client.cancel_runs(query, dry_run=dry_run, reason=reason, job_id=job_id)
     else:
-        result = await method(query, dry_run=True)
+        result = await d.client.retry_runs(query, dry_run=dry_run, job_id=job_id)
     return d.render(request, "bulk.html", active="runs", action=action, f=f, query=query, result=result,
-                    reason=kwargs.get("reason", ""), text_search=bool(f.q))
+                    reason=reason, text_search=bool(f.q))

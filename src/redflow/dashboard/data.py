@@ -107,10 +107,20 @@ def cron_rows(crons: list[dict[str, Any]], metas: list[WorkflowMeta]) -> list[di
     return [{**c, "next_run_at": upcoming.get(c["id"])} for c in crons]
 
 
+async def workers(client: RedflowClient) -> list[dict[str, Any]] | None:
+    """Workers and the leader (None from a client without ``list_workers``); live ones first."""
+    list_workers = getattr(client, "list_workers", None)
+    if list_workers is None:
+        return None
+    listed: list[dict[str, Any]] = await list_workers()
+    return sorted(listed, key=lambda w: (not w.get("leader"), not w.get("alive"), str(w.get("id"))))
+
+
 async def overview(client: RedflowClient) -> dict[str, Any]:
     now = now_ms()
-    stats, metas, crons, hour = await asyncio.gather(
-        client.get_stats(), client.list_workflows_meta(), client.list_cron_triggers(), last_hour(client, now)
+    stats, metas, crons, hour, workers_now = await asyncio.gather(
+        client.get_stats(), client.list_workflows_meta(), client.list_cron_triggers(), last_hour(client, now),
+        workers(client),
     )
     return {
         "now": now,
@@ -120,6 +130,7 @@ async def overview(client: RedflowClient) -> dict[str, Any]:
         "hour_after": time_input(now - HOUR_MS),
         "crons": cron_rows(crons, metas),
         "workflow_count": len(metas),
+        "workers": workers_now,
     }
 
 

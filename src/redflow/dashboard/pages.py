@@ -16,6 +16,7 @@ from .format import now_ms
 if TYPE_CHECKING:
     from .app import Dashboard
 
+FAILURES_SCANNED = 1000  # list_failures groups the newest 1000 failed runs by default
 FANOUT_STATUSES = ("pending", "completed", "partial", "failed", "no-subscribers")
 FAILURE_CATEGORIES = [
     ("exhausted", "Retries exhausted", "every attempt failed: the dead letters"),
@@ -71,7 +72,7 @@ async def run_detail(request: Request) -> Response:
     steps, attempts, (kids, more_kids), stream, explanation = await asyncio.gather(
         client.get_run_steps(run_id), client.get_run_attempts(run_id), data.children(client, run_id),
         client.get_run_stream(run_id, limit=data.STREAM_PAGE) if want_stream else _nothing(),
-        _explain(client, run_id),
+        client.explain_run(run_id),
     )
     bars = timeline.build(run, steps, attempts, now_ms())
     terminal = run.get("status") in TERMINAL_STATUSES
@@ -90,21 +91,14 @@ async def _nothing() -> list[Any]:
     return []
 
 
-async def _explain(client: Any, run_id: str) -> Any:
-    explain = getattr(client, "explain_run", None)
-    return None if explain is None else await explain(run_id)
-
-
 async def failures(request: Request) -> Response:
     d = _dashboard(request)
     workflow = request.query_params.get("workflow") or None
-    list_failures = getattr(d.client, "list_failures", None)
-    groups: list[dict[str, Any]] = [] if list_failures is None else await list_failures(workflow=workflow)
+    groups, workflows = await asyncio.gather(d.client.list_failures(workflow=workflow), d.client.list_workflows())
     by_category = {key: [g for g in groups if g["category"] == key] for key, _, _ in FAILURE_CATEGORIES}
-    workflows = await d.client.list_workflows()
     return d.render(request, "failures.html", active="failures", categories=FAILURE_CATEGORIES,
                     by_category=by_category, total=sum(g["count"] for g in groups), workflow=workflow or "",
-                    workflows=workflows, available=list_failures is not None)
+                    workflows=workflows, scanned=FAILURES_SCANNED)
 
 
 async def events(request: Request) -> Response:
