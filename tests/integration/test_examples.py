@@ -31,6 +31,7 @@ def test_quickstart_runs_end_to_end() -> None:
         ("admission.py", "third sms: rate_limited | retryAfterMs > 0: True"),
         ("validation.py", "runs written by the rejected call: 0"),
         ("streams.py", "live, resumed reader: stream their progress"),
+        ("run_actions.py", "replay from 'charge': charged 990 cents for o-1 | load-order ran 1 time"),
         ("human_input.py", "'approved': True, 'by': 'ana', 'attempt': 1} | calls: {'prepare': 1, 'approve': 2}"),
     ],
 )
