@@ -33,6 +33,8 @@ async def test_every_page_renders_real_runs(dashboard: Served, page: Any, shop_r
     await expect(page.locator("#queues tr[data-queue=fulfilment]")).to_be_visible()
     await expect(page.locator("#crons")).to_contain_text("0 3 * * *")
     await expect(page.locator("#crons")).to_contain_text("nightly-report")
+    await expect(page.locator("#workers tr[data-alive=yes]")).to_have_count(1)
+    await expect(page.locator("#workers tr[data-alive=yes]")).to_contain_text("fulfilment")
     await shots(page, "overview")
 
     # Runs: the newest first, with filters; a workflow and status filter narrows the page.

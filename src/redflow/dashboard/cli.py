@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ..client import default_prefix
     from .format import safe_url
-    from .server import build_server, redis_url
+    from .server import redis_url, serve
 
     try:
         import uvloop
@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     url = redis_url(config)
     try:
         asyncio.run(probe(config))
-        server = build_server(config)
     except (RedflowError, ValueError, OSError) as exc:
         print(f"redflow dashboard: cannot use Redis at {safe_url(url)}: {exc}", file=sys.stderr)
         return 1
@@ -65,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"redflow dashboard: serving http://{shown}:{config.port}/ for prefix {config.prefix or default_prefix()} "
           f"on {safe_url(url)}{' (token required)' if config.token else ''}; Ctrl-C stops it",
           file=sys.stderr, flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(server.serve())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(config))
+    except SystemExit:  # uvicorn could not listen; it logged why in one line
+        return 1
     return 0
 
 

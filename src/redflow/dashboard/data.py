@@ -107,12 +107,9 @@ def cron_rows(crons: list[dict[str, Any]], metas: list[WorkflowMeta]) -> list[di
     return [{**c, "next_run_at": upcoming.get(c["id"])} for c in crons]
 
 
-async def workers(client: RedflowClient) -> list[dict[str, Any]] | None:
-    """Workers and the leader (None from a client without ``list_workers``); live ones first."""
-    list_workers = getattr(client, "list_workers", None)
-    if list_workers is None:
-        return None
-    listed: list[dict[str, Any]] = await list_workers()
+async def workers(client: RedflowClient) -> list[dict[str, Any]]:
+    """Workers of the prefix, the leader first, then live ones."""
+    listed = await client.list_workers()
     return sorted(listed, key=lambda w: (not w.get("leader"), not w.get("alive"), str(w.get("id"))))
 
 

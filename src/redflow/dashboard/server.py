@@ -3,8 +3,10 @@ dashboard process, or inside a test's event loop (without touching signal handle
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import signal
 import socket
 from collections.abc import Iterator
 
@@ -45,7 +47,21 @@ def redis_url(config: DashboardConfig) -> str:
     return config.url or os.environ.get("REDIS_URL") or DEFAULT_URL
 
 
-async def serve(config: DashboardConfig, *, sockets: list[socket.socket] | None = None,
-                handle_signals: bool = True) -> None:
-    """Serve until stopped (SIGINT/SIGTERM when ``handle_signals``)."""
-    await build_server(config, handle_signals=handle_signals).serve(sockets=sockets)
+async def serve(config: DashboardConfig, *, sockets: list[socket.socket] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then finish the requests in flight and return (a second signal
+    stops at once)."""
+    server = build_server(config, handle_signals=False)
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

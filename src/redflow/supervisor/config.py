@@ -51,6 +51,9 @@ class SupervisorConfig:
     data_dir: Path
     lease_ms: int = 5000
     stale_after_s: float = 10.0  # a worker whose status is older than this is blocked: killed, restarted
+    dashboard_port: int | None = None  # serve the web dashboard from a child process on this port
+    dashboard_host: str = "127.0.0.1"
+    dashboard_token: str | None = None  # REDFLOW_DASHBOARD_TOKEN: required off loopback
 
 
 def _env(name: str) -> str | None:
@@ -94,7 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stale-after", type=float, default=_env("REDFLOW_STALE_AFTER") or 10.0,
                    help="seconds without a status from a worker process (its event loop is blocked) before it "
                         "is killed and restarted (env REDFLOW_STALE_AFTER; default 10)")
+    p.add_argument("--dashboard-port", type=int, default=_env("REDFLOW_DASHBOARD_PORT"),
+                   help="serve the web dashboard on this port from a child process (env REDFLOW_DASHBOARD_PORT; "
+                        "needs the 'dashboard' extra)")
+    p.add_argument("--dashboard-host", default=_env("REDFLOW_DASHBOARD_HOST") or "127.0.0.1",
+                   help="address the dashboard listens on (env REDFLOW_DASHBOARD_HOST; default 127.0.0.1); any "
+                        "other than loopback needs REDFLOW_DASHBOARD_TOKEN")
     return p
+
+
+def _dashboard_options(port: int | None, host: str) -> tuple[int | None, str, str | None]:
+    """Validated dashboard options: the token rule and the extra, checked before anything forks."""
+    if port is None:
+        return None, host, None
+    from ..dashboard.config import DashboardConfig, check_config, missing_extra, token_from_env
+
+    token = token_from_env()
+    check_config(DashboardConfig(url=None, prefix=None, host=host, port=port, token=token))
+    problem = missing_extra()
+    if problem is not None:
+        raise ConfigurationError(f"--dashboard-port: {problem}")
+    return port, host, token
 
 
 def parse_config(argv: list[str] | None = None) -> SupervisorConfig:
@@ -135,6 +158,8 @@ def parse_config(argv: list[str] | None = None) -> SupervisorConfig:
     grace = as_seconds("grace-period", ns.grace_period, 0)
     stale_after = as_seconds("stale-after", ns.stale_after, 1)
     queues = [q.strip() for q in ns.queues.split(",") if q.strip()] if ns.queues else None
+    dashboard_port, dashboard_host, dashboard_token = _dashboard_options(
+        None if ns.dashboard_port is None else as_int("dashboard-port", ns.dashboard_port, 0), ns.dashboard_host)
     return SupervisorConfig(
         procs=available_cpus() if ns.procs is None else as_int("procs", ns.procs, 1),
         imports=imports,
@@ -153,4 +178,7 @@ def parse_config(argv: list[str] | None = None) -> SupervisorConfig:
         data_dir=Path(ns.data_dir),
         lease_ms=as_int("lease-ms", ns.lease_ms, 300),
         stale_after_s=stale_after,
+        dashboard_port=dashboard_port,
+        dashboard_host=dashboard_host,
+        dashboard_token=dashboard_token,
     )

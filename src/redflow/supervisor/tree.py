@@ -6,6 +6,8 @@ a Redis connection or starts a thread (its HTTP endpoint is served from the main
 starts clean. Once a stop is requested no worker is started again. A worker whose status file goes
 stale (its event loop is blocked) is killed and restarted. Children ask the kernel to send them
 SIGTERM if the supervisor dies (PR_SET_PDEATHSIG), so a SIGKILLed supervisor leaves no worker behind.
+With ``--dashboard-port`` the web dashboard is one more child process (see ``dashboard``), stopped
+first on a drain.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import psutil
 from ..embedded import EmbeddedServer
 from .child import RECYCLE, child_entry
 from .config import SupervisorConfig
+from .dashboard import DashboardProcess
 from .http import StatusServer
 
 log = logging.getLogger("redflow.supervisor")
@@ -61,6 +64,7 @@ class Supervisor:
         self._stopping = False
         self._leader: str | None = None
         self._http: StatusServer | None = None
+        self._dashboard = DashboardProcess(config) if config.dashboard_port is not None else None
 
     # --- lifecycle ------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -74,6 +78,8 @@ class Supervisor:
                          self.config.data_dir)
             if self.config.http_port is not None:
                 self._http = StatusServer(self, self.config.http_port)
+            if self._dashboard is not None:
+                self._dashboard.start(self.url)
             log.info("supervisor %d starting %d worker process(es)", os.getpid(), len(self.slots))
             for slot in self.slots:
                 self._spawn(slot)
@@ -85,8 +91,12 @@ class Supervisor:
                 self._restart_due()
                 self._watch_leader()
                 self._watch_embedded()
+                if self._dashboard is not None:
+                    self._dashboard.poll(self._stopping)
             return self._shutdown()
         finally:
+            if self._dashboard is not None:
+                self._dashboard.kill()
             if self._http is not None:
                 self._http.stop()
             if self.embedded is not None:
@@ -109,10 +119,15 @@ class Supervisor:
         alive = [s for s in self.slots if s.pid is not None]
         for slot in alive:
             _signal(slot.pid, signal.SIGTERM)
+        if self._dashboard is not None:
+            self._dashboard.stop()
         deadline = time.monotonic() + self.config.grace_period_s + 10
-        while time.monotonic() < deadline and any(s.pid is not None for s in self.slots):
+        while time.monotonic() < deadline and (any(s.pid is not None for s in self.slots) or (
+                self._dashboard is not None and self._dashboard.running)):
             self._wait(0.05)
             self._reap_children()
+            if self._dashboard is not None:
+                self._dashboard.poll(stopping=True)
         for slot in self.slots:
             if slot.pid is not None:
                 log.error("worker process %d did not drain in time: killing it", slot.pid)
