@@ -69,13 +69,13 @@ async def run_detail(request: Request) -> Response:
     if run is None:
         return d.error(request, 404, "Run not found", f"run {run_id} does not exist (or retention deleted it)")
     want_stream = bool(run.get("stream_enabled"))
+    terminal = run.get("status") in TERMINAL_STATUSES
     steps, attempts, (kids, more_kids), stream, explanation = await asyncio.gather(
         client.get_run_steps(run_id), client.get_run_attempts(run_id), data.children(client, run_id),
         client.get_run_stream(run_id, limit=data.STREAM_PAGE) if want_stream else _nothing(),
-        client.explain_run(run_id),
+        _nothing() if terminal else client.explain_run(run_id),  # an ended run's page says why it ended
     )
     bars = timeline.build(run, steps, attempts, now_ms())
-    terminal = run.get("status") in TERMINAL_STATUSES
     return d.render(
         request, "run.html", active="runs", run=run, steps=steps, attempts=attempts, bars=bars,
         children=kids, more_children=more_kids, stream=stream, explanation=explanation, terminal=terminal,
@@ -87,8 +87,8 @@ async def run_detail(request: Request) -> Response:
     )
 
 
-async def _nothing() -> list[Any]:
-    return []
+async def _nothing() -> Any:
+    return None
 
 
 async def failures(request: Request) -> Response:

@@ -93,7 +93,7 @@ def build(run: RunState, steps: list[StepState], attempts: list[AttemptTrace], n
     previous_end: int | None = None
     for attempt, step_bars in spans:
         if previous_end is not None and attempt.start_ms > previous_end:
-            bars.append(Bar("retry delay", "queue", "waited", previous_end, attempt.start_ms))
+            bars.append(Bar("until the next attempt", "queue", "waited", previous_end, attempt.start_ms))
         bars.append(attempt)
         bars.extend(step_bars)
         previous_end = attempt.end_ms
