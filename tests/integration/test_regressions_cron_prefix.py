@@ -76,10 +76,12 @@ async def test_trigger_of_a_workflow_no_live_worker_defines_does_not_fire(
     now = int(sec) * 1000 + int(usec) // 1000
     slot = now - now % MINUTE
     # The old build (the only one defining "gone-cron") registered long ago; its worker is gone.
-    await events.register({gone.name: gone.meta()}, {}, cron_records([gone]), now - 30 * MINUTE, worker_id="w-old")
+    await events.register({gone.name: gone.meta()}, {}, cron_records([gone]), now - 30 * MINUTE)
+    await events.record_registration("w-old", [gone.name], None, now - 30 * MINUTE)
     # The build running now has dropped "gone-cron"; its worker is live.
     await store.heartbeat("w-new", 60_000, 60_000, False)
-    await events.register({kept.name: kept.meta()}, {}, cron_records([kept]), now - 30 * MINUTE, worker_id="w-new")
+    await events.register({kept.name: kept.meta()}, {}, cron_records([kept]), now - 30 * MINUTE)
+    await events.record_registration("w-new", [kept.name], None, now - 30 * MINUTE)
     await client.redis.execute("HSET", client.keys.cron_last, "gone", slot - MINUTE, "kept", slot - MINUTE)
 
     scheduler = CronScheduler(SimpleNamespace(client=client, store=store))  # type: ignore[arg-type]
@@ -98,7 +100,8 @@ async def test_trigger_of_a_workflow_no_live_worker_defines_does_not_fire(
 
     # A worker that defines the workflow starts again: the trigger is no longer orphaned and fires.
     await store.heartbeat("w-back", 60_000, 60_000, False)
-    await events.register({gone.name: gone.meta()}, {}, cron_records([gone]), now, worker_id="w-back")
+    await events.register({gone.name: gone.meta()}, {}, cron_records([gone]), now)
+    await events.record_registration("w-back", [gone.name], None, now)
     assert {t["id"]: t["orphaned"] for t in await client.list_cron_triggers()} == {"gone": False, "kept": False}
     revived = CronScheduler(SimpleNamespace(client=client, store=store))  # type: ignore[arg-type]
     await revived.reload()
@@ -116,12 +119,14 @@ async def test_registrations_forget_workers_that_are_gone(client: RedflowClient)
     sec, _ = await client.redis.execute("TIME")
     now = int(sec) * 1000
     assert await events.live_workflows(now) is None  # nothing recorded: no evidence, triggers fire
-    await events.register({wf.name: wf.meta()}, {}, cron_records([wf]), now - 120 * MINUTE, worker_id="w-1")
+    await events.register({wf.name: wf.meta()}, {}, cron_records([wf]), now - 120 * MINUTE)
+    await events.record_registration("w-1", [wf.name], None, now - 120 * MINUTE)
     assert await events.live_workflows(now) == set()  # w-1 never showed up as a live worker
     await store.heartbeat("w-1", 60_000, 60_000, False)
     assert await events.live_workflows(now) == {"reg-cron"}
     await store.resign("w-1")
-    await events.register({}, {}, {}, now, worker_id="w-2")  # a later start forgets w-1 (gone, and old)
+    await events.register({}, {}, {}, now)
+    await events.record_registration("w-2", [], None, now)  # a later start forgets w-1 (gone, and old)
     raw = await client.redis.execute("HKEYS", events.registrations_key)
     assert sorted(k.decode() for k in raw) == ["w-2"]
     assert await events.live_workflows(now) == set()  # w-2 is starting (grace) and defines nothing

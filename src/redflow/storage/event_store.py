@@ -123,12 +123,15 @@ class EventStore:
         if unlimited:
             await redis.execute("HDEL", k.limits, *unlimited)
 
-    async def record_registration(self, worker_id: str, workflows: list[str], queues: list[str]) -> None:
+    async def record_registration(
+        self, worker_id: str, workflows: list[str], queues: list[str] | None, now_ms: int | None = None
+    ) -> None:
         """Record what a started worker defines and which queues it claims from (the leader does not
         fire a trigger whose workflow no live worker defines), and forget workers gone for
-        REGISTRATION_RETENTION_MS."""
-        sec, usec = await self.redis.execute("TIME")
-        now_ms = int(sec) * 1000 + int(usec) // 1000
+        REGISTRATION_RETENTION_MS. ``now_ms`` is the server's time (read when not given)."""
+        if now_ms is None:
+            sec, usec = await self.redis.execute("TIME")
+            now_ms = int(sec) * 1000 + int(usec) // 1000
         key = self.registrations_key
         record = RegistrationRecord(workflows=sorted(workflows), registered_at_ms=now_ms, queues=queues)
         await self.redis.execute("HSET", key, worker_id, encode_record(record))
