@@ -76,17 +76,15 @@ class Served:
 
 
 async def serve_dashboard(client: RedflowClient, *, token: str | None = None) -> Served:
-    import uvicorn
-
     from redflow.dashboard.app import create_app
-    from redflow.dashboard.server import _Server
+    from redflow.dashboard.server import _Server, server_config
 
     app = create_app(client, token=token, redis_url="redis://test-server")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False), handle_signals=False)
+    server = _Server(server_config(app), handle_signals=False)
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 
@@ -38,8 +39,13 @@ def build_server(config: DashboardConfig, *, handle_signals: bool = True) -> uvi
     """A server for ``config`` with a client of its own, closed when the server stops."""
     client = create_client(url=config.url, prefix=config.prefix)
     app = create_app(client, token=config.token, redis_url=redis_url(config), close_client=True)
-    return _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
-                                  access_log=False, lifespan="on", server_header=False), handle_signals)
+    return _Server(server_config(app, config.host, config.port), handle_signals)
+
+
+def server_config(app: Any, host: str = "127.0.0.1", port: int = 0) -> uvicorn.Config:
+    """uvicorn's settings for the dashboard: no access log, no websockets (it serves none)."""
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
+                          server_header=False, ws="none")
 
 
 def redis_url(config: DashboardConfig) -> str:
