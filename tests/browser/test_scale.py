@@ -39,7 +39,7 @@ async def test_each_page_costs_the_same_commands_at_100k_runs_as_at_100(
     digest = registry.get("send-digest")
     assert digest is not None
     existing = (await client.get_stats())["total"]
-    await client.enqueue_many(digest, [{"n": i} for i in range(SMALL - existing)])
+    queued = await client.enqueue_many(digest, [{"n": i} for i in range(SMALL - existing)])
     assert (await client.get_stats())["total"] == SMALL
 
     await open_page(page, dashboard.url("/runs"))
@@ -48,7 +48,8 @@ async def test_each_page_costs_the_same_commands_at_100k_runs_as_at_100(
     pages = [
         "/", "/runs", second_page, "/runs?workflow=send-digest&status=queued", "/runs?status=failed",
         "/runs?queue=mail", "/failures", "/events", "/workflows", f"/runs/{ids['report']}",
-        f"/runs/{ids['declined']}", f"/events/{ids['event']}",
+        f"/runs/{ids['declined']}", f"/events/{ids['event']}", f"/runs/{ids['waiting']}",
+        f"/runs/{queued[40].id}",  # explain_run: queued behind the runs before it
     ]
     for path in pages:  # first loads: anything a client does once is done before counting
         await open_page(page, dashboard.url(path))
