@@ -44,8 +44,9 @@ def chromium_path() -> str:
 
 @pytest.fixture(scope="session")
 async def browser() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
+    from playwright.async_api import async_playwright, expect
 
+    expect.set_options(timeout=PAGE_TIMEOUT_MS)  # a loaded 2-core machine is slower than the default 5 s
     path = chromium_path()
     playwright = await async_playwright().start()
     try:
