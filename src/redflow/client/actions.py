@@ -13,7 +13,9 @@ from ..errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
 from ..ids import new_run_id
 from ..storage.codes import Code
 from ..storage.records import StepRecord, decode_steps, encode_step
-from ..types import TERMINAL_STATUSES, BulkQuery, BulkResult
+from ..types import TERMINAL_STATUSES, BulkQuery, BulkResult, FailureGroup, RunExplanation
+from .explain import explain_run
+from .failures import list_failures
 from .handle import RunHandle
 from .queries import _prefixes
 
@@ -41,13 +43,26 @@ def reusable(record: StepRecord) -> bool:
 
 
 class Actions:
-    """retry_run, replay_run, retry_runs and cancel_runs of one client."""
+    """retry_run, replay_run, retry_runs, cancel_runs, list_failures and explain_run; RedflowClient
+    forwards its methods of those names here."""
 
     def __init__(self, client: RedflowClient) -> None:
         self._client = client
         self._store = client.store
 
+    async def list_failures(self, *, workflow: str | None = None, limit: int = 1000) -> list[FailureGroup]:
+        """The newest ``limit`` failed runs grouped by workflow, category (exhausted, non_retriable,
+        crashed, other), error, failing step and message shape, biggest groups first."""
+        return await list_failures(self._client, workflow, limit)
+
+    async def explain_run(self, run_id: str) -> RunExplanation:
+        """Why the run is where it is right now: ``reason`` (a code), ``message`` (words), ``details``."""
+        return await explain_run(self._client, run_id)
+
     async def retry_run(self, run_id: str) -> RunHandle:
+        """Run a failed or canceled run again as its next attempt, keeping its recorded step outputs
+        (failed and canceled steps run again), with a fresh attempt budget and through admission
+        control. Raises RunNotFoundError, or InvalidRunStateError when the run has not ended that way."""
         store = self._store
         await store.ensure_ready()
         header = await store.read_header(run_id)
@@ -70,6 +85,9 @@ class Actions:
     async def replay_run(
         self, run_id: str, *, from_step: str | None = None, input: Any = UNSET, queue: str | None = None
     ) -> RunHandle:
+        """Start a new run of an ended run's workflow, linked to it (``replayed_from``): the steps
+        recorded before ``from_step`` return their recorded outputs without running (none are reused
+        without ``from_step``); ``input`` and ``queue`` default to the original's."""
         client, store = self._client, self._store
         if queue is not None and (not isinstance(queue, str) or not queue.strip()):
             raise ConfigurationError(f"queue must be a non-empty string, got {queue!r}")
@@ -117,11 +135,14 @@ class Actions:
 
     # --- bulk ---------------------------------------------------------------------------------------
     async def retry_runs(self, query: BulkQuery, *, dry_run: bool = False, job_id: str | None = None) -> BulkResult:
+        """Retry every failed or canceled run ``query`` matches, in batches; ``dry_run`` only counts
+        them. Progress is saved after each batch: call again with the returned ``job_id`` to resume."""
         return await self._bulk("retry", query, dry_run, job_id, "")
 
     async def cancel_runs(
         self, query: BulkQuery, *, dry_run: bool = False, reason: str = "", job_id: str | None = None
     ) -> BulkResult:
+        """Cancel every queued, scheduled or running run ``query`` matches (like ``retry_runs``)."""
         return await self._bulk("cancel", query, dry_run, job_id, reason)
 
     async def _bulk(self, action: str, query: BulkQuery, dry_run: bool, job_id: str | None, reason: str) -> BulkResult:

@@ -1,4 +1,4 @@
-"""Client methods for events and cancellation (mixed into RedflowClient)."""
+"""Events (emit, history, cron, workers) and cancellation: a part of RedflowClient."""
 
 from __future__ import annotations
 
@@ -18,29 +18,29 @@ from ..validation import check_event_name
 if TYPE_CHECKING:
     from ..storage.keys import PartitionKeys
     from ..storage.store import Store
+    from .facade import RedflowClient
     from .handle import RunHandle
 
 FANOUT_STATUSES = frozenset({"pending", "completed", "partial", "failed", "no-subscribers"})
 
 
-class EventsMixin:
-    """Events (emit, history) and cancellation; RedflowClient provides the attributes below."""
+class Events:
+    """Events (emit, history) and cancellation; RedflowClient forwards its methods of that name here."""
 
-    store: Store
-    keys: PartitionKeys
-    retention_ms: int
-    max_payload_bytes: int
-    _events: EventStore | None
-
-    if TYPE_CHECKING:
-
-        def make_run_handle(self, run_id: str) -> RunHandle: ...
+    def __init__(self, client: RedflowClient) -> None:
+        self._client = client
+        self.store: Store = client.store
+        self.keys: PartitionKeys = client.keys
+        self.events: EventStore = client.events
+        self.make_run_handle = client.make_run_handle
 
     @property
-    def events(self) -> EventStore:
-        if self._events is None:
-            self._events = EventStore(self.store)
-        return self._events
+    def retention_ms(self) -> int:
+        return self._client.retention_ms
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return self._client.max_payload_bytes
 
     async def emit_event(
         self,

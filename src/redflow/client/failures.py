@@ -53,7 +53,7 @@ async def list_failures(client: RedflowClient, workflow: str | None, limit: int)
     store = client.store
     await store.ensure_ready()
     prefix = _prefixes("failed", workflow)[0]
-    ids = await client._page(client.keys.index, prefix, None, limit, True)
+    ids = await client.index_page(prefix, None, limit, descending=True)
     headers, errors = await store.read_headers(ids), await store.read_errors(ids)
     groups: dict[str, FailureGroup] = {}
     for run_id, h, raw in zip(ids, headers, errors, strict=True):

@@ -30,6 +30,7 @@ from ..types import (
 if TYPE_CHECKING:
     from ..storage.keys import PartitionKeys
     from ..storage.store import Store
+    from .facade import RedflowClient
 
 STATUSES: tuple[RunStatus, ...] = ("scheduled", "queued", "running", "succeeded", "failed", "canceled")
 SEARCH_SCAN_LIMIT = 1000
@@ -77,12 +78,18 @@ def _prefixes(status: str | None, workflow: str | None) -> list[bytes]:
     return [f"s:{s}:".encode() for s in STATUSES]
 
 
-class QueriesMixin:
-    """Run listing, search, workflow metadata, stats and retention; RedflowClient provides these:"""
+class Queries:
+    """Run listing, search, workflow metadata, stats and retention; RedflowClient forwards its methods
+    of that name here."""
 
-    store: Store
-    keys: PartitionKeys
-    retention_ms: int
+    def __init__(self, client: RedflowClient) -> None:
+        self._client = client
+        self.store: Store = client.store
+        self.keys: PartitionKeys = client.keys
+
+    @property
+    def retention_ms(self) -> int:
+        return self._client.retention_ms
 
     # --- index pages ----------------------------------------------------------------------------------
     async def _page(
@@ -111,10 +118,11 @@ class QueriesMixin:
 
     async def index_page(
         self, prefix: bytes, after: str | None, limit: int, created_after: int | None = None,
-        created_before: int | None = None,
+        created_before: int | None = None, *, descending: bool = False,
     ) -> list[str]:
-        """Up to ``limit`` run ids of one index prefix, oldest first, after the id ``after``."""
-        return await self._page(self.keys.index, prefix, after, limit, False, created_after, created_before)
+        """Up to ``limit`` run ids of one index prefix past the id ``after``, oldest first (newest
+        first when ``descending``)."""
+        return await self._page(self.keys.index, prefix, after, limit, descending, created_after, created_before)
 
     async def _ids(
         self, prefixes: list[bytes], cursor: str | None, limit: int, descending: bool,
