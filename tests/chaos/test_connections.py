@@ -1,7 +1,8 @@
 """Connection faults through a real TCP proxy (issue 10, item 3): deadlines, reconnects, readiness.
 
 The frozen-connection test fails on f04b3d6: a half-open connection (peer silent, no RST) hung the
-heartbeat and the claim loop forever while the worker kept reporting itself ready.
+heartbeat and the claim loop forever while the worker kept reporting itself ready. The last test
+(xfail, strict) reproduces the same hang for a half-open *replacement* of the blocking connection.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 from redflow import RedflowClient, StartWorkerOptions, WorkflowHandlerContext, WorkflowRegistry, define_workflow
 from redflow import start_worker as start_redflow_worker
 from redflow._redis.client import ServerAddress
+from redflow.errors import TimeoutError as RedflowTimeoutError
 
 from ..conftest import wait_until
 from .proxy import FaultProxy
@@ -66,5 +68,75 @@ async def test_readiness_turns_false_while_renewals_stall(
         await wait_until(lambda: not worker.ready, timeout_s=10, what="readiness false")
         proxy.refuse = False
         await wait_until(lambda: worker.ready, timeout_s=15, what="readiness back")
+    finally:
+        await asyncio.wait_for(worker.stop(grace_period_ms=0), 20)
+
+
+CLIENT_ID = b"*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n"  # the first command of a worker's blocking connection
+
+
+async def test_half_open_connections_and_black_holed_reconnects_are_abandoned(
+    client: RedflowClient, registry: WorkflowRegistry, prefix: str, proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every open connection goes silent and stays open, and so does every new one for a while: the
+    command deadline abandons each, readiness turns false, and the worker works again once a new
+    connection gets an answer. (The blocking connection's reconnects are spared: see the next test.)"""
+    monkeypatch.setenv("REDFLOW_COMMAND_TIMEOUT_MS", "1000")
+    wf = define_workflow("half-open", handler=_echo, registry=registry)
+    worker = await start_redflow_worker(StartWorkerOptions(
+        app="chaos", url=proxy.url, prefix=prefix, registry=registry, lease_ms=1500, blmove_timeout_sec=1.0,
+        watchdog_stalled_for_ms=1000,
+    ))
+    try:
+        assert await (await client.enqueue_definition(wf, 1)).result(timeout_ms=5000) == 1
+        proxy.spare = lambda first: first.startswith(CLIENT_ID)
+        proxy.blackhole = True
+        frozen = proxy.half_open()  # open connections frozen for good; new ones accepted, never answered
+        assert frozen >= 2
+        await wait_until(lambda: not worker.ready, timeout_s=10, what="readiness false")
+        await wait_until(lambda: len(proxy.blackholed) >= 2, timeout_s=10, what="reconnects into the black hole")
+        proxy.blackhole = False
+        handle = await client.enqueue_definition(wf, 2)  # enqueued directly, not through the proxy
+        assert await handle.result(timeout_ms=15_000) == 2
+        await wait_until(lambda: worker.ready, timeout_s=10, what="the worker ready again")
+        assert len(proxy.detached) == frozen  # nothing closed them: the worker gave up on them itself
+    finally:
+        await asyncio.wait_for(worker.stop(grace_period_ms=0), 20)
+
+
+async def _blocked_client_ids(client: RedflowClient) -> list[str]:
+    listing = (await client.redis.execute("CLIENT", "LIST")).decode()
+    return [field[3:] for line in listing.splitlines() if "cmd=brpop" in line
+            for field in line.split() if field.startswith("id=")]
+
+
+@pytest.mark.xfail(strict=True, raises=RedflowTimeoutError, reason=(
+    "engine bug: Worker._block sends CLIENT ID on a new blocking connection with no deadline "
+    "(src/redflow/worker/worker.py), so a half-open replacement hangs the claim loop for good"))
+async def test_a_half_open_replacement_of_the_blocking_connection_is_abandoned(
+    client: RedflowClient, registry: WorkflowRegistry, prefix: str, proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The blocking connection drops while the shared one stays healthy, and its replacement is
+    accepted and never answered: the claim loop must give up on it (deadline) and claim again. It
+    hangs instead, claiming nothing, while the heartbeat keeps the worker ready."""
+    monkeypatch.setenv("REDFLOW_COMMAND_TIMEOUT_MS", "1000")
+    wf = define_workflow("half-open-blocking", handler=_echo, registry=registry)
+    worker = await start_redflow_worker(StartWorkerOptions(
+        app="chaos", url=proxy.url, prefix=prefix, registry=registry, lease_ms=1500, blmove_timeout_sec=1.0,
+        watchdog_stalled_for_ms=1000,
+    ))
+    try:
+        assert await (await client.enqueue_definition(wf, 1)).result(timeout_ms=5000) == 1
+        blocked = await wait_until(lambda: _blocked_client_ids(client), timeout_s=10, what="the worker in BRPOP")
+        proxy.blackhole = True  # new connections only: the shared one keeps working
+        for client_id in blocked:
+            await client.redis.execute("CLIENT", "KILL", "ID", client_id)
+        await wait_until(lambda: proxy.blackholed, timeout_s=10, what="the blocking connection reopened")
+        proxy.blackhole = False
+        handle = await client.enqueue_definition(wf, 2)
+        assert await handle.result(timeout_ms=8_000) == 2
+        assert worker.ready
     finally:
         await asyncio.wait_for(worker.stop(grace_period_ms=0), 20)

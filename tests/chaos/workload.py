@@ -1,6 +1,6 @@
 """The chaos workload and its worker process.
 
-``python -m tests.chaos.workload URL PREFIX LOG_DIR CONCURRENCY LEASE_MS``.
+``python -m tests.chaos.workload URL PREFIX LOG_DIR CONCURRENCY LEASE_MS [PROBE_QUEUE]``.
 
 Every step body and every on_failure call appends lines to ``LOG_DIR/exec-<pid>.log`` with one
 ``os.write`` on an O_APPEND descriptor (no buffering: a SIGKILL loses nothing already written, and a
@@ -12,7 +12,9 @@ server that loses data cannot lose these). A line is tab-separated:
 recorded output), ``raise`` (it failed on purpose), ``hook-start`` / ``hook-end`` (on_failure). The
 checker in test_workload.py compares these with what the server recorded.
 
-The process serves until SIGTERM, then drains and exits 0.
+The process serves until SIGTERM, then drains and exits 0. With PROBE_QUEUE it also claims from that
+queue, which only this process serves: a ``chaos-probe`` run sent there proves that its claim loop
+still works after the faults (tests/chaos/supervised.py runs the same workload under the supervisor).
 """
 
 from __future__ import annotations
@@ -125,6 +127,10 @@ async def hook(ctx: Any) -> None:
     _log("hook-end", ctx.run.id, "on_failure")
 
 
+async def probe(ctx: WorkflowHandlerContext[Any]) -> int:
+    return os.getpid()
+
+
 FAST_RETRY = WorkflowRetryPolicy(max_attempts=3, delay=50)
 
 define_workflow("chaos-steps", handler=steps, registry=registry, on_failure=hook, retries=FAST_RETRY)
@@ -136,24 +142,28 @@ define_workflow("chaos-retry", handler=flaky, registry=registry, on_failure=hook
 define_workflow("chaos-fail", handler=doomed, registry=registry, on_failure=hook,
                 retries=WorkflowRetryPolicy(max_attempts=2, delay=50))
 define_workflow("chaos-cancel", handler=cancel_target, registry=registry, on_failure=hook, retries=FAST_RETRY)
+define_workflow("chaos-probe", handler=probe, registry=registry)
 
 # What each workflow ends as when nobody cancels it.
 DESIGNED_STATUS = {
     "chaos-steps": "succeeded", "chaos-sleep": "succeeded", "chaos-event": "succeeded", "chaos-child": "succeeded",
     "chaos-parent": "succeeded", "chaos-retry": "succeeded", "chaos-fail": "failed", "chaos-cancel": "canceled",
+    "chaos-probe": "succeeded",
 }
 # The step bodies of each workflow (recorded outputs are checked against the logs).
 STEP_NAMES = {
     "chaos-steps": ("a", "b", "c"), "chaos-sleep": ("a", "b"), "chaos-event": ("a", "b"), "chaos-child": ("c1",),
     "chaos-parent": ("a", "b"), "chaos-retry": ("a", "flaky"), "chaos-fail": ("a",), "chaos-cancel": ("a", "b"),
+    "chaos-probe": (),
 }
 
 
-async def main(url: str, prefix: str, concurrency: int, lease_ms: int) -> None:
+async def main(url: str, prefix: str, concurrency: int, lease_ms: int, probe_queue: str | None) -> None:
     set_default_client(create_client(url=url, prefix=prefix))
     worker = await start_worker(StartWorkerOptions(
         app="chaos", url=url, prefix=prefix, registry=registry, concurrency=concurrency, lease_ms=lease_ms,
         grace_period_ms=2000, max_recoveries=1000, blmove_timeout_sec=1.0, reaper_interval_ms=500,
+        queues=registry.queues() + ([probe_queue] if probe_queue else []),
     ))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -166,4 +176,5 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {os.getpid()} %(name)s %(message)s")
     url_arg, prefix_arg, log_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     os.environ["CHAOS_LOG_DIR"] = log_dir
-    asyncio.run(main(url_arg, prefix_arg, int(sys.argv[4]), int(sys.argv[5])))
+    probe_arg = sys.argv[6] if len(sys.argv) > 6 else None
+    asyncio.run(main(url_arg, prefix_arg, int(sys.argv[4]), int(sys.argv[5]), probe_arg))
