@@ -5,7 +5,6 @@ touched (post/redirect/get), or shows what went wrong."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from starlette.datastructures import FormData
@@ -13,11 +12,9 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from ..errors import ConfigurationError
+from .context import dashboard_of
 from .filters import RunFilters
 from .security import CSRF_FIELD
-
-if TYPE_CHECKING:
-    from .app import Dashboard
 
 BULK_ACTIONS = ("retry", "cancel")
 
@@ -26,16 +23,10 @@ class FormRefused(Exception):
     """A form without this dashboard's CSRF field."""
 
 
-def _dashboard(request: Request) -> Dashboard:
-    from .app import dashboard_of
-
-    return dashboard_of(request)
-
-
 async def _form(request: Request) -> FormData:
     form = await request.form()
     value = form.get(CSRF_FIELD)
-    if not _dashboard(request).guard.csrf_matches(value if isinstance(value, str) else None):
+    if not dashboard_of(request).guard.csrf_matches(value if isinstance(value, str) else None):
         raise FormRefused
     return form
 
@@ -46,7 +37,7 @@ def _text(form: FormData, name: str) -> str:
 
 
 def _refused(request: Request) -> Response:
-    return _dashboard(request).error(
+    return dashboard_of(request).error(
         request, 403, "Form refused",
         "This form does not carry the dashboard's current form token: it came from another page, or the "
         "dashboard restarted since the page was loaded. Reload the page and try again.")
@@ -62,7 +53,7 @@ async def cancel(request: Request) -> Response:
         form = await _form(request)
     except FormRefused:
         return _refused(request)
-    d = _dashboard(request)
+    d = dashboard_of(request)
     run_id = request.path_params["run_id"]
     if await d.client.get_run(run_id) is None:
         return d.error(request, 404, "Run not found", f"run {run_id} does not exist")
@@ -79,7 +70,7 @@ async def retry(request: Request) -> Response:
         await _form(request)
     except FormRefused:
         return _refused(request)
-    handle = await _dashboard(request).client.retry_run(request.path_params["run_id"])
+    handle = await dashboard_of(request).client.retry_run(request.path_params["run_id"])
     return _to_run(handle.id, "retried", live=True)
 
 
@@ -88,7 +79,7 @@ async def replay(request: Request) -> Response:
         form = await _form(request)
     except FormRefused:
         return _refused(request)
-    client = _dashboard(request).client
+    client = dashboard_of(request).client
     run_id = request.path_params["run_id"]
     from_step, queue = _text(form, "from_step") or None, _text(form, "queue") or None
     raw_input = _text(form, "input")
@@ -108,7 +99,7 @@ async def bulk(request: Request) -> Response:
         form = await _form(request)
     except FormRefused:
         return _refused(request)
-    d = _dashboard(request)
+    d = dashboard_of(request)
     action = _text(form, "action")
     if action not in BULK_ACTIONS:
         raise ConfigurationError(f"bulk action must be retry or cancel, got {action!r}")

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..types import TERMINAL_STATUSES, ListEventsParams
 from . import data, timeline
+from .context import dashboard_of
 from .filters import PAGE_SIZE, STATUSES, RunFilters, time_input
 from .format import now_ms
-
-if TYPE_CHECKING:
-    from .app import Dashboard
 
 FAILURES_SCANNED = 1000  # list_failures groups the newest 1000 failed runs by default
 FANOUT_STATUSES = ("pending", "completed", "partial", "failed", "no-subscribers")
@@ -33,23 +31,17 @@ NOTICES = {
 }
 
 
-def _dashboard(request: Request) -> Dashboard:
-    from .app import dashboard_of
-
-    return dashboard_of(request)
-
-
 def _notice(request: Request) -> str | None:
     return NOTICES.get(request.query_params.get("done", ""))
 
 
 async def overview(request: Request) -> Response:
-    d = _dashboard(request)
+    d = dashboard_of(request)
     return d.render(request, "overview.html", active="overview", **await data.overview(d.client))
 
 
 async def runs(request: Request) -> Response:
-    d = _dashboard(request)
+    d = dashboard_of(request)
     f = RunFilters.read(request.query_params)
     result, metas = await asyncio.gather(d.client.search_runs(f.search(PAGE_SIZE)), d.client.list_workflows_meta())
     return d.render(
@@ -62,7 +54,7 @@ async def runs(request: Request) -> Response:
 
 
 async def run_detail(request: Request) -> Response:
-    d = _dashboard(request)
+    d = dashboard_of(request)
     client = d.client
     run_id = request.path_params["run_id"]
     run = await client.get_run(run_id)
@@ -92,7 +84,7 @@ async def _nothing() -> Any:
 
 
 async def failures(request: Request) -> Response:
-    d = _dashboard(request)
+    d = dashboard_of(request)
     workflow = request.query_params.get("workflow") or None
     groups, workflows = await asyncio.gather(d.client.list_failures(workflow=workflow), d.client.list_workflows())
     by_category = {key: [g for g in groups if g["category"] == key] for key, _, _ in FAILURE_CATEGORIES}
@@ -102,7 +94,7 @@ async def failures(request: Request) -> Response:
 
 
 async def events(request: Request) -> Response:
-    d = _dashboard(request)
+    d = dashboard_of(request)
     q = request.query_params
     name = q.get("name") or None
     fanout = q.get("fanout_status") or None
@@ -116,7 +108,7 @@ async def events(request: Request) -> Response:
 
 
 async def event_detail(request: Request) -> Response:
-    d = _dashboard(request)
+    d = dashboard_of(request)
     event_id = request.path_params["event_id"]
     event = await d.client.get_event(event_id)
     if event is None:
@@ -125,6 +117,6 @@ async def event_detail(request: Request) -> Response:
 
 
 async def workflows(request: Request) -> Response:
-    d = _dashboard(request)
+    d = dashboard_of(request)
     return d.render(request, "workflows.html", active="workflows", rows=await data.workflow_rows(d.client),
                     cap=data.LIVE_COUNT_CAP)
