@@ -78,6 +78,10 @@ async def test_with_a_token_every_page_asks_for_it_once(guarded: Served, page: A
         assert bearer.status == 200
         refused = await anonymous.request.post(guarded.url("/runs/bulk"), form={"action": "cancel"})
         assert refused.status == 401
+        for target in ("//evil.example/x", "/\\evil.example", "https://evil.example"):  # no open redirect
+            signed_in = await anonymous.request.post(guarded.url("/login"), form={"token": TOKEN, "next": target},
+                                                     max_redirects=0)
+            assert signed_in.status == 303 and signed_in.headers["location"] == "/", target
     finally:
         await anonymous.close()
     assert (await api.get(guarded.url("/healthz"))).status == 200

@@ -66,7 +66,7 @@ async def login(request: Request) -> Response:
     form = await request.form()
     token = form.get("token")
     target = str(form.get("next") or "/")
-    if not target.startswith("/") or target.startswith("//"):
+    if not target.startswith("/") or target[1:2] in ("/", "\\"):  # only a path of this site
         target = "/"
     if not dashboard.guard.token_matches(token if isinstance(token, str) else None):
         return dashboard.render(request, "login.html", status=401, next=target, failed=True)
