@@ -79,6 +79,7 @@ async def test_every_page_renders_real_runs(dashboard: Served, page: Any, shop_r
     await expect(page.locator("#explanation")).to_have_attribute("data-reason", "waiting_event")
     await expect(page.locator("#explanation")).to_contain_text("refund.approved")
     await expect(page.locator("#cancel")).to_be_visible()
+    await shots(page, "waiting-run")
 
     # Failures: exhausted, non-retriable and their groups.
     await open_page(page, dashboard.url("/failures"))

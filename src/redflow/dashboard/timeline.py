@@ -41,6 +41,8 @@ def _step_bar(step: StepState) -> Bar:
     if wait is not None and wait.get("kind") == "event":
         notes.append(f"event {wait.get('event')}" + (f" key {wait.get('correlation_key')}"
                                                      if wait.get("correlation_key") else ""))
+        if step.get("status") == "running" and step.get("wait_until_at"):
+            notes.append("times out " + _hhmmss(step.get("wait_until_at")))
     if wait is not None and wait.get("kind") == "input":
         kind = "input"
         notes.append(str(wait.get("message") or "waiting for input"))
