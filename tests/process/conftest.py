@@ -43,3 +43,6 @@ def spawn_worker(redis_url: str, prefix: str) -> Iterator[Spawn]:
 async def counter(client: RedflowClient, name: str) -> int:
     raw = await client.redis.execute("GET", f"{client.prefix}:test:count:{name}")
     return int(raw or 0)
+
+
+from .supervised import start_supervisor  # noqa: E402,F401 (the fixture, for every process test)

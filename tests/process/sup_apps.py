@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from redflow import CronTrigger, WorkflowHandlerContext, create_client, define_workflow
+from redflow import CronTrigger, WorkflowHandlerContext, WorkflowRetryPolicy, create_client, define_workflow
 
 client = create_client(url=os.environ["SUP_TEST_URL"], prefix=os.environ["SUP_TEST_PREFIX"])
 
@@ -52,3 +52,14 @@ define_workflow("sup-hog", handler=hog)
 define_workflow("sup-block", handler=blocker)
 if os.environ.get("SUP_TEST_CRON"):
     define_workflow("sup-tick", handler=ticker, cron=[CronTrigger("* * * * * *", timezone="UTC", id="sup-tick")])
+
+
+async def sleepy_retry(ctx: WorkflowHandlerContext[Any]) -> int:
+    """Sleeps durably, then fails its first attempt: one run, three executions (start, wake, retry)."""
+    await ctx.step.wait_for("nap", 50)
+    if ctx.run.attempt == 1:
+        raise RuntimeError("first attempt fails")
+    return ctx.run.attempt
+
+
+define_workflow("sup-sleepy-retry", handler=sleepy_retry, retries=WorkflowRetryPolicy(delay=20))

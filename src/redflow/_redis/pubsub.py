@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from ..observability.logs import OutageLog
 from .client import RedisClient
 from .connection import Connection
 from .errors import RedisError
@@ -101,16 +102,18 @@ class Subscriber:
 
     async def _resubscribe(self) -> None:
         delay = 0.05
+        outage = OutageLog(log, "pub/sub connection")
         while self._handlers and not self._closed:
             try:
                 conn = await self._connection()
                 channels = list(self._handlers)
                 await asyncio.gather(*(conn.execute("SUBSCRIBE", ch) for ch in channels))
             except RedisError as exc:
-                log.warning("pub/sub reconnect failed (%s); retrying in %.2fs", exc, delay)
+                outage.failed(exc)  # one line when it starts, a summary while it lasts
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
+            outage.succeeded()
             for channel in channels:
                 for handler in list(self._handlers.get(channel, ())):
                     handler(None)

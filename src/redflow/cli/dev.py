@@ -26,17 +26,25 @@ def run_dev(args: argparse.Namespace) -> int:
             _wait_for_stop()
             return 0
         from ..supervisor import main as supervisor_main
-        from ..supervisor.config import build_parser
 
         argv = ["--url", server.url, "--procs", str(args.procs)]
         for module in args.imports:
             argv += ["--import", module]
-        if "--dashboard-port" in build_parser().format_help():
+        if _dashboard_available():
             argv += ["--dashboard-port", "8080"]
             print("redflow dev: dashboard at http://127.0.0.1:8080", flush=True)
         return supervisor_main(argv)
     finally:
         server.stop()
+
+
+def _dashboard_available() -> bool:
+    """Whether the supervisor can serve the dashboard (the ``dashboard`` extra is installed)."""
+    try:
+        from ..dashboard.config import missing_extra
+    except ImportError:
+        return False
+    return missing_extra() is None
 
 
 def _wait_for_stop() -> None:

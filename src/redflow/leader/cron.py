@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
+from .. import observability
 from .._redis.errors import RedisError
 from ..encoding import encode
 from ..errors import ConfigurationError
@@ -209,6 +210,8 @@ class CronScheduler:
         worker = self._worker
         run_id = cron_run_id(tid, slot_ms, worker.store.keys.partition)
         code = await worker.client.events.cron_fire(tid, slot_ms, run_id, record)
+        if code in (Code.OK, Code.CREATED):
+            observability.observe("cron", 1, "skipped" if code is Code.OK else "fired")
         if code is Code.OK:
             self.skipped += 1
             log.warning("cron %s: slot %d skipped, workflow %r is at max_concurrency", tid, slot_ms, record.workflow)

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 from .. import observability
 from .._redis.errors import RedisError
 from ..ids import new_run_id, run_id_time_ms
+from ..observability.logs import log_outcome
 from ..storage.codes import Code
+from ..storage.records import RunHeader
 from .cron import CronScheduler
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ class LeaderDuties:
         self._event_timer: asyncio.TimerHandle | None = None
         self._next_sample = 0.0
         self._sampled_queues: set[str] = set()
+        self._sampled_statuses: set[str] = set()
         self._round: asyncio.Task[None] | None = None
 
     def tick(self, beat: Heartbeat) -> None:
@@ -82,6 +85,9 @@ class LeaderDuties:
         """Backlog gauges per queue (ready, scheduled, age of the oldest ready run)."""
         client = self._worker.client
         stats = await client.get_stats()
+        for status, count in stats["by_status"].items():
+            observability.set_gauge("by_status", count, status)
+        self._sampled_statuses.update(stats["by_status"])
         for queue, sizes in stats["backlog"].items():
             observability.set_gauge("backlog", sizes["ready"], queue, "ready")
             observability.set_gauge("backlog", sizes["scheduled"], queue, "scheduled")
@@ -91,6 +97,8 @@ class LeaderDuties:
             self._sampled_queues.add(queue)
 
     def step_down(self) -> None:
+        for status in self._sampled_statuses:
+            observability.set_gauge("by_status", 0, status)
         for queue in self._sampled_queues:  # a former leader's samples must not outweigh the new one's
             observability.set_gauge("backlog", 0, queue, "ready")
             observability.set_gauge("backlog", 0, queue, "scheduled")
@@ -142,7 +150,8 @@ class LeaderDuties:
                 continue
             while True:
                 code, taken, crashed, left = await worker.store.reap(
-                    worker.leader_value, dead, s.max_recoveries, worker.retention_ms, s.reaper_batch_size
+                    worker.leader_value, dead, s.max_recoveries, worker.retention_ms, s.reaper_batch_size,
+                    on_run=_log_reaped,
                 )
                 if code is not Code.OK:
                     if code is Code.NOT_LEADER:
@@ -175,3 +184,21 @@ class LeaderDuties:
                 break
         if runs or events:
             log.info("leader %s: retention removed %d run(s) and %d event(s)", worker.id, runs, events)
+
+
+_REAPED = {"requeued": "recovered", "crashed": "crashed", "canceled": "canceled", "hook": "recovered",
+           "gave_up": "recovered"}
+
+
+def _log_reaped(run_id: str, outcome: str, h: RunHeader | None) -> None:
+    """One line per run taken back from a dead worker (or failed as crashed, or canceled)."""
+    if outcome in ("requeued", "hook", "gave_up"):
+        observability.observe("recovered", 1)
+    if h is None:
+        return
+    error = None
+    if outcome == "crashed":
+        error = {"name": "CrashedError", "kind": "crashed",
+                 "message": f"the workers running it kept dying ({(h.lapses or 0) + 1} times)"}
+    log_outcome(_REAPED.get(outcome, outcome), run_id=run_id, workflow=h.workflow, queue=h.queue,
+                attempt=max(h.attempt, 1), max_attempts=h.max_attempts, error=error)

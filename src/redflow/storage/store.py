@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from .._redis.client import RedisClient
@@ -346,14 +346,17 @@ class Store:
         return [i.decode() for i in ids]
 
     async def reap(
-        self, leader: str, worker_id: str, max_lapses: int, retention_ms: int, batch: int
+        self, leader: str, worker_id: str, max_lapses: int, retention_ms: int, batch: int,
+        on_run: Callable[[str, str, RunHeader | None], None] | None = None,
     ) -> tuple[Code, int, int, int]:
-        """Take back the runs of a lapsed worker: (code, taken back, failed as crashed, left)."""
+        """Take back the runs of a lapsed worker: (code, taken back, failed as crashed, left).
+        ``on_run(run id, outcome, header before)`` is called for each run handled."""
         k = self.keys
         owned_key = k.owned(worker_id)
         ids = [i.decode() for i in await self.redis.execute("SRANDMEMBER", owned_key, batch)]
         headers = await self.redis.execute("HMGET", k.runs, *ids) if ids else []
-        queue_of = {i: decode_header(h).queue for i, h in zip(ids, headers, strict=True) if h is not None}
+        before = {i: decode_header(h) for i, h in zip(ids, headers, strict=True) if h is not None}
+        queue_of = {i: h.queue for i, h in before.items()}
 
         async def one(run_id: str) -> Any:
             return await self.scripts.run(
@@ -364,11 +367,13 @@ class Store:
         replies = await asyncio.gather(*(one(i) for i in ids)) if ids else [await one("")]
         taken = crashed = 0
         left = 0
-        for reply in replies:
+        for run_id, reply in zip(ids or [""], replies, strict=True):
             code = Code(reply[0])
             if code is not Code.OK:
                 return code, taken, crashed, 0
             outcome = reply[1].decode()
+            if on_run is not None and outcome != "gone":
+                on_run(run_id, outcome, before.get(run_id))
             taken += outcome != "gone"
             crashed += outcome == "crashed"
             left = int(reply[2])

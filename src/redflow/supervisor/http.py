@@ -78,7 +78,42 @@ def metrics_text(supervisor: Supervisor) -> str:
         "# TYPE redflow_worker_restarts_total counter",
         f"redflow_worker_restarts_total {sum(s.restarts for s in supervisor.slots)}",
     ]
+    lines += _slot_lines(supervisor)
     return merged + "\n".join(lines) + "\n"
+
+
+STATUS_INTERVAL_S = 0.5  # how often a worker process writes its status (supervisor.child)
+
+
+def _slot_lines(supervisor: Supervisor) -> list[str]:
+    """Per worker slot, measured by the supervisor itself (so a blocked worker cannot hide): the age
+    of its last status, whether that is stale (older than two status intervals), and its RSS."""
+    import psutil
+
+    now = time.time()
+    by_pid = {int(s.get("pid", 0)): s for s in supervisor.worker_statuses()}
+    age, stale, rss = [], [], []
+    for slot in supervisor.slots:
+        if slot.pid is None:
+            continue
+        status = by_pid.get(slot.pid)
+        seconds = now - float(status["ts"]) if status and "ts" in status else time.monotonic() - slot.started_at
+        age.append(f'redflow_worker_status_age_seconds{{slot="{slot.index}"}} {max(0.0, seconds):.3f}')
+        stale.append(f'redflow_worker_stale{{slot="{slot.index}"}} {int(seconds > 2 * STATUS_INTERVAL_S)}')
+        try:
+            rss.append(f'redflow_worker_resident_memory_bytes{{slot="{slot.index}"}} '
+                       f"{psutil.Process(slot.pid).memory_info().rss}")
+        except psutil.Error:
+            pass
+    return [
+        "# HELP redflow_worker_status_age_seconds Seconds since each worker process last reported (its event "
+        "loop turns at least every 0.5 s).",
+        "# TYPE redflow_worker_status_age_seconds gauge", *age,
+        "# HELP redflow_worker_stale 1 when a worker process has not reported for two status intervals.",
+        "# TYPE redflow_worker_stale gauge", *stale,
+        "# HELP redflow_worker_resident_memory_bytes Resident memory of each worker process.",
+        "# TYPE redflow_worker_resident_memory_bytes gauge", *rss,
+    ]
 
 
 def _handler_class(supervisor: Supervisor) -> type[BaseHTTPRequestHandler]:

@@ -34,7 +34,8 @@ from ..errors import (
     UnknownWorkflowError,
     WaitForInputError,
 )
-from ..observability import count_run, observe_step
+from ..observability import count_run, observe, observe_step
+from ..observability.logs import log_outcome
 from ..retries import retry_delay_ms, serialize_error
 from ..step import LeaseLostError, StepApi, Suspended, input_wait_info
 from ..storage.codes import Code
@@ -64,8 +65,22 @@ class Execution:
     cancel_requested: bool = False
     started: float = field(default_factory=time.monotonic)
 
-    def count(self, outcome: str) -> None:
-        count_run(self.claimed.header.workflow, outcome, time.monotonic() - self.started)
+    def record_outcome(self, outcome: str, error: bytes | None = None, delay_ms: int | None = None) -> None:
+        """Metrics and the log line of what this execution ended with."""
+        h = self.claimed.header
+        if outcome in ("held", "throttled", "rate_limited"):
+            observe("admission", 1, outcome)
+            if outcome != "rate_limited":
+                return
+        execution_s = time.monotonic() - self.started
+        count_run(h.workflow, "failed" if outcome == "rate_limited" else outcome, execution_s)
+        if outcome in ("succeeded", "failed", "canceled", "rate_limited") and h.started_at_ms:
+            observe("run_seconds", max(0.0, time.time() - h.started_at_ms / 1000), h.workflow)
+        if outcome in ("succeeded", "failed", "retried", "canceled", "deferred", "rate_limited"):
+            decoded = decode(error) if error else None
+            log_outcome(outcome, run_id=self.claimed.id, workflow=h.workflow, queue=h.queue,
+                        attempt=max(h.attempt, 1), max_attempts=h.max_attempts, duration_ms=execution_s * 1000,
+                        error=decoded if isinstance(decoded, dict) else None, delay_ms=delay_ms)
 
     def stop_here(self) -> None:
         """Stop executing the run in this process (the worker stops, or lost the run): set its
@@ -130,7 +145,7 @@ class _RedisBackend:
             self._ex.cancel_requested = True
             raise CanceledError(f"run {run.id} was canceled")
         self._ex.settled = True
-        self._ex.count("suspended")
+        self._ex.record_outcome("suspended")
         raise Suspended(run.id)
 
     async def start_child(
@@ -191,7 +206,7 @@ async def _admit(worker: Worker, ex: Execution) -> bool:
         if code is Code.CANCELED:
             await _finish_canceled(worker, ex)
             return False
-        _settled(ex, code, "deferred")
+        _settled(ex, code, "deferred", error, UNKNOWN_WORKFLOW_DEFER_MS)
         return False
     options = definition.options
     limits: list[tuple[str, int, int] | None] = []
@@ -206,11 +221,11 @@ async def _admit(worker: Worker, ex: Execution) -> bool:
         mutex_key = None if options.mutex is None else admission_key(h.workflow, options.mutex, value)
     except Exception as error:
         # A key function that fails (or invalid input) fails the run: it can never be admitted.
+        payload = serialize_error(error)
         code, status = await worker.store.finish(
-            claimed.id, claimed.token, worker.id, "failed", serialize_error(error), False, worker.retention_ms,
-            h.queue,
+            claimed.id, claimed.token, worker.id, "failed", payload, False, worker.retention_ms, h.queue,
         )
-        _settled(ex, code, status or "failed")
+        _settled(ex, code, status or "failed", payload)
         return False
     hook = options.on_failure is not None
     code, detail = await worker.store.admit(
@@ -221,7 +236,11 @@ async def _admit(worker: Worker, ex: Execution) -> bool:
         claimed.header = detail
         claimed.kind = "run"
         return True
-    _settled(ex, code, code.name.lower())
+    limited_error = None
+    if code is Code.RATE_LIMITED:
+        limited_error = encode({"name": "RateLimitExceededError", "kind": "rate_limited", "retryAfterMs": detail,
+                                "message": f"over the rate limit of workflow {h.workflow!r}; retry after {detail} ms"})
+    _settled(ex, code, code.name.lower(), limited_error)
     if code is Code.RATE_LIMITED and hook:
         run = RunContext(id=claimed.id, workflow=h.workflow, queue=h.queue, attempt=h.attempt + 1,
                          max_attempts=h.max_attempts)
@@ -245,16 +264,18 @@ async def _run(worker: Worker, ex: Execution) -> None:
     definition = worker.registry.get(h.workflow)
     if definition is None:
         # Another worker may have the definition (rolling deploy): defer, keeping the attempt.
-        log.warning("run %s: workflow %r is not defined in this worker; deferring it", claimed.id, h.workflow)
         error = serialize_error(UnknownWorkflowError(h.workflow))
         code = await store.retry(claimed.id, claimed.token, worker.id, h.queue, UNKNOWN_WORKFLOW_DEFER_MS, error, True)
         if code is Code.CANCELED:
             await _finish_canceled(worker, ex)
             return
-        _settled(ex, code, "deferred")
+        _settled(ex, code, "deferred", error, UNKNOWN_WORKFLOW_DEFER_MS)
         return
     run = RunContext(id=claimed.id, workflow=h.workflow, queue=h.queue, attempt=h.attempt, max_attempts=h.max_attempts)
-    count_run(h.workflow, "started")
+    first_start = h.attempt == 1 and h.started_at_ms == h.attempt_started_at_ms
+    count_run(h.workflow, "started" if first_start else "resumed")
+    if h.available_at_ms and h.attempt_started_at_ms:
+        observe("queue_wait_seconds", max(0.0, (h.attempt_started_at_ms - h.available_at_ms) / 1000), h.queue)
     input_value = raw_input = decode(claimed.input)
     backend = _RedisBackend(worker, ex)
     steps = StepApi(run, ex.signal, claimed.steps, backend, worker.max_payload_bytes)
@@ -341,12 +362,14 @@ async def _await_handler(ex: Execution, timeout_ms: int | None) -> Any:
                        f"(attempt {h.attempt})")
 
 
-def _settled(ex: Execution, code: Code, outcome: str) -> None:
+def _settled(
+    ex: Execution, code: Code, outcome: str, error: bytes | None = None, delay_ms: int | None = None
+) -> None:
     """Mark an outcome written; STALE (or a status the run left) means another owner has it."""
     ex.settled = True
     if code in (Code.STALE, Code.WRONG_STATUS):
         raise LeaseLostError(ex.claimed.id)
-    ex.count(outcome)
+    ex.record_outcome(outcome, error, delay_ms)
 
 
 async def _finish_canceled(worker: Worker, ex: Execution) -> None:
@@ -375,13 +398,13 @@ async def _fail_attempt(
         if code is Code.CANCELED:
             await _finish_canceled(worker, ex)
             return
-        _settled(ex, code, "retried")
+        _settled(ex, code, "retried", payload, delay)
         return
     hook = definition.options.on_failure is not None
     code, status = await worker.store.finish(
         claimed.id, claimed.token, worker.id, "failed", payload, hook, worker.retention_ms, claimed.header.queue,
     )
-    _settled(ex, code, status or "failed")
+    _settled(ex, code, status or "failed", payload)
     if hook and status == "failed":
         await _call_hook(worker, ex, run, input_value, error)
 

@@ -22,6 +22,7 @@ from .._redis.connection import Connection
 from .._redis.errors import CommandTimeoutError, RedisError
 from .._redis.pubsub import Subscriber
 from ..client import RedflowClient, create_client, default_prefix
+from ..observability.logs import OutageLog
 from ..registry import WorkflowRegistry, get_default_registry
 from ..storage.codes import Code
 from ..types import StartWorkerOptions
@@ -44,6 +45,9 @@ class Worker:
         self.retention_ms = client.retention_ms
         self.max_payload_bytes = client.max_payload_bytes
         self.queues = settings.queues
+        address = client.redis.address
+        where = address.unix_path or f"{address.host}:{address.port}"
+        self.outage = OutageLog(log, f"worker {self.id}: Redis at {where}")
         self.active: dict[str, Execution] = {}
         self.is_leader = False
         self.leader_value = ""
@@ -227,7 +231,7 @@ class Worker:
             except RedisError as exc:
                 if self._stopping:
                     return
-                log.warning("worker %s: Redis error in claim loop (%s); retrying in %.2fs", self.id, exc, backoff)
+                self.outage.failed(exc)  # one line when the outage starts, a summary, one when it ends
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 # The claim may have been applied with its reply lost: hand back what we do not run.
@@ -356,6 +360,7 @@ class Worker:
             self.store.redis.drop_shared(error)
             raise error from None
         observability.set_gauge("redis_rtt", loop.time() - sent)
+        self.outage.succeeded()
         state, leader = beat.state, beat.leader
         self._last_renewal = loop.time()
         if self._lease_guard is not None:
@@ -404,7 +409,9 @@ class Worker:
             except RedisError as exc:
                 self.ready = False
                 silent_for = loop.time() - self._last_renewal
-                log.warning("worker %s: heartbeat failed (%s), %.1fs since the last renewal", self.id, exc, silent_for)
+                self.outage.failed(exc)
+                if silent_for > s.lease_ms / 1000:
+                    log.debug("worker %s: %.1fs since the last renewal", self.id, silent_for)
             except Exception:
                 self.ready = False
                 log.exception("worker %s: heartbeat raised; the loop goes on", self.id)
