@@ -100,7 +100,7 @@ async def check(h: Harness, kinds: list[str]) -> Report:
         got = await asyncio.gather(*(h.retry("steps", client.get_run_steps, r) for r in chunk))
         for run_id, steps in zip(chunk, got, strict=True):
             step_outputs[run_id] = {s["name"]: s.get("output") for s in steps if s.get("status") == "succeeded"}
-    data_loss_times = [f.start for f in h.faults if f.kind in DATA_LOSS]
+    data_loss_times = [f.lost_data_at for f in h.faults if f.kind in DATA_LOSS]
     conts: dict[int, list[float]] = defaultdict(list)
     for f in h.faults:
         if f.kind == "worker_stop":

@@ -38,7 +38,7 @@ REAPER_MS = 500
 CONCURRENCY = 4
 STEP_MS = 60  # mean duration of a step body: the drain lasts about as long as the faults
 COMMAND_TIMEOUT_MS = 1500
-BLOCK_WATCHDOG_S = 1.0 + 15.0  # blmove_timeout_sec of workload.py + the default watchdog_stalled_for_ms
+BLOCK_WATCHDOG_S = 1.0 + 2.0  # blmove_timeout_sec + watchdog_stalled_for_ms of workload.py
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 # Per 100 runs.
 MIX = {"chaos-steps": 34, "chaos-sleep": 14, "chaos-event": 14, "chaos-parent": 10, "chaos-retry": 12,
@@ -70,6 +70,11 @@ class Fault:
     end: float = 0.0
     pids: list[int] = field(default_factory=list)  # worker processes it killed, paused or orphaned
     detail: str = ""
+    loss_at: float | None = None  # when the server's data was lost, if not at ``start`` (a DATA_LOSS kind)
+
+    @property
+    def lost_data_at(self) -> float:
+        return self.start if self.loss_at is None else self.loss_at
 
 
 @dataclass
@@ -247,9 +252,11 @@ class Harness:
 
     async def emit_events(self, ids: list[str]) -> None:
         assert self.client is not None
-        for run_id in ids:
-            await self.retry("emit", self.client.emit_event, EVENT, {"for": run_id}, correlation_key=run_id,
-                             event_id=f"ping-{run_id}")
+        client = self.client
+        for i in range(0, len(ids), 50):  # 50 at a time: they share one pipelined connection
+            await asyncio.gather(*(
+                self.retry("emit", client.emit_event, EVENT, {"for": run_id}, correlation_key=run_id,
+                           event_id=f"ping-{run_id}") for run_id in ids[i:i + 50]))
 
     async def cancel_one(self, run_id: str) -> None:
         assert self.client is not None
@@ -280,9 +287,9 @@ class Harness:
 
     async def server_restarted(self) -> None:
         """What a client that knows the server may have lost writes does: re-send what it cannot lose."""
-        for run_id, ok in list(self.cancel_result.items()):
-            if ok:
-                await self.cancel_one(run_id)
+        canceled = [run_id for run_id, ok in self.cancel_result.items() if ok]
+        for i in range(0, len(canceled), 50):
+            await asyncio.gather(*(self.cancel_one(run_id) for run_id in canceled[i:i + 50]))
         statuses = await self.statuses(self.event_runs)
         await self.emit_events([r for r, s in zip(self.event_runs, statuses, strict=True) if s not in TERMINAL])
 

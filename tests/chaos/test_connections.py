@@ -136,7 +136,7 @@ async def test_a_half_open_replacement_of_the_blocking_connection_is_abandoned(
         await wait_until(lambda: proxy.blackholed, timeout_s=10, what="the blocking connection reopened")
         proxy.blackhole = False
         handle = await client.enqueue_definition(wf, 2)
-        assert await handle.result(timeout_ms=8_000) == 2
+        assert await handle.result(timeout_ms=5_000) == 2
         assert worker.ready
     finally:
         await asyncio.wait_for(worker.stop(grace_period_ms=0), 20)

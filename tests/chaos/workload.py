@@ -163,6 +163,7 @@ async def main(url: str, prefix: str, concurrency: int, lease_ms: int, probe_que
     worker = await start_worker(StartWorkerOptions(
         app="chaos", url=url, prefix=prefix, registry=registry, concurrency=concurrency, lease_ms=lease_ms,
         grace_period_ms=2000, max_recoveries=1000, blmove_timeout_sec=1.0, reaper_interval_ms=500,
+        watchdog_stalled_for_ms=2000,  # a blocking wait is abandoned 3 s after it began (20 s by default)
         queues=registry.queues() + ([probe_queue] if probe_queue else []),
     ))
     stop = asyncio.Event()
