@@ -45,11 +45,15 @@ class WorkerProc:
         self.ready_ts = 0.0
 
     @classmethod
-    async def start(cls, url: str, prefix: str, concurrency: int, idle_s: float = 0.0) -> WorkerProc:
+    async def start(
+        cls, url: str, prefix: str, concurrency: int, idle_s: float = 0.0, tracing: bool = False
+    ) -> WorkerProc:
         stderr = tempfile.TemporaryFile()
         args = [sys.executable, "-m", "bench.worker_proc", url, prefix, "--concurrency", str(concurrency)]
         if idle_s:
             args += ["--idle", str(idle_s)]
+        if tracing:
+            args.append("--tracing")
         proc = await asyncio.create_subprocess_exec(*args, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=stderr)
         self = cls(proc, stderr)
         line = await self._line(60)
@@ -165,7 +169,7 @@ class Scenarios:
         return {"enqueue_batched_per_s": self.p.batched_n / elapsed,
                 "enqueue_many_per_s": self.p.batched_n / many_elapsed}
 
-    async def drain(self, workflow: str = "echo") -> dict[str, float]:
+    async def drain(self, workflow: str = "echo", tracing: bool = False) -> dict[str, float]:
         """Fill the queue, start the worker, time it until the last run is succeeded; memory and commands.
 
         Measurements go through a connection of their own (``meter``), opened before the client's, so its
@@ -180,7 +184,7 @@ class Scenarios:
             a = await server.total_commands(meter)
             await enqueue_batched(WORKFLOWS[workflow], n, self.p.chunk)
             b = await server.total_commands(meter)
-            worker = await WorkerProc.start(self.url, client.prefix, self.p.concurrency)
+            worker = await WorkerProc.start(self.url, client.prefix, self.p.concurrency, tracing=tracing)
             t1 = await self._wait_succeeded(meter, client, n, worker, timeout_s=60 + n / 20)
             stats = await worker.stop()
             check_frozen(stats)
@@ -209,6 +213,17 @@ class Scenarios:
 
     async def drain_3step(self) -> dict[str, float]:
         return await self.drain("three_step")
+
+    async def tracing(self) -> dict[str, float]:
+        """The echo and 3-step drains with tracing off (REDFLOW_TRACING=0) and on (an OpenTelemetry SDK
+        provider recording every span), back to back; the ratios are traced / untraced throughput."""
+        out: dict[str, float] = {}
+        for workflow, tag in (("echo", ""), ("three_step", "_3step")):
+            off = (await self.drain(workflow))[f"drain{tag}_per_s"]
+            on = (await self.drain(workflow, tracing=True))[f"drain{tag}_per_s"]
+            out |= {f"drain{tag}_untraced_per_s": off, f"drain{tag}_traced_per_s": on,
+                    f"tracing{tag}_drain_ratio": on / off}
+        return out
 
     async def _wait_succeeded(
         self, meter: RedisClient, client: RedflowClient, n: int, worker: WorkerProc, timeout_s: float
@@ -399,4 +414,4 @@ def latency_metrics(samples_s: list[float]) -> dict[str, float]:
 
 # Run in this order: the latency scenario warms the server's script cache before the drains measure memory.
 SCENARIOS = ("enqueue_serial", "enqueue_batched", "latency", "drain", "drain_3step", "idle", "waits", "cleanup",
-             "supervisor")
+             "supervisor", "tracing")

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -21,7 +22,27 @@ from redflow import StartWorkerOptions, start_worker
 from .workflows import registry
 
 
+def configure_tracing(on: bool) -> None:
+    """--tracing: an OpenTelemetry SDK provider whose spans are batched to an exporter that drops
+    them (the cost of recording and processing spans, without a collector); else REDFLOW_TRACING=0."""
+    if not on:
+        os.environ["REDFLOW_TRACING"] = "0"
+        return
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Dropping(SpanExporter):
+        def export(self, spans: object) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Dropping()))
+    trace.set_tracer_provider(provider)
+
+
 async def main(args: argparse.Namespace) -> None:
+    configure_tracing(args.tracing)
     worker = await start_worker(
         StartWorkerOptions(
             app="bench", url=args.url, prefix=args.prefix, registry=registry, concurrency=args.concurrency,
@@ -65,4 +86,5 @@ if __name__ == "__main__":
     parser.add_argument("prefix")
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--idle", type=float, default=0.0)
+    parser.add_argument("--tracing", action="store_true", help="record spans (OpenTelemetry SDK)")
     asyncio.run(main(parser.parse_args()))

@@ -31,6 +31,7 @@ from .errors import (
     TimeoutError,
     WaitForInputError,
 )
+from .observability import tracing
 from .retries import serialize_error
 from .storage.records import StepRecord
 from .types import ReceivedEvent, RunContext
@@ -277,16 +278,18 @@ class StepApi:
             kwargs["signal"] = signal
         started = _now_ms()
         self._active_signals.add(signal)
+        run = self._run
         try:
-            if timeout_ms is None:
-                result = await _call(fn, args, kwargs)
-            else:
-                try:
-                    async with asyncio.timeout(timeout_ms / 1000):
-                        result = await _call(fn, args, kwargs)
-                except builtins.TimeoutError:
-                    signal.set()
-                    raise TimeoutError(f"{self._where(name)} timed out after {timeout_ms} ms") from None
+            with tracing.step(name, run.id, run.workflow, run.attempt):
+                if timeout_ms is None:
+                    result = await _call(fn, args, kwargs)
+                else:
+                    try:
+                        async with asyncio.timeout(timeout_ms / 1000):
+                            result = await _call(fn, args, kwargs)
+                    except builtins.TimeoutError:
+                        signal.set()
+                        raise TimeoutError(f"{self._where(name)} timed out after {timeout_ms} ms") from None
             data = self._encode(result, name)
         except WaitForInputError as wait:
             # Only this step runs again once input arrives; recorded steps are kept.

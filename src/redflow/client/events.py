@@ -10,6 +10,7 @@ from ..durations import datetime_ms
 from ..encoding import encode_payload
 from ..errors import CanceledError, ConfigurationError, RedflowError
 from ..ids import new_run_id
+from ..observability import tracing
 from ..storage.codes import Code
 from ..storage.event_store import EventStore
 from ..types import IDEMPOTENCY_TTL_SEC, EmitEventResult, ListEventsParams
@@ -87,12 +88,13 @@ class Events:
         generated = new_run_id(self.keys.partition)
         eid = eid or "evt_" + generated.rsplit("-", 1)[0] + os.urandom(2).hex()
         ttl = IDEMPOTENCY_TTL_SEC if idempotency_ttl is None else int(idempotency_ttl)
-        code, bound_id, record = await self.events.emit(
-            eid, name, data, correlation_key=corr, parent_run_id=parent_run_id,
-            emit_at_ms=emit_at_ms, idempotency_key=idempotency_key,
-            idempotency_ttl_s=min(ttl, self.retention_ms // 1000), retention_ms=self.retention_ms,
-            run_id_prefix=generated[:24], run_id_suffix="-" + self.keys.partition,
-        )
+        with tracing.producer(name, "", None) as trace_context:  # the subscribers' runs continue this trace
+            code, bound_id, record = await self.events.emit(
+                eid, name, data, correlation_key=corr, parent_run_id=parent_run_id,
+                emit_at_ms=emit_at_ms, idempotency_key=idempotency_key,
+                idempotency_ttl_s=min(ttl, self.retention_ms // 1000), retention_ms=self.retention_ms,
+                run_id_prefix=generated[:24], run_id_suffix="-" + self.keys.partition, trace_context=trace_context,
+            )
         if code is Code.CANCELED:
             raise CanceledError(f"run {parent_run_id} was canceled: it cannot emit event {name!r}")
         if code is Code.TERMINAL:

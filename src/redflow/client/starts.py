@@ -10,6 +10,7 @@ from ..durations import datetime_ms, duration_ms
 from ..encoding import encode_payload
 from ..errors import CanceledError, ConfigurationError, UnknownWorkflowError
 from ..ids import new_run_id
+from ..observability import tracing
 from ..storage.codes import Code
 from ..types import IDEMPOTENCY_TTL_SEC
 from ..workflow import WorkflowDefinition
@@ -192,9 +193,11 @@ class Starts:
             raise ConfigurationError(f"idempotency_ttl for workflow {workflow!r} must be positive, got {ttl}")
         await self.store.ensure_ready()
         run_id = new_run_id(self.keys.partition)
-        code, bound_id, _ = await self.store.enqueue(
-            run_id, workflow, queue, data, max_attempts, run_at_ms, idempotency_key, ttl, parent_run_id,
-        )
+        with tracing.producer(queue, workflow, run_id) as trace_context:
+            code, bound_id, _ = await self.store.enqueue(
+                run_id, workflow, queue, data, max_attempts, run_at_ms, idempotency_key, ttl, parent_run_id,
+                trace_context,
+            )
         if code is Code.CANCELED:
             raise CanceledError(f"run {parent_run_id} was canceled: it cannot start a run of {workflow!r}")
         return RunHandle(self._client, bound_id)

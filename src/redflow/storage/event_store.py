@@ -268,6 +268,7 @@ class EventStore:
         run_id_prefix: str,
         run_id_suffix: str,
         deliver: bool = False,
+        trace_context: str = "",
     ) -> tuple[Code, str, dict[str, Any]]:
         """Record and deliver an event; (CREATED | EXISTING | TERMINAL | NOT_FOUND, event id, record)."""
         k = self.keys
@@ -289,6 +290,7 @@ class EventStore:
                 event_id, name, data, correlation_key or "", parent_run_id or "", emit_at_ms,
                 idempotency_ttl_s if idempotency_key else 0, retention_ms, "deliver" if deliver else "emit",
                 fingerprint, tag(name), member, member, EVENT_BUFFER_BOUND, run_id_prefix, run_id_suffix,
+                trace_context,
             ),
             queues=queues, event_idempotency=idem_key,
         )

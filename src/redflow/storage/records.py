@@ -50,6 +50,7 @@ class RunHeader(msgspec.Struct, omit_defaults=True):
     attempt_budget: int | None = msgspec.field(default=None, name="mb")  # attempts granted at creation, once retried
     readmit: int | None = msgspec.field(default=None, name="ad")  # an operator's retry passes admission again
     replayed_from: str | None = msgspec.field(default=None, name="rf")  # the run this one replays
+    trace_context: str | None = msgspec.field(default=None, name="tc")  # traceparent[\ntracestate] of its starter
 
 
 class StepRecord(msgspec.Struct, omit_defaults=True):

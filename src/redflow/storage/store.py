@@ -109,6 +109,7 @@ class Store:
         idempotency_key: str | None,
         idempotency_ttl_s: int,
         parent_run_id: str | None,
+        trace_context: str = "",
     ) -> tuple[Code, str, str]:
         """Create a run: (CREATED | EXISTING, run id, status), or (CANCELED, '', '') when its parent
         was canceled."""
@@ -116,7 +117,8 @@ class Store:
         ttl = idempotency_ttl_s if idempotency_key is not None else 0
         reply = await self.scripts.run(
             "enqueue",
-            (run_id, workflow, queue, input_json, max_attempts, run_at_ms, ttl, parent_run_id or ""),
+            (run_id, workflow, queue, input_json, max_attempts, run_at_ms, ttl, parent_run_id or "",
+             trace_context),
             ready=k.ready(queue), scheduled=k.scheduled(queue), bell=k.bell(queue),
             # Read only when a TTL is given; otherwise a key of the same slot stands in.
             idempotency=k.idempotency(workflow, idempotency_key or ""),

@@ -34,7 +34,7 @@ from ..errors import (
     UnknownWorkflowError,
     WaitForInputError,
 )
-from ..observability import count_run, observe, observe_step
+from ..observability import count_run, observe, observe_step, tracing
 from ..observability.logs import log_outcome
 from ..retries import retry_delay_ms, serialize_error
 from ..step import LeaseLostError, StepApi, Suspended, input_wait_info
@@ -76,8 +76,9 @@ class Execution:
         count_run(h.workflow, "failed" if outcome == "rate_limited" else outcome, execution_s)
         if outcome in ("succeeded", "failed", "canceled", "rate_limited") and h.started_at_ms:
             observe("run_seconds", max(0.0, time.time() - h.started_at_ms / 1000), h.workflow)
+        decoded = decode(error) if error else None
+        tracing.outcome(outcome, decoded if isinstance(decoded, dict) else None)
         if outcome in ("succeeded", "failed", "retried", "canceled", "deferred", "rate_limited"):
-            decoded = decode(error) if error else None
             log_outcome(outcome, run_id=self.claimed.id, workflow=h.workflow, queue=h.queue,
                         attempt=max(h.attempt, 1), max_attempts=h.max_attempts, duration_ms=execution_s * 1000,
                         error=decoded if isinstance(decoded, dict) else None, delay_ms=delay_ms)
@@ -145,6 +146,7 @@ class _RedisBackend:
             self._ex.cancel_requested = True
             raise CanceledError(f"run {run.id} was canceled")
         self._ex.settled = True
+        tracing.event("suspend", **{"redflow.step": name, "redflow.wait.kind": kind})
         self._ex.record_outcome("suspended")
         raise Suspended(run.id)
 
@@ -181,13 +183,15 @@ class _RedisBackend:
 
 async def execute(worker: Worker, ex: Execution) -> None:
     claimed = ex.claimed
+    h = claimed.header
     try:
-        if claimed.kind == "hook":
-            await _run_hook(worker, ex)
-        elif claimed.kind == "admit" and not await _admit(worker, ex):
-            return
-        else:
-            await _run(worker, ex)
+        with tracing.execution(claimed.id, h.workflow, h.queue, h.attempt, h.trace_context):
+            if claimed.kind == "hook":
+                await _run_hook(worker, ex)
+            elif claimed.kind == "admit" and not await _admit(worker, ex):
+                return
+            else:
+                await _run(worker, ex)
     except LeaseLostError:
         log.warning("run %s: lost ownership to another worker; this attempt stops", claimed.id)
         ex.settled = True

@@ -40,6 +40,7 @@
 --          id is its first 20 characters, six base32 characters for i, and ARGV[16]
 -- ARGV[16] run id suffix ('-<partition>')
 -- ARGV[17] queues: the subscribers' and waiters' queues the caller expects, one per line
+-- ARGV[18] trace context of the caller, given to the subscribers' runs ('' = none)
 -- RETURNS {C.CREATED|C.EXISTING, event id, status, record JSON} | {C.NEED_QUEUES, missing queue, ...}
 --       | {C.CANCELED} (the parent run was canceled: nothing was written)
 --       | {C.NOT_FOUND} (deliver of an unknown event) | {C.TERMINAL, event id} (conflicting reuse)
@@ -165,7 +166,7 @@ for i, sub in ipairs(subscribers) do
   elseif redis.call('HEXISTS', KEYS[1], run_id) == 0 then
     create_run({runs = KEYS[1], inputs = KEYS[2], index = KEYS[3], ready = q.ready, sched = q.sched,
       bell = q.bell, children = KEYS[15]}, run_id, sub.workflow, sub.queue, input, sub.max_attempts, 0,
-      rec.parent_run_id or '', '', now)
+      rec.parent_run_id or '', '', now, ARGV[18])
   end
   deliveries[#deliveries + 1] = {workflow = sub.workflow, queue = sub.queue,
     status = orphaned and 'failed' or 'delivered', run_id = not orphaned and run_id or nil,

@@ -17,6 +17,7 @@
 -- ARGV[6] run_at, epoch ms (0 = now)
 -- ARGV[7] idempotency TTL in seconds (0 = no idempotency key)
 -- ARGV[8] parent run id ('' = none)
+-- ARGV[9] trace context of the caller ('' = none)
 -- RETURNS {C.CREATED, run id, status} | {C.EXISTING, run id, status}
 --       | {C.CANCELED} (the parent was canceled: no child is created)
 --!include common
@@ -48,5 +49,5 @@ end
 local k = {runs = KEYS[1], inputs = KEYS[2], index = KEYS[3], ready = KEYS[4], sched = KEYS[5],
   bell = KEYS[6], children = KEYS[7]}
 local h = create_run(k, id, ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8],
-  '', now_ms())
+  '', now_ms(), ARGV[9])
 return {C.CREATED, id, h.s}

@@ -2,9 +2,11 @@
 
 -- Creates run `id` (it must not exist) queued now or scheduled at run_at; `k` holds the keys
 -- runs, inputs, index, ready, sched, bell of its queue, and children. Returns the header.
--- (`parent_queue` is unused: a parent that waits registers itself with the child.)
-local function create_run(k, id, workflow, queue, input, max_attempts, run_at, parent, parent_queue, now)
+-- (`parent_queue` is unused: a parent that waits registers itself with the child.) `tc` is the
+-- trace context of the code that started it ('' or nil: none).
+local function create_run(k, id, workflow, queue, input, max_attempts, run_at, parent, parent_queue, now, tc)
   local h = {w = workflow, q = queue, a = 0, m = max_attempts, c = now}
+  if tc and tc ~= '' then h.tc = tc end
   if parent and parent ~= '' then
     h.p = parent
     redis.call('ZADD', k.children, 0, parent .. ':' .. id)

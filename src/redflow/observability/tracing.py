@@ -1,0 +1,133 @@
+"""OpenTelemetry tracing, on whenever the ``otel`` extra is installed (``REDFLOW_TRACING=0`` turns it
+off), through the global tracer provider the application configured.
+
+A run carries the trace context of the code that started it (``tc`` in its header, W3C
+``traceparent``/``tracestate``), so every execution of the run, hours later and in another process,
+continues that trace:
+
+    send <queue>      PRODUCER  around enqueue / emit_event; its context is stored with the run
+    process <queue>   CONSUMER  one per execution (an attempt that sleeps has several), child of send
+    step <name>                 one per step.run body executed, child of its execution
+
+A wait ends an execution with a ``suspend`` event; children and event subscribers are started
+inside their parent's spans, so their ``send`` span is a child of the parent's execution. When
+tracing is off every function here returns at once and no context is stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+_enabled: bool | None = None
+_tracer: Any = None
+
+SYSTEM = "redflow"
+
+
+def enabled() -> bool:
+    global _enabled, _tracer
+    if _enabled is None:
+        if os.environ.get("REDFLOW_TRACING") == "0":
+            _enabled = False
+        else:
+            try:
+                from opentelemetry import trace
+            except ImportError:
+                _enabled = False
+            else:
+                _tracer = trace.get_tracer("redflow")
+                _enabled = True
+    return _enabled
+
+
+def reset() -> None:
+    """Decide again on next use (tests switching ``REDFLOW_TRACING``)."""
+    global _enabled, _tracer
+    _enabled, _tracer = None, None
+
+
+def _attributes(operation: str, queue: str, workflow: str, **extra: Any) -> dict[str, Any]:
+    attrs = {"messaging.system": SYSTEM, "messaging.destination.name": queue,
+             "messaging.operation.type": operation}
+    if workflow:
+        attrs["redflow.workflow"] = workflow
+    attrs.update({k: v for k, v in extra.items() if v is not None})
+    return attrs
+
+
+@contextlib.contextmanager
+def producer(queue: str, workflow: str, run_id: str | None = None) -> Iterator[str]:
+    """A ``send`` span around starting a run (or publishing an event, ``queue`` = the event name);
+    yields the trace context to store with the run ('' when tracing is off)."""
+    if not enabled():
+        yield ""
+        return
+    from opentelemetry import propagate, trace
+
+    with _tracer.start_as_current_span(
+        f"send {queue}", kind=trace.SpanKind.PRODUCER,
+        attributes=_attributes("send", queue, workflow, **{"redflow.run_id": run_id}),
+    ):
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        yield "\n".join(carrier.get(k, "") for k in ("traceparent", "tracestate")).rstrip("\n")
+
+
+@contextlib.contextmanager
+def execution(run_id: str, workflow: str, queue: str, attempt: int, trace_context: str | None) -> Iterator[None]:
+    """The ``process`` span of one execution of a run, continuing the trace stored with it."""
+    if not enabled():
+        yield
+        return
+    from opentelemetry import propagate, trace
+
+    parent = None
+    if trace_context:
+        traceparent, _, tracestate = trace_context.partition("\n")
+        carrier = {"traceparent": traceparent}
+        if tracestate:
+            carrier["tracestate"] = tracestate
+        parent = propagate.extract(carrier)
+    with _tracer.start_as_current_span(
+        f"process {queue}", context=parent, kind=trace.SpanKind.CONSUMER,
+        attributes=_attributes("process", queue, workflow, **{"redflow.run_id": run_id, "redflow.attempt": attempt}),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def step(name: str, run_id: str, workflow: str, attempt: int) -> Iterator[None]:
+    """A span around one step body that runs (replayed steps have none)."""
+    if not enabled():
+        yield
+        return
+    with _tracer.start_as_current_span(
+        f"step {name}",
+        attributes={"redflow.step": name, "redflow.run_id": run_id, "redflow.workflow": workflow,
+                    "redflow.attempt": attempt},
+    ):
+        yield
+
+
+def event(name: str, **attributes: Any) -> None:
+    """An event on the current span (a wait that ends the execution, its outcome)."""
+    if not enabled():
+        return
+    from opentelemetry import trace
+
+    trace.get_current_span().add_event(name, {k: v for k, v in attributes.items() if v is not None})
+
+
+def outcome(name: str, error: dict[str, Any] | None) -> None:
+    """Mark the current execution span with the run's outcome; failures set an error status."""
+    if not enabled():
+        return
+    from opentelemetry import trace
+
+    span = trace.get_current_span()
+    span.set_attribute("redflow.outcome", name)
+    if name in ("failed", "rate_limited", "retried") and error:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{error.get('name')}: {error.get('message')}"))
