@@ -191,6 +191,7 @@ class Queries:
                 break
             scanned += len(ids)
             cursor = ids[-1]
+            blobs = await self._blobs(ids) if needle is not None else {}
             for run in await self._listed(ids):
                 if p.parent_run_id and (run["parent_run_id"] != p.parent_run_id or
                                         (p.status and run["status"] != p.status) or
@@ -198,7 +199,7 @@ class Queries:
                     continue
                 if p.queue and run["queue"] != p.queue:
                     continue
-                if needle is not None and not await self._matches(run, needle):
+                if needle is not None and not _matches(run, needle, blobs.get(run["id"], ())):
                     continue
                 runs.append(run)
                 if len(runs) == limit:
@@ -209,17 +210,14 @@ class Queries:
                 break
         return SearchRunsResult(runs=runs, scanned=scanned, cursor=None if exhausted and len(runs) < limit else cursor)
 
-    async def _matches(self, run: ListedRun, needle: str) -> bool:
-        if needle in run["id"].casefold() or needle in run["workflow"].casefold():
-            return True
-        k = self.keys
-        inp, out, err = await asyncio.gather(
-            self.store.redis.execute("HGET", k.inputs, run["id"]),
-            self.store.redis.execute("HGET", k.results, run["id"]),
-            self.store.redis.execute("HGET", k.errors, run["id"]),
+    async def _blobs(self, ids: list[str]) -> dict[str, tuple[bytes | None, ...]]:
+        """Input, output and error of each run, in three commands for the whole chunk."""
+        k, redis = self.keys, self.store.redis
+        inputs, outputs, errors = await asyncio.gather(
+            redis.execute("HMGET", k.inputs, *ids), redis.execute("HMGET", k.results, *ids),
+            redis.execute("HMGET", k.errors, *ids),
         )
-        return any(blob is not None and needle in blob.decode("utf-8", "replace").casefold()
-                   for blob in (inp, out, err))
+        return {run_id: (inp, out, err) for run_id, inp, out, err in zip(ids, inputs, outputs, errors, strict=True)}
 
     async def list_workflows(self) -> list[str]:
         await self.store.ensure_ready()
@@ -305,3 +303,10 @@ class Queries:
                 deleted += int(await redis.execute("UNLINK", *doomed))
             if cursor == b"0":
                 return deleted
+
+
+def _matches(run: ListedRun, needle: str, blobs: tuple[bytes | None, ...]) -> bool:
+    """Whether ``needle`` (case-folded) is in the run's id, workflow, input, output or error."""
+    if needle in run["id"].casefold() or needle in run["workflow"].casefold():
+        return True
+    return any(blob is not None and needle in blob.decode("utf-8", "replace").casefold() for blob in blobs)
