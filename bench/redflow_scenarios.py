@@ -46,14 +46,13 @@ class WorkerProc:
 
     @classmethod
     async def start(
-        cls, url: str, prefix: str, concurrency: int, idle_s: float = 0.0, tracing: bool = False
+        cls, url: str, prefix: str, concurrency: int, idle_s: float = 0.0, tracing: str = "off"
     ) -> WorkerProc:
         stderr = tempfile.TemporaryFile()
         args = [sys.executable, "-m", "bench.worker_proc", url, prefix, "--concurrency", str(concurrency)]
         if idle_s:
             args += ["--idle", str(idle_s)]
-        if tracing:
-            args.append("--tracing")
+        args += ["--tracing", tracing]
         proc = await asyncio.create_subprocess_exec(*args, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=stderr)
         self = cls(proc, stderr)
         line = await self._line(60)
@@ -169,7 +168,7 @@ class Scenarios:
         return {"enqueue_batched_per_s": self.p.batched_n / elapsed,
                 "enqueue_many_per_s": self.p.batched_n / many_elapsed}
 
-    async def drain(self, workflow: str = "echo", tracing: bool = False) -> dict[str, float]:
+    async def drain(self, workflow: str = "echo", tracing: str = "off") -> dict[str, float]:
         """Fill the queue, start the worker, time it until the last run is succeeded; memory and commands.
 
         Measurements go through a connection of their own (``meter``), opened before the client's, so its
@@ -215,14 +214,15 @@ class Scenarios:
         return await self.drain("three_step")
 
     async def tracing(self) -> dict[str, float]:
-        """The echo and 3-step drains with tracing off (REDFLOW_TRACING=0) and on (an OpenTelemetry SDK
-        provider recording every span), back to back; the ratios are traced / untraced throughput."""
+        """The echo and 3-step drains with tracing off (REDFLOW_TRACING=0), installed without a tracer
+        provider, and recording every span (an OpenTelemetry SDK provider), back to back; ratios are
+        throughput over the untraced drain's."""
         out: dict[str, float] = {}
         for workflow, tag in (("echo", ""), ("three_step", "_3step")):
-            off = (await self.drain(workflow))[f"drain{tag}_per_s"]
-            on = (await self.drain(workflow, tracing=True))[f"drain{tag}_per_s"]
-            out |= {f"drain{tag}_untraced_per_s": off, f"drain{tag}_traced_per_s": on,
-                    f"tracing{tag}_drain_ratio": on / off}
+            rates = {mode: (await self.drain(workflow, tracing=mode))[f"drain{tag}_per_s"]
+                     for mode in ("off", "installed", "sdk")}
+            out |= {f"drain{tag}_tracing_{mode}_per_s": rate for mode, rate in rates.items()}
+            out |= {f"tracing{tag}_{mode}_ratio": rates[mode] / rates["off"] for mode in ("installed", "sdk")}
         return out
 
     async def _wait_succeeded(

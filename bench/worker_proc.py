@@ -22,11 +22,14 @@ from redflow import StartWorkerOptions, start_worker
 from .workflows import registry
 
 
-def configure_tracing(on: bool) -> None:
-    """--tracing: an OpenTelemetry SDK provider whose spans are batched to an exporter that drops
-    them (the cost of recording and processing spans, without a collector); else REDFLOW_TRACING=0."""
-    if not on:
+def configure_tracing(mode: str) -> None:
+    """--tracing off: REDFLOW_TRACING=0; installed: the API installed, no provider configured (what an
+    application gets that did not set one up); sdk: an OpenTelemetry SDK provider whose spans are
+    batched to an exporter that drops them (the cost of recording spans, without a collector)."""
+    if mode == "off":
         os.environ["REDFLOW_TRACING"] = "0"
+        return
+    if mode == "installed":
         return
     from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
@@ -86,5 +89,5 @@ if __name__ == "__main__":
     parser.add_argument("prefix")
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--idle", type=float, default=0.0)
-    parser.add_argument("--tracing", action="store_true", help="record spans (OpenTelemetry SDK)")
+    parser.add_argument("--tracing", choices=("off", "installed", "sdk"), default="off")
     asyncio.run(main(parser.parse_args()))

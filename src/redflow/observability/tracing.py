@@ -11,7 +11,8 @@ continues that trace:
 
 A wait ends an execution with a ``suspend`` event; children and event subscribers are started
 inside their parent's spans, so their ``send`` span is a child of the parent's execution. When
-tracing is off every function here returns at once and no context is stored.
+tracing is off, or on but the application set no tracer provider, every function here returns at
+once and no context is stored.
 """
 
 from __future__ import annotations
@@ -23,30 +24,42 @@ from typing import Any
 
 _enabled: bool | None = None
 _tracer: Any = None
+_trace: Any = None  # the opentelemetry.trace module, once tracing is on
+_propagate: Any = None
 
 SYSTEM = "redflow"
 
 
 def enabled() -> bool:
-    global _enabled, _tracer
+    """Tracing is installed and not turned off."""
+    global _enabled, _tracer, _trace, _propagate
     if _enabled is None:
         if os.environ.get("REDFLOW_TRACING") == "0":
             _enabled = False
         else:
             try:
-                from opentelemetry import trace
+                from opentelemetry import propagate, trace
             except ImportError:
                 _enabled = False
             else:
+                _trace, _propagate = trace, propagate
                 _tracer = trace.get_tracer("redflow")
                 _enabled = True
     return _enabled
 
 
+def recording() -> bool:
+    """Tracing is on and the application configured a tracer provider (until it does, spans would
+    record nothing: none are made and no context is stored)."""
+    if not enabled():
+        return False
+    return not isinstance(_trace.get_tracer_provider(), (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider))
+
+
 def reset() -> None:
     """Decide again on next use (tests switching ``REDFLOW_TRACING``)."""
-    global _enabled, _tracer
-    _enabled, _tracer = None, None
+    global _enabled, _tracer, _trace, _propagate
+    _enabled, _tracer, _trace, _propagate = None, None, None, None
 
 
 def _attributes(operation: str, queue: str, workflow: str, **extra: Any) -> dict[str, Any]:
@@ -62,37 +75,33 @@ def _attributes(operation: str, queue: str, workflow: str, **extra: Any) -> dict
 def producer(queue: str, workflow: str, run_id: str | None = None) -> Iterator[str]:
     """A ``send`` span around starting a run (or publishing an event, ``queue`` = the event name);
     yields the trace context to store with the run ('' when tracing is off)."""
-    if not enabled():
+    if not recording():
         yield ""
         return
-    from opentelemetry import propagate, trace
-
     with _tracer.start_as_current_span(
-        f"send {queue}", kind=trace.SpanKind.PRODUCER,
+        f"send {queue}", kind=_trace.SpanKind.PRODUCER,
         attributes=_attributes("send", queue, workflow, **{"redflow.run_id": run_id}),
     ):
         carrier: dict[str, str] = {}
-        propagate.inject(carrier)
+        _propagate.inject(carrier)
         yield "\n".join(carrier.get(k, "") for k in ("traceparent", "tracestate")).rstrip("\n")
 
 
 @contextlib.contextmanager
 def execution(run_id: str, workflow: str, queue: str, attempt: int, trace_context: str | None) -> Iterator[None]:
     """The ``process`` span of one execution of a run, continuing the trace stored with it."""
-    if not enabled():
+    if not recording():
         yield
         return
-    from opentelemetry import propagate, trace
-
     parent = None
     if trace_context:
         traceparent, _, tracestate = trace_context.partition("\n")
         carrier = {"traceparent": traceparent}
         if tracestate:
             carrier["tracestate"] = tracestate
-        parent = propagate.extract(carrier)
+        parent = _propagate.extract(carrier)
     with _tracer.start_as_current_span(
-        f"process {queue}", context=parent, kind=trace.SpanKind.CONSUMER,
+        f"process {queue}", context=parent, kind=_trace.SpanKind.CONSUMER,
         attributes=_attributes("process", queue, workflow, **{"redflow.run_id": run_id, "redflow.attempt": attempt}),
     ):
         yield
@@ -101,7 +110,7 @@ def execution(run_id: str, workflow: str, queue: str, attempt: int, trace_contex
 @contextlib.contextmanager
 def step(name: str, run_id: str, workflow: str, attempt: int) -> Iterator[None]:
     """A span around one step body that runs (replayed steps have none)."""
-    if not enabled():
+    if not recording():
         yield
         return
     with _tracer.start_as_current_span(
@@ -114,20 +123,16 @@ def step(name: str, run_id: str, workflow: str, attempt: int) -> Iterator[None]:
 
 def event(name: str, **attributes: Any) -> None:
     """An event on the current span (a wait that ends the execution, its outcome)."""
-    if not enabled():
+    if not recording():
         return
-    from opentelemetry import trace
-
-    trace.get_current_span().add_event(name, {k: v for k, v in attributes.items() if v is not None})
+    _trace.get_current_span().add_event(name, {k: v for k, v in attributes.items() if v is not None})
 
 
 def outcome(name: str, error: dict[str, Any] | None) -> None:
     """Mark the current execution span with the run's outcome; failures set an error status."""
-    if not enabled():
+    if not recording():
         return
-    from opentelemetry import trace
-
-    span = trace.get_current_span()
+    span = _trace.get_current_span()
     span.set_attribute("redflow.outcome", name)
     if name in ("failed", "rate_limited", "retried") and error:
-        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{error.get('name')}: {error.get('message')}"))
+        span.set_status(_trace.Status(_trace.StatusCode.ERROR, f"{error.get('name')}: {error.get('message')}"))
