@@ -333,7 +333,7 @@ class Harness:
             await asyncio.sleep(0.25)  # polling interval of the condition above
         self.recovery_s = (self.all_terminal_at or time.monotonic()) - self.faults_stopped
 
-    async def probe(self, slots: list[Slot], deadline_s: float = BLOCK_WATCHDOG_S + 2 * COMMAND_TIMEOUT_MS / 1000 + 5,
+    async def probe(self, slots: list[Slot], deadline_s: float = BLOCK_WATCHDOG_S + 2 * COMMAND_TIMEOUT_MS / 1000 + 10,
                     ) -> list[str]:
         """Send one chaos-probe run to each slot's own queue: a worker whose claim loop hangs (alive and
         heartbeating, claiming nothing) never takes it. Returns the violations."""

@@ -16,7 +16,9 @@ claiming, finish what they run within the grace period, hand the rest back, and 
 if an orphan outlives its supervisor by more than the grace period + 10 s, and then checks every run
 (checker.py): each ends exactly once, no recorded step runs again, nothing is stuck after the last
 supervisor started. It also counts the step bodies orphans started while draining, the runs they
-claimed after their supervisor died, and the status directories killed supervisors leave behind.
+first started more than 1 s after their supervisor died (claimed after it, most likely: counted, not
+an error, since the checker covers whatever they do), and the status directories killed supervisors
+leave behind.
 
 The last test shows what is left behind by a supervisor SIGKILLed while it runs its embedded server
 (no ``--url``): the server, for good (xfail, strict; reported as an engine bug).
@@ -201,9 +203,7 @@ async def test_chaos_supervisor_kill(tmp_path: Path) -> None:
             ("status directories left behind by killed supervisors", len(leftovers)),
         ]
         report = await check(h, KINDS)
-        violations = [f"runs claimed by orphans after their supervisor died: {sorted(claimed_after)[:5]}"] \
-            if claimed_after else []
-        await report_and_assert(h, report, violations)
+        await report_and_assert(h, report)
     finally:
         for sup in supervisors:
             await sup.stop()
