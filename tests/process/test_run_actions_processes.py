@@ -140,9 +140,6 @@ async def test_bulk_retry_sigkilled_mid_batch_then_resumed_retries_every_run_onc
         assert await _attempts(client, run_id) == [(1, "failed"), (2, "failed")], run_id
 
 
-@pytest.mark.xfail(strict=True, reason="bug: resuming a bulk retry re-reads the batch it died in; runs it had "
-                   "already retried that failed again meanwhile are retried a second time (the job saves no "
-                   "record of the batch in progress)")
 async def test_bulk_retry_resumed_after_sigkill_does_not_retry_twice_runs_that_failed_again(
     apps_client: RedflowClient, make_worker: Any, bulk: Callable[..., Popen]
 ) -> None:

@@ -23,6 +23,7 @@ import sys
 
 from ..client import create_client
 from ..errors import ConfigurationError, RedflowError
+from ..observability.logs import configure as configure_logs
 from .commands import COMMANDS, NotFound
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..dashboard import main as dashboard_main
 
         return dashboard_main(args_list[1:])
+    configure_logs(os.environ.get("REDFLOW_LOG_LEVEL") or "WARNING")  # REDFLOW_LOG_FORMAT=json applies too
     args = _parser().parse_args(args_list)
     if args.command == "dev":
         from .dev import run_dev

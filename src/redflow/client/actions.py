@@ -12,7 +12,8 @@ from ..encoding import decode, encode, encode_payload
 from ..errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
 from ..ids import new_run_id
 from ..storage.codes import Code
-from ..storage.records import StepRecord, decode_steps, encode_step
+from ..storage.records import RunHeader, StepRecord, decode_steps, encode_step
+from ..storage.scripts import check_queue_name
 from ..types import TERMINAL_STATUSES, BulkQuery, BulkResult, FailureGroup, RunExplanation
 from .explain import explain_run
 from .failures import list_failures
@@ -27,6 +28,12 @@ BULK_BATCH = 200
 _BULK_FIELDS = frozenset(BulkQuery.__annotations__)
 _RETRYABLE = ("failed", "canceled")
 _CANCELABLE = ("queued", "scheduled", "running")
+
+
+def check_run_id(run_id: Any) -> str:
+    if not isinstance(run_id, str) or not run_id:
+        raise ConfigurationError(f"a run id is a non-empty string, got {run_id!r}")
+    return run_id
 
 
 def reusable(record: StepRecord) -> bool:
@@ -63,24 +70,46 @@ class Actions:
         """Run a failed or canceled run again as its next attempt, keeping its recorded step outputs
         (failed and canceled steps run again), with a fresh attempt budget and through admission
         control. Raises RunNotFoundError, or InvalidRunStateError when the run has not ended that way."""
+        await self._requeue(check_run_id(run_id), "")
+        return RunHandle(self._client, run_id)
+
+    async def _requeue(self, run_id: str, token: str) -> bool:
+        """Requeue one run; False when ``token`` had requeued it already."""
         store = self._store
         await store.ensure_ready()
-        header = await store.read_header(run_id)
-        if header is None:
+        header: RunHeader | None = None
+        code, detail = Code.NOT_FOUND, ""
+        for _ in range(2):
+            header = await store.read_header(run_id)
+            if header is None:
+                raise RunNotFoundError(f"run {run_id} not found (never created, or removed by retention)")
+            code, detail = await store.requeue(run_id, header, token)
+            if code is Code.OK:
+                return detail != "repeat"
+            if code is Code.HELD and detail == "cascade":
+                await self._client.cancel_descendants(run_id)  # finish its cancel first, then retry it
+                continue
+            break
+        if code is Code.NOT_FOUND or header is None:
             raise RunNotFoundError(f"run {run_id} not found (never created, or removed by retention)")
-        code, status = await store.requeue(run_id, header.queue)
-        if code is Code.NOT_FOUND:
-            raise RunNotFoundError(f"run {run_id} not found (never created, or removed by retention)")
+        status = header.status
         if code is Code.WRONG_STATUS:
-            raise InvalidRunStateError(run_id, status, f"run {run_id} is {status}: only a failed or canceled run "
-                                       "can be retried")
-        if code is Code.HELD:
-            raise InvalidRunStateError(run_id, header.status, f"run {run_id} failed and its on_failure hook has not "
-                                       "finished yet; retry it once the hook is done")
-        if code is Code.CANCELED:
-            raise InvalidRunStateError(run_id, header.status, f"run {run_id} cannot be retried: its parent run "
-                                       f"{header.parent_id} was canceled")
-        return RunHandle(self._client, run_id)
+            why = f"is {detail}: only a failed or canceled run can be retried"
+        elif code is Code.HELD and detail == "hook":
+            why = "failed and its on_failure hook has not finished yet; retry it once the hook is done"
+        elif code is Code.HELD:
+            why = "is still canceling its child runs; retry it once that is done"
+        elif code is Code.CANCELED and detail == "child":
+            why = (f"was canceled with its parent run {header.parent_id}: retry the parent, which starts its "
+                   "children again")
+        elif code is Code.CANCELED:
+            why = f"cannot be retried: its parent run {header.parent_id} was canceled"
+        elif code is Code.EXISTING:
+            why = (f"cannot be retried: its idempotency key {header.idempotency_key!r} now belongs to run "
+                   f"{detail}, which has not failed")
+        else:
+            why = f"cannot be retried ({code.name})"
+        raise InvalidRunStateError(run_id, status if code is not Code.WRONG_STATUS else detail, f"run {run_id} {why}")
 
     async def replay_run(
         self, run_id: str, *, from_step: str | None = None, input: Any = UNSET, queue: str | None = None
@@ -89,8 +118,9 @@ class Actions:
         recorded before ``from_step`` return their recorded outputs without running (none are reused
         without ``from_step``); ``input`` and ``queue`` default to the original's."""
         client, store = self._client, self._store
-        if queue is not None and (not isinstance(queue, str) or not queue.strip()):
-            raise ConfigurationError(f"queue must be a non-empty string, got {queue!r}")
+        check_run_id(run_id)
+        if queue is not None:
+            check_queue_name(queue)
         await store.ensure_ready()
         found = await store.read_run(run_id)
         if found is None:
@@ -130,8 +160,12 @@ class Actions:
         for r in named:
             if r.position < start and reusable(r):
                 latest[r.name] = r
-        return [encode_step(msgspec.structs.replace(r, attempt=0))
-                for r in sorted(latest.values(), key=lambda r: r.position)]
+        # The latest answered input before from_step (a step's or the handler's own) gives ctx.resume;
+        # it goes before the lines of its step, which supersede it.
+        answered = [r for r in records if r.kind == "input" and r.state == "done" and r.resolution == "input"
+                    and r.position < start and (not r.name or latest.get(r.name) is not r)]
+        ordered = [(r.position, 1, r) for r in latest.values()] + [(r.position, 0, r) for r in answered[-1:]]
+        return [encode_step(msgspec.structs.replace(r, attempt=0)) for _, _, r in sorted(ordered, key=lambda t: t[:2])]
 
     # --- bulk ---------------------------------------------------------------------------------------
     async def retry_runs(self, query: BulkQuery, *, dry_run: bool = False, job_id: str | None = None) -> BulkResult:
@@ -147,6 +181,8 @@ class Actions:
 
     async def _bulk(self, action: str, query: BulkQuery, dry_run: bool, job_id: str | None, reason: str) -> BulkResult:
         statuses = _bulk_statuses(action, query)
+        if job_id is not None and (not isinstance(job_id, str) or not job_id or len(job_id) > 200 or "\n" in job_id):
+            raise ConfigurationError(f"job_id must be a non-empty string of at most 200 characters, got {job_id!r}")
         store = self._store
         await store.ensure_ready()
         job: dict[str, Any] | None = None
@@ -173,7 +209,7 @@ class Actions:
             matching = await self._matching(ids, status, query.get("queue"))
             job["matched"] += len(matching)
             if not dry_run:
-                outcomes = await asyncio.gather(*(self._apply(action, run_id, reason) for run_id in matching))
+                outcomes = await asyncio.gather(*(self._apply(action, run_id, reason, job_id) for run_id in matching))
                 job["done"] += sum(outcomes)
                 job["skipped"] += len(outcomes) - sum(outcomes)
             job["cursor"] = ids[-1]
@@ -189,11 +225,11 @@ class Actions:
         return [run_id for run_id, h in zip(ids, headers, strict=True)
                 if h is not None and h.status == status and (queue is None or h.queue == queue)]
 
-    async def _apply(self, action: str, run_id: str, reason: str) -> bool:
+    async def _apply(self, action: str, run_id: str, reason: str, job_id: str) -> bool:
         if action == "cancel":
             return await self._client.cancel_run(run_id, reason=reason)
         try:
-            await self.retry_run(run_id)
+            await self._requeue(run_id, f"bulk:{job_id}")  # a resumed job never requeues a run twice
         except (InvalidRunStateError, RunNotFoundError):
             return False
         return True

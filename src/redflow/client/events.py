@@ -156,6 +156,8 @@ class Events:
 
         The cascade is durable: the run is recorded as canceling its descendants in the same script
         that cancels it, and the leader finishes a cascade this call could not (the client died)."""
+        if not isinstance(run_id, str) or not run_id:
+            raise ConfigurationError(f"a run id is a non-empty string, got {run_id!r}")
         await self.store.ensure_ready()
         code, _ = await self.store.cancel(run_id, reason, self.retention_ms)
         if code is not Code.OK:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..encoding import decode
-from ..errors import RunNotFoundError
+from ..errors import ConfigurationError, RunNotFoundError
 from ..storage.records import RunHeader, WaitRecord
 from ..storage.store import EXPLAIN_SCAN
 from ..types import RunExplanation
@@ -28,6 +28,8 @@ def _untag(field: str) -> str:
 
 
 async def explain_run(client: RedflowClient, run_id: str) -> RunExplanation:
+    if not isinstance(run_id, str) or not run_id:
+        raise ConfigurationError(f"a run id is a non-empty string, got {run_id!r}")
     store = client.store
     await store.ensure_ready()
     h = await store.read_header(run_id)
@@ -79,6 +81,10 @@ async def _queued(client: RedflowClient, h: RunHeader, facts: dict[str, Any]) ->
         details = {"mutex": key, "held_by": facts["mutex_holder"]}
         return ("held_mutex", f"waiting for mutex {key!r}, held by run {facts['mutex_holder']}", details)
     if h.owner:
+        deadline = facts["owner_deadline_ms"]
+        if deadline is None or deadline < facts["now_ms"]:
+            return ("worker_lost", f"claimed for admission by worker {h.owner}, which stopped renewing its lease; "
+                    "the leader takes the run back within one reaper interval", {"worker_id": h.owner})
         return ("admitting", f"claimed by worker {h.owner}, which is checking its admission limits",
                 {"worker_id": h.owner})
     ahead = facts["ahead"]

@@ -31,6 +31,8 @@ class Runs:
         self.redis = client.redis
 
     async def get_run(self, run_id: str) -> RunState | None:
+        if not isinstance(run_id, str) or not run_id:
+            raise ConfigurationError(f"a run id is a non-empty string, got {run_id!r}")
         await self.store.ensure_ready()
         found = await self.store.read_run(run_id)
         if found is None:

@@ -12,6 +12,7 @@ from ..errors import CanceledError, ConfigurationError, UnknownWorkflowError
 from ..ids import new_run_id
 from ..observability import tracing
 from ..storage.codes import Code
+from ..storage.scripts import check_queue_name
 from ..types import IDEMPOTENCY_TTL_SEC
 from ..workflow import WorkflowDefinition
 from .handle import RunHandle
@@ -74,7 +75,7 @@ class Starts:
         limit = self._client.max_payload_bytes
         encoded = [encode_payload(definition.prepare_input(value), what, limit) for value in inputs]
         await self.store.ensure_ready()
-        queue = queue_override or definition.options.queue
+        queue = check_queue_name(queue_override or definition.options.queue)
         run_at_ms = datetime_ms(run_at) if run_at is not None else 0
         partition = self.keys.partition
         ids = [new_run_id(partition) for _ in encoded]
@@ -177,6 +178,7 @@ class Starts:
         run_at: datetime | None,
         parent_run_id: str | None,
     ) -> RunHandle:
+        check_queue_name(queue)  # a queue_override no script could name is refused before anything is written
         what = f"input of workflow {workflow!r}"
         data = encode_payload(input, what, self._client.max_payload_bytes)
         run_at_ms = 0

@@ -196,6 +196,8 @@ def _log_reaped(run_id: str, outcome: str, h: RunHeader | None) -> None:
         observability.observe("recovered", 1)
     if h is None:
         return
+    if outcome in ("crashed", "canceled"):  # the run ended here: count it as its worker would have
+        observability.count_run(h.workflow, "failed" if outcome == "crashed" else "canceled")
     error = None
     if outcome == "crashed":
         error = {"name": "CrashedError", "kind": "crashed",

@@ -50,6 +50,8 @@ class RunHeader(msgspec.Struct, omit_defaults=True):
     attempt_budget: int | None = msgspec.field(default=None, name="mb")  # attempts granted at creation, once retried
     readmit: int | None = msgspec.field(default=None, name="ad")  # an operator's retry passes admission again
     replayed_from: str | None = msgspec.field(default=None, name="rf")  # the run this one replays
+    idempotency_key: str | None = msgspec.field(default=None, name="ik")  # the key it was started with
+    requeue_token: str | None = msgspec.field(default=None, name="rq")  # the last request that retried it
     trace_context: str | None = msgspec.field(default=None, name="tc")  # traceparent[\ntracestate] of its starter
 
 

@@ -129,7 +129,7 @@ def load_scripts() -> dict[str, Script]:
 
 
 def check_queue_name(queue: str) -> str:
-    if not isinstance(queue, str) or not queue or "\n" in queue:
+    if not isinstance(queue, str) or not queue.strip() or "\n" in queue:
         raise ConfigurationError(f"queue names must be non-empty strings without newlines, got {queue!r}")
     return queue
 

@@ -118,7 +118,7 @@ class Store:
         reply = await self.scripts.run(
             "enqueue",
             (run_id, workflow, queue, input_json, max_attempts, run_at_ms, ttl, parent_run_id or "",
-             trace_context),
+             trace_context, idempotency_key or ""),
             ready=k.ready(queue), scheduled=k.scheduled(queue), bell=k.bell(queue),
             # Read only when a TTL is given; otherwise a key of the same slot stands in.
             idempotency=k.idempotency(workflow, idempotency_key or ""),
@@ -387,12 +387,14 @@ class Store:
         return int(reply[1]), int(reply[2])
 
     # --- operator actions -------------------------------------------------------------------------
-    async def requeue(self, run_id: str, queue: str) -> tuple[Code, str]:
-        """Send a failed or canceled run back to its queue as its next attempt: (OK, ''),
-        (WRONG_STATUS, status), (HELD, '') while its on_failure hook runs, (CANCELED, '') when its
-        parent was canceled, or (NOT_FOUND, '')."""
+    async def requeue(self, run_id: str, header: RunHeader, token: str = "") -> tuple[Code, str]:
+        """Send a failed or canceled run back to its queue as its next attempt (see requeue.lua):
+        (code, detail)."""
         k = self.keys
-        reply = await self.scripts.run("requeue", (run_id,), ready=k.ready(queue), bell=k.bell(queue))
+        reply = await self.scripts.run(
+            "requeue", (run_id, token), ready=k.ready(header.queue), bell=k.bell(header.queue),
+            idempotency=k.idempotency(header.workflow, header.idempotency_key or ""),
+        )
         return Code(reply[0]), reply[1].decode() if len(reply) > 1 else ""
 
     async def replay(

@@ -18,6 +18,7 @@
 -- ARGV[7] idempotency TTL in seconds (0 = no idempotency key)
 -- ARGV[8] parent run id ('' = none)
 -- ARGV[9] trace context of the caller ('' = none)
+-- ARGV[10] the idempotency key itself (kept in the header, so a retried run can bind it again)
 -- RETURNS {C.CREATED, run id, status} | {C.EXISTING, run id, status}
 --       | {C.CANCELED} (the parent was canceled: no child is created)
 --!include common
@@ -50,4 +51,8 @@ local k = {runs = KEYS[1], inputs = KEYS[2], index = KEYS[3], ready = KEYS[4], s
   bell = KEYS[6], children = KEYS[7]}
 local h = create_run(k, id, ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8],
   '', now_ms(), ARGV[9])
+if ttl > 0 then
+  h.ik = ARGV[10]
+  redis.call('HSET', KEYS[1], id, cjson.encode(h))
+end
 return {C.CREATED, id, h.s}

@@ -234,7 +234,8 @@ local function end_run(id, h, status, payload, p, now, opts)
     redis.call('PUBLISH', opts.channel, status)
   end
   if K.stream and redis.call('EXISTS', K.stream) == 1 then
-    redis.call('XADD', K.stream, '*', 'end', status)  -- tells stream readers the run ended
+    -- Tells stream readers the run ended, with the attempt that ended it (an operator may retry it).
+    redis.call('XADD', K.stream, '*', 'end', status, 'a', h.a)
   end
   for _, parent in ipairs(p.parents) do
     local q = K.queues[parent.q]
