@@ -6,12 +6,16 @@ starts servers: ``create_client`` and ``start_worker`` only ever connect.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ConfigurationError, RedflowError
@@ -55,6 +59,7 @@ class EmbeddedServer:
         data_dir: Path | str | None = None,
         appendonly: bool = True,
         extra_args: list[str] | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         self.binary = Path(binary) if binary is not None else valkey_binary()
         self.port = port or free_port()
@@ -62,6 +67,10 @@ class EmbeddedServer:
         self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="redflow-"))
         self.appendonly = appendonly
         self.extra_args = extra_args or []
+        # Linux: the server gets SIGTERM when the process that started it dies, even by SIGKILL (the
+        # supervisor's embedded server must not outlive it). Start it from the main thread: the
+        # signal follows the thread that forked.
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -84,7 +93,8 @@ class EmbeddedServer:
         log_path = self.data_dir / "server.log"
         with open(log_path, "ab") as log_file:
             self.process = subprocess.Popen(
-                args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+                args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with(os.getpid()) if self.die_with_parent else None,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -118,6 +128,20 @@ class EmbeddedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with(parent_pid: int) -> Callable[[], None] | None:
+    """A preexec_fn asking the kernel to SIGTERM the child when its parent dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the parent died before the request took effect
+            os._exit(1)
+
+    return arm
 
 
 def _ping(port: int) -> bool:

@@ -2,7 +2,7 @@
 
 The frozen-connection test fails on f04b3d6: a half-open connection (peer silent, no RST) hung the
 heartbeat and the claim loop forever while the worker kept reporting itself ready. The last test
-(xfail, strict) reproduces the same hang for a half-open *replacement* of the blocking connection.
+checks the same for a half-open *replacement* of the blocking connection.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import pytest
 from redflow import RedflowClient, StartWorkerOptions, WorkflowHandlerContext, WorkflowRegistry, define_workflow
 from redflow import start_worker as start_redflow_worker
 from redflow._redis.client import ServerAddress
-from redflow.errors import TimeoutError as RedflowTimeoutError
 
 from ..conftest import wait_until
 from .proxy import FaultProxy
@@ -111,9 +110,6 @@ async def _blocked_client_ids(client: RedflowClient) -> list[str]:
             for field in line.split() if field.startswith("id=")]
 
 
-@pytest.mark.xfail(strict=True, raises=RedflowTimeoutError, reason=(
-    "engine bug: Worker._block sends CLIENT ID on a new blocking connection with no deadline "
-    "(src/redflow/worker/worker.py), so a half-open replacement hangs the claim loop for good"))
 async def test_a_half_open_replacement_of_the_blocking_connection_is_abandoned(
     client: RedflowClient, registry: WorkflowRegistry, prefix: str, proxy: FaultProxy,
     monkeypatch: pytest.MonkeyPatch,

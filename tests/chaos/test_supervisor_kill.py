@@ -20,8 +20,8 @@ first started more than 1 s after their supervisor died (claimed after it, most 
 an error, since the checker covers whatever they do), and the status directories killed supervisors
 leave behind.
 
-The last test shows what is left behind by a supervisor SIGKILLed while it runs its embedded server
-(no ``--url``): the server, for good (xfail, strict; reported as an engine bug).
+The last test shows that a supervisor SIGKILLed while it runs its embedded server leaves nothing
+behind (no ``--url``): the server gets SIGTERM when its supervisor dies.
 """
 
 from __future__ import annotations
@@ -215,10 +215,6 @@ async def test_chaos_supervisor_kill(tmp_path: Path) -> None:
         server.stop()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: the supervisor starts its embedded server without PR_SET_PDEATHSIG (embedded.py, own "
-    "session), so a SIGKILLed supervisor leaves it running; the next supervisor starts a second server "
-    "on another port over the same data directory"))
 @pytest.mark.timeout(90)
 async def test_the_embedded_server_does_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
     h = Harness(tmp_path, name="embedded", runs=0)

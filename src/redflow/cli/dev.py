@@ -15,7 +15,7 @@ def run_dev(args: argparse.Namespace) -> int:
     from ..embedded import EmbeddedServer
 
     try:
-        server = EmbeddedServer(port=args.port, data_dir=args.data_dir).start()
+        server = EmbeddedServer(port=args.port, data_dir=args.data_dir, die_with_parent=True).start()
     except RedflowError as exc:
         print(f"redflow dev: the embedded server did not start on port {args.port}: {exc}", file=sys.stderr)
         return 3

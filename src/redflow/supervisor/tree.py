@@ -72,7 +72,9 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         try:
             if not self.url:
-                self.embedded = EmbeddedServer(data_dir=self.config.data_dir, appendonly=True).start()
+                self.embedded = EmbeddedServer(
+                    data_dir=self.config.data_dir, appendonly=True, die_with_parent=True
+                ).start()
                 self.url = self.embedded.url
                 log.info("no Redis URL given: started embedded Valkey at %s (data in %s)", self.url,
                          self.config.data_dir)

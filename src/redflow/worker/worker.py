@@ -246,9 +246,19 @@ class Worker:
         """
         conn = self._block_conn
         if conn is None or conn.closed:
-            conn = await self.store.redis.dedicated()
-            self._block_client_id = int(await conn.execute("CLIENT", "ID"))
-            self._block_conn = conn
+            # A dedicated connection has no reply deadline of its own (BRPOP blocks): one that opens
+            # but never answers (half-open) must not hang the claim loop.
+            deadline = self.store.redis.command_timeout_s
+            fresh: Connection | None = None
+            try:
+                async with asyncio.timeout(deadline):
+                    fresh = await self.store.redis.dedicated()
+                    self._block_client_id = int(await fresh.execute("CLIENT", "ID"))
+            except TimeoutError:
+                if fresh is not None:
+                    fresh.abort(CommandTimeoutError(f"no reply to CLIENT ID within {deadline:.1f}s"))
+                raise CommandTimeoutError(f"opening the blocking connection took over {deadline:.1f}s") from None
+            conn = self._block_conn = fresh
             if self._stopping:
                 conn.close()
                 return
