@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import server, snapshot
+from . import ceiling, server, snapshot
 from .baselines_runner import BASELINES, Baseline, DriverParams, drain_n, prepare, run_driver, selected_scenarios
 from .redflow_scenarios import SCENARIOS as BASE_SCENARIOS
 from .redflow_scenarios import Params, Scenarios
@@ -146,6 +146,8 @@ async def run_ours_rep(sc: Scenarios, names: list[str], results: Results, rep: i
             continue
         results.add("redflow", rep, metrics)
         print(f"   redflow {name}: {time.monotonic() - t:.1f}s", flush=True)
+    # Throughputs as fractions of this repetition's ceiling, latencies as multiples of its EVALSHA round trip.
+    results.add("redflow", rep, ceiling.relative_metrics(ceiling.rep_metrics(results.samples, "redflow", rep)))
 
 
 def main(argv: list[str] | None = None) -> int:

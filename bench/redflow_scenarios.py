@@ -34,15 +34,19 @@ class Params:
     idle_s: float = 30.0
     concurrency: int = 100
     cleanup_n: int = 100_000
+    ceiling_rounds: int = 5  # rounds the minimal-lifecycle probe drains (bench/ceiling.py), of 10 n runs each
+    ceiling_batch: int = 100  # runs per claim of the probe (the bench worker's concurrency)
 
 
 class WorkerProc:
-    """``python -m bench.worker_proc`` as a child; ``ready_ts`` is the unix time it started claiming."""
+    """``python -m bench.worker_proc`` as a child; ``ready_ts`` is the unix time it started claiming and
+    ``ready_cpu`` its process CPU time (seconds) at that moment."""
 
     def __init__(self, proc: asyncio.subprocess.Process, stderr: Any) -> None:
         self.proc = proc
         self.stderr = stderr
         self.ready_ts = 0.0
+        self.ready_cpu = 0.0
 
     @classmethod
     async def start(
@@ -58,7 +62,9 @@ class WorkerProc:
         line = await self._line(60)
         if not line.startswith("ready "):
             raise RuntimeError(f"bench worker did not start: {line!r} {self.error_tail()}")
-        self.ready_ts = float(line.split()[1])
+        fields = line.split()
+        self.ready_ts = float(fields[1])
+        self.ready_cpu = float(fields[2])
         return self
 
     async def _line(self, timeout_s: float) -> str:
@@ -183,9 +189,15 @@ class Scenarios:
             a = await server.total_commands(meter)
             await enqueue_batched(WORKFLOWS[workflow], n, self.p.chunk)
             b = await server.total_commands(meter)
+            cpu0, stats0 = await server.server_cpu_s(meter), await server.command_stats(meter)
+            polls0 = dict(own.by_name)
             worker = await WorkerProc.start(self.url, client.prefix, self.p.concurrency, tracing=tracing)
             t1 = await self._wait_succeeded(meter, client, n, worker, timeout_s=60 + n / 20)
             stats = await worker.stop()
+            polls = {k: v - polls0.get(k, 0) for k, v in own.by_name.items()}
+            polls["INFO"] = polls.get("INFO", 0) + 2  # stats0's (recorded once done) and cpu1's
+            cpu1, stats1 = await server.server_cpu_s(meter), await server.command_stats(meter)
+            cmd_us, nested_us = server.command_usec(stats0, stats1, stats["by_name"], polls)
             check_frozen(stats)
             measuring = own.commands - own_a
             c = await server.total_commands(meter)
@@ -204,6 +216,11 @@ class Scenarios:
             f"worker{tag}_cmds_per_run": stats["commands"] / n,
             f"worker{tag}_writes_per_run": stats["writes"] / n,
             f"server{tag}_cmds_per_run": (c - a - measuring) / n,
+            # CPU from just before the worker starts to just after it stopped (its start and stop included)
+            f"server{tag}_cpu_us_per_run": (cpu1 - cpu0) * 1e6 / n,
+            f"server{tag}_cmd_us_per_run": cmd_us / n,
+            f"server{tag}_nested_us_per_run": nested_us / n,
+            f"worker{tag}_cpu_us_per_run": (stats["cpu_s"] - worker.ready_cpu) * 1e6 / n,
         }
         if workflow == "echo":
             metrics["enqueue_server_cmds_per_run"] = (b - a - 1) / n
@@ -253,6 +270,14 @@ class Scenarios:
             )
         ready = await client.redis.execute("LLEN", client.keys.ready("bench"))
         return f"status counts {counts}, ready list {ready}"
+
+    async def ceiling(self) -> dict[str, float]:
+        """The minimal-lifecycle probe (bench/ceiling.py) and one EVALSHA round trip on an idle connection."""
+        from . import ceiling
+
+        # 10 n runs per round: the probe is ~20x faster than a drain, and a round must last long enough
+        # (0.2-0.5 s at --quick) for a scheduling hiccup on this shared machine not to decide its rate.
+        return await ceiling.scenario(self.url, 10 * self.p.n, self.p.ceiling_rounds, self.p.ceiling_batch)
 
     async def latency(self) -> dict[str, float]:
         client = await self._client("latency")
@@ -412,6 +437,7 @@ def latency_metrics(samples_s: list[float]) -> dict[str, float]:
     }
 
 
-# Run in this order: the latency scenario warms the server's script cache before the drains measure memory.
-SCENARIOS = ("enqueue_serial", "enqueue_batched", "latency", "drain", "drain_3step", "idle", "waits", "cleanup",
-             "supervisor", "tracing")
+# Run in this order: the latency scenario warms the server's script cache before the drains measure memory;
+# the ceiling (and its EVALSHA round trip) comes right before the latency and drains it is compared with.
+SCENARIOS = ("enqueue_serial", "enqueue_batched", "ceiling", "latency", "drain", "drain_3step", "idle", "waits",
+             "cleanup", "supervisor", "tracing")

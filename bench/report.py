@@ -14,6 +14,15 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "enqueue_batched_per_s": ("runs/s", "higher", "batched enqueue (gather chunks)"),
     "enqueue_many_per_s": ("runs/s", "higher", "batched enqueue path (enqueue_many, 1 command per 1000 runs)"),
     "enqueue_client_cmds_per_run": ("cmds", "lower", "client commands per enqueue"),
+    "ceiling_per_s": ("runs/s", "higher", "minimal-lifecycle ceiling (bench/ceiling.py), drain"),
+    "ceiling_seconds": ("s", "lower", "ceiling drain time (median round)"),
+    "ceiling_rounds": ("rounds", "higher", "ceiling rounds per repetition"),
+    "evalsha_rtt_p50_ms": ("ms", "lower", "EVALSHA round trip p50, idle asyncio connection (redflow's)"),
+    "evalsha_socket_p50_ms": ("ms", "lower", "EVALSHA round trip p50, idle blocking socket"),
+    "ceiling_server_cpu_us_per_run": ("µs", "lower", "ceiling: server CPU per run (INFO cpu)"),
+    "ceiling_server_cmd_us_per_run": ("µs", "lower", "ceiling: server time in commands per run (commandstats)"),
+    "ceiling_server_nested_us_per_run": ("µs", "lower", "ceiling: of which in commands run by scripts"),
+    "ceiling_worker_cpu_us_per_run": ("µs", "lower", "ceiling: probe process CPU per run"),
     "drain_per_s": ("runs/s", "higher", "drain, echo workflow"),
     "drain_3step_per_s": ("runs/s", "higher", "drain, 3-step workflow"),
     "drain_seconds": ("s", "lower", "drain time, echo"),
@@ -23,6 +32,14 @@ METRICS: dict[str, tuple[str, str, str]] = {
     "latency_mean_ms": ("ms", "lower", "enqueue->result mean"),
     "latency_samples": ("samples", "higher", "latency samples taken"),
     "latency_missed_wakeups": ("waits", "lower", "result waits that missed their wake-up (2 s stall)"),
+    "server_cpu_us_per_run": ("µs", "lower", "echo drain: server CPU per run (INFO cpu)"),
+    "server_cmd_us_per_run": ("µs", "lower", "echo drain: server time in commands per run (commandstats)"),
+    "server_nested_us_per_run": ("µs", "lower", "echo drain: of which in commands run by scripts"),
+    "worker_cpu_us_per_run": ("µs", "lower", "echo drain: worker process CPU per run"),
+    "server_3step_cpu_us_per_run": ("µs", "lower", "3-step drain: server CPU per run (INFO cpu)"),
+    "server_3step_cmd_us_per_run": ("µs", "lower", "3-step drain: server time in commands per run"),
+    "server_3step_nested_us_per_run": ("µs", "lower", "3-step drain: of which in commands run by scripts"),
+    "worker_3step_cpu_us_per_run": ("µs", "lower", "3-step drain: worker process CPU per run"),
     "server_cmds_per_run": ("cmds", "lower", "server commands per finished run (commandstats)"),
     "server_3step_cmds_per_run": ("cmds", "lower", "server commands per finished 3-step run"),
     "enqueue_server_cmds_per_run": ("cmds", "lower", "server commands per enqueue (commandstats)"),
@@ -236,6 +253,14 @@ class Results:
         return paths
 
 
-def _order(metric: str) -> int:
+# Derived metrics (bench/ceiling.py: <metric>_vs_ceiling, <metric>_vs_rtt) are listed right after their metric.
+DERIVED_SUFFIXES = ("_vs_ceiling", "_vs_rtt", "_vs_socket_rtt")
+
+
+def _order(metric: str) -> float:
     keys = list(METRICS)
+    for k, suffix in enumerate(DERIVED_SUFFIXES):
+        base = metric.removesuffix(suffix)
+        if base != metric and base in keys:
+            return keys.index(base) + (k + 1) / 10
     return keys.index(metric) if metric in keys else len(keys)

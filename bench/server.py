@@ -92,3 +92,59 @@ async def delete_prefix(redis: RedisClient, prefix: str) -> int:
             deleted += int(await redis.execute("UNLINK", *keys))
         if cursor in (b"0", 0, "0"):
             return deleted
+
+
+# --- CPU per finished run ------------------------------------------------------------------------
+SCRIPT_COMMANDS = frozenset({"eval", "evalsha", "eval_ro", "evalsha_ro", "fcall", "fcall_ro"})
+
+
+async def server_cpu_s(redis: RedisClient) -> float:
+    """``used_cpu_sys + used_cpu_user`` of the server process (INFO cpu), in seconds."""
+    info = parse_info(await redis.execute("INFO", "cpu"))
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+async def command_stats(redis: RedisClient) -> dict[str, tuple[int, int]]:
+    """INFO commandstats as ``{command: (calls, usec)}`` (subcommands as ``client|id``)."""
+    stats = parse_info(await redis.execute("INFO", "commandstats"))
+    out: dict[str, tuple[int, int]] = {}
+    for key, value in stats.items():
+        if key.startswith("cmdstat_"):
+            fields = dict(part.split("=", 1) for part in value.split(","))
+            out[key[len("cmdstat_"):]] = (int(fields["calls"]), int(fields["usec"]))
+    return out
+
+
+def command_usec(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]],
+                 direct: dict[str, int], others: dict[str, int] | None = None) -> tuple[float, float]:
+    """(server time in the commands a client sent itself, the part of it spent in the commands its scripts
+    ran), in microseconds, from two commandstats snapshots.
+
+    Valkey and Redis record the commands a script runs in commandstats too, and a script's own ``usec``
+    already includes them, so a plain sum of ``usec`` counts them twice. Of every command this takes the
+    share of its calls that the client sent directly (``direct``: its own command counts by name, e.g.
+    ``Counters.by_name``): all of EVALSHA's (a script cannot run a script), none of an HSET that only
+    scripts ran. The calls neither the client nor ``others`` (a measuring connection's INFO and polls) sent
+    ran inside the scripts. ``usec`` is the server's clock around each call, so it includes any time the
+    server's thread spent preempted.
+    """
+    delta: dict[str, tuple[int, int]] = {}
+    for name, (calls, usec) in after.items():
+        c0, u0 = before.get(name, (0, 0))
+        if calls > c0:
+            delta[name] = (calls - c0, usec - u0)
+    sent = {k.lower(): v for k, v in direct.items()}
+    measuring = {k.lower(): v for k, v in (others or {}).items()}
+    calls_by_base: dict[str, int] = {}
+    for name, (calls, _) in delta.items():
+        base = name.split("|", 1)[0]
+        calls_by_base[base] = calls_by_base.get(base, 0) + calls
+    top = nested = 0.0
+    for name, (_, usec) in delta.items():
+        base = name.split("|", 1)[0]
+        calls = calls_by_base[base]
+        own = min(1.0, sent.get(base, 0) / calls)
+        top += usec * own
+        if base not in SCRIPT_COMMANDS:
+            nested += usec * max(0.0, 1.0 - own - measuring.get(base, 0) / calls)
+    return top, nested

@@ -1,7 +1,8 @@
 """The bench worker process: ``python -m bench.worker_proc URL PREFIX [--concurrency N] [--idle S]``.
 
-Prints ``ready <unix time>`` once the worker has started (it claims from then on). On SIGTERM (or after
-``--idle`` seconds) it stops and prints one ``stats <json>`` line with the worker's own command counters.
+Prints ``ready <unix time> <process CPU seconds>`` once the worker has started (it claims from then on). On
+SIGTERM (or after ``--idle`` seconds) it stops and prints one ``stats <json>`` line with the worker's own
+command counters and ``cpu_s``, its process CPU time (user + sys, ``time.process_time``) when the signal came.
 With ``--idle`` it first waits for leadership, then counts commands over the window.
 """
 
@@ -51,7 +52,7 @@ async def main(args: argparse.Namespace) -> None:
             app="bench", url=args.url, prefix=args.prefix, registry=registry, concurrency=args.concurrency,
         )
     )
-    print(f"ready {time.time():.6f}", flush=True)
+    print(f"ready {time.time():.6f} {time.process_time():.6f}", flush=True)
     counters = worker.store.redis.counters
     stats: dict[str, object] = {}
     if args.idle > 0:
@@ -74,6 +75,7 @@ async def main(args: argparse.Namespace) -> None:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         await stop.wait()
+    stats["cpu_s"] = time.process_time()
     stats["commands"] = counters.commands
     stats["writes"] = counters.writes
     stats["by_name"] = dict(counters.by_name)
