@@ -93,18 +93,16 @@ class RunStreamReader:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[RunStreamChunk]:
-        key = self._store.keys.stream(self._run_id)
+        store = self._store
         try:
             while not self._closed:
                 if self._drain:
-                    reply = await self._store.redis.execute("XREAD", "COUNT", self._limit, "STREAMS", key, self._after)
+                    entries = await store.stream_read(self._run_id, self._after, self._limit)
                 else:
                     if self._conn is None or self._conn.closed:
-                        self._conn = await self._store.redis.dedicated()
-                    reply = await self._conn.execute(
-                        "XREAD", "COUNT", self._limit, "BLOCK", self._block_ms, "STREAMS", key, self._after
-                    )
-                entries = reply[0][1] if reply else []
+                        self._conn = await store.blocking_connection()
+                    entries = await store.stream_read(self._run_id, self._after, self._limit, self._block_ms,
+                                                      self._conn)
                 for entry_id, fields in entries:
                     self._after = entry_id.decode()
                     record = stream_record(fields)

@@ -12,13 +12,13 @@ from ..encoding import decode, encode, encode_payload
 from ..errors import ConfigurationError, InvalidRunStateError, RunNotFoundError
 from ..ids import new_run_id
 from ..storage.codes import Code
+from ..storage.index import index_prefixes
 from ..storage.records import RunHeader, StepRecord, decode_steps, encode_step
 from ..storage.scripts import check_queue_name
 from ..types import TERMINAL_STATUSES, BulkQuery, BulkResult, FailureGroup, RunExplanation
 from .explain import explain_run
 from .failures import list_failures
 from .handle import RunHandle
-from .queries import _prefixes
 
 if TYPE_CHECKING:
     from .facade import RedflowClient
@@ -200,7 +200,7 @@ class Actions:
         while job["status"] < len(statuses):
             status = statuses[job["status"]]
             ids = await self._client.index_page(
-                _prefixes(status, query.get("workflow"))[0], job["cursor"], BULK_BATCH,
+                index_prefixes(status, query.get("workflow"))[0], job["cursor"], BULK_BATCH,
                 query.get("created_after_ms"), query.get("created_before_ms"),
             )
             if not ids:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..encoding import decode
 from ..errors import ConfigurationError, RunNotFoundError
+from ..storage.index import untag
 from ..storage.records import RunHeader, WaitRecord
 from ..storage.store import EXPLAIN_SCAN
 from ..types import RunExplanation
@@ -19,12 +20,6 @@ def _at(ms: int | None) -> str:
     if ms is None:
         return "an unknown time"
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _untag(field: str) -> str:
-    """The key inside a length-prefixed member fragment ``<len>:<key>:``."""
-    size, _, rest = field.partition(":")
-    return rest[: int(size)] if size.isdigit() else field
 
 
 async def explain_run(client: RedflowClient, run_id: str) -> RunExplanation:
@@ -77,7 +72,7 @@ async def _queued(client: RedflowClient, h: RunHeader, facts: dict[str, Any]) ->
         return ("held_capacity", f"held by max_concurrency of workflow {h.workflow!r}: {facts['running']} of "
                 f"{facts['limit']} running; it starts when one of them stops", details)
     if h.held_member and h.held_member.startswith("m:"):
-        key = _untag(h.mutex_field or "")
+        key = untag(h.mutex_field or "")
         details = {"mutex": key, "held_by": facts["mutex_holder"]}
         return ("held_mutex", f"waiting for mutex {key!r}, held by run {facts['mutex_holder']}", details)
     if h.owner:
@@ -118,7 +113,7 @@ def _scheduled(
     due = h.available_at_ms
     if h.throttle_member:
         if due is None:
-            return ("throttled", f"throttled: behind other runs of throttle key {_untag(h.throttle_group or '')!r}",
+            return ("throttled", f"throttled: behind other runs of throttle key {untag(h.throttle_group or '')!r}",
                     {"throttle_group": h.throttle_group})
         return "throttled", f"throttled until {_at(due)}", {"until_ms": due}
     if wait is not None:

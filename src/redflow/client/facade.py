@@ -107,8 +107,7 @@ class RedflowClient:
         reg = registry if registry is not None else self.registry_or_default()
         definitions = reg.definitions()
         await self.store.ensure_ready()
-        sec, usec = await self.redis.execute("TIME")
-        now_ms = int(sec) * 1000 + int(usec) // 1000
+        now_ms = await self.store.server_time_ms()
         metas = {d.name: d.meta() for d in definitions}
         subscriptions = {d.name: [t.name for t in (d.options.event or [])] for d in definitions}
         # Contracts are checked first inside register(): a refused registry writes nothing.

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..encoding import decode
 from ..errors import ConfigurationError
+from ..storage.index import index_prefixes
 from ..types import FailureGroup
-from .queries import _prefixes
 
 if TYPE_CHECKING:
     from .facade import RedflowClient
@@ -52,7 +52,7 @@ async def list_failures(client: RedflowClient, workflow: str | None, limit: int)
         raise ConfigurationError(f"workflow must be a non-empty string, got {workflow!r}")
     store = client.store
     await store.ensure_ready()
-    prefix = _prefixes("failed", workflow)[0]
+    prefix = index_prefixes("failed", workflow)[0]
     ids = await client.index_page(prefix, None, limit, descending=True)
     headers, errors = await store.read_headers(ids), await store.read_errors(ids)
     groups: dict[str, FailureGroup] = {}

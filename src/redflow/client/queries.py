@@ -1,4 +1,4 @@
-"""Client queries over the run index, workflow metadata, stats and retention (mixed into RedflowClient).
+"""Client queries over the run index, workflow metadata, stats and retention: a part of RedflowClient.
 
 Every filter is served by a lexicographic index range (status, workflow, both, parent), so a page costs
 O(log n + page) whatever the size of the history. Only the free-text ``query`` of search_runs scans,
@@ -7,16 +7,13 @@ and then at most ``SEARCH_SCAN_LIMIT`` runs per call, returning a cursor to cont
 
 from __future__ import annotations
 
-import asyncio
-import heapq
 import time
 from typing import TYPE_CHECKING, cast
 
 from ..encoding import decode
 from ..errors import ConfigurationError
-from ..ids import _b32
-from ..storage.keys import tag
-from ..storage.records import decode_header, decode_workflow_meta
+from ..storage.index import children_prefix, index_prefixes
+from ..storage.records import decode_workflow_meta
 from ..types import (
     ListedRun,
     ListRunsParams,
@@ -68,16 +65,6 @@ def _public_meta(raw: bytes, now_ms: int) -> WorkflowMeta:
     return cast(WorkflowMeta, out)
 
 
-def _prefixes(status: str | None, workflow: str | None) -> list[bytes]:
-    if status and workflow:
-        return [f"ws:{tag(workflow)}{status}:".encode()]
-    if status:
-        return [f"s:{status}:".encode()]
-    if workflow:
-        return [f"w:{tag(workflow)}".encode()]
-    return [f"s:{s}:".encode() for s in STATUSES]
-
-
 class Queries:
     """Run listing, search, workflow metadata, stats and retention; RedflowClient forwards its methods
     of that name here."""
@@ -92,63 +79,21 @@ class Queries:
         return self._client.retention_ms
 
     # --- index pages ----------------------------------------------------------------------------------
-    async def _page(
-        self, key: str, prefix: bytes, cursor: str | None, limit: int, descending: bool,
-        created_after: int | None = None, created_before: int | None = None,
-    ) -> list[str]:
-        # Bounds as (member, inclusive). Ids start with their creation time, so a time range is a
-        # member range; the cursor (an id) tightens the bound on the side the page moves away from.
-        lo: tuple[bytes, bool] = (prefix + (_b32(created_after, 10).encode() if created_after else b""), True)
-        hi: tuple[bytes, bool] = (
-            (prefix + _b32(created_before, 10).encode(), False) if created_before else (prefix + b"\xff", True)
-        )
-        if cursor is not None:
-            mark = prefix + cursor.encode()
-            if descending and mark <= hi[0]:
-                hi = (mark, False)
-            elif not descending and mark >= lo[0]:
-                lo = (mark, False)
-        lo_arg = (b"[" if lo[1] else b"(") + lo[0]
-        hi_arg = (b"[" if hi[1] else b"(") + hi[0]
-        if descending:
-            members = await self.store.redis.execute("ZREVRANGEBYLEX", key, hi_arg, lo_arg, "LIMIT", 0, limit)
-        else:
-            members = await self.store.redis.execute("ZRANGEBYLEX", key, lo_arg, hi_arg, "LIMIT", 0, limit)
-        return [m[len(prefix):].decode() for m in members]
-
     async def index_page(
         self, prefix: bytes, after: str | None, limit: int, created_after: int | None = None,
         created_before: int | None = None, *, descending: bool = False,
     ) -> list[str]:
-        """Up to ``limit`` run ids of one index prefix past the id ``after``, oldest first (newest
-        first when ``descending``)."""
-        return await self._page(self.keys.index, prefix, after, limit, descending, created_after, created_before)
-
-    async def _ids(
-        self, prefixes: list[bytes], cursor: str | None, limit: int, descending: bool,
-        created_after: int | None = None, created_before: int | None = None, key: str | None = None,
-    ) -> list[str]:
-        pages = await asyncio.gather(*(
-            self._page(key or self.keys.index, p, cursor, limit, descending, created_after, created_before)
-            for p in prefixes
-        ))
-        if len(pages) == 1:
-            return pages[0]
-        merged = heapq.merge(*pages, reverse=descending)
-        return [run_id for _, run_id in zip(range(limit), merged, strict=False)]
+        """Up to ``limit`` run ids of one index prefix (``storage.index.index_prefixes``) past the id
+        ``after``, oldest first (newest first when ``descending``)."""
+        return await self.store.index.page(prefix, after, limit, descending, created_after, created_before)
 
     async def _listed(self, ids: list[str]) -> list[ListedRun]:
         if not ids:
             return []
-        k = self.keys
-        headers, errors = await asyncio.gather(
-            self.store.redis.execute("HMGET", k.runs, *ids), self.store.redis.execute("HMGET", k.errors, *ids)
-        )
         out: list[ListedRun] = []
-        for run_id, raw, err in zip(ids, headers, errors, strict=True):
-            if raw is None:
+        for run_id, (h, err) in zip(ids, await self.store.index.headers_and_errors(ids), strict=True):
+            if h is None:
                 continue
-            h = decode_header(raw)
             out.append(ListedRun(
                 id=run_id, workflow=h.workflow, queue=h.queue, status=h.status, error=decode(err) if err else None,
                 created_at=h.created_at_ms, cursor=run_id, available_at=h.available_at_ms,
@@ -163,7 +108,8 @@ class Queries:
         p = params or ListRunsParams()
         limit = _check_page(p.sort, p.limit, p.status)
         await self.store.ensure_ready()
-        ids = await self._ids(_prefixes(p.status, p.workflow), p.cursor, limit, p.sort == "desc")
+        ids = await self.store.index.merged_page(index_prefixes(p.status, p.workflow), p.cursor, limit,
+                                                 p.sort == "desc")
         return await self._listed(ids)
 
     async def search_runs(self, params: SearchRunsParams) -> SearchRunsResult:
@@ -172,10 +118,8 @@ class Queries:
         limit = _check_page(p.sort, p.limit, p.status)
         await self.store.ensure_ready()
         descending = p.sort == "desc"
-        if p.parent_run_id:
-            prefixes, key = [f"{p.parent_run_id}:".encode()], self.keys.children
-        else:
-            prefixes, key = _prefixes(p.status, p.workflow), self.keys.index
+        by_parent = bool(p.parent_run_id)
+        prefixes = [children_prefix(p.parent_run_id)] if p.parent_run_id else index_prefixes(p.status, p.workflow)
         needle = p.query.casefold() if p.query else None  # matched case-insensitively, as in 0.1.x
         runs: list[ListedRun] = []
         scanned = 0
@@ -185,13 +129,14 @@ class Queries:
         while len(runs) < limit and scanned < SEARCH_SCAN_LIMIT:
             # Without a filter the index cannot serve, one page of ids is exactly the answer.
             chunk = min(200 if post_filtered else limit, SEARCH_SCAN_LIMIT - scanned)
-            ids = await self._ids(prefixes, cursor, chunk, descending, p.created_after, p.created_before, key)
+            ids = await self.store.index.merged_page(prefixes, cursor, chunk, descending, p.created_after,
+                                                     p.created_before, children=by_parent)
             if not ids:
                 exhausted = True
                 break
             scanned += len(ids)
             cursor = ids[-1]
-            blobs = await self._blobs(ids) if needle is not None else {}
+            blobs = await self.store.index.blobs(ids) if needle is not None else {}
             for run in await self._listed(ids):
                 if p.parent_run_id and (run["parent_run_id"] != p.parent_run_id or
                                         (p.status and run["status"] != p.status) or
@@ -210,18 +155,9 @@ class Queries:
                 break
         return SearchRunsResult(runs=runs, scanned=scanned, cursor=None if exhausted and len(runs) < limit else cursor)
 
-    async def _blobs(self, ids: list[str]) -> dict[str, tuple[bytes | None, ...]]:
-        """Input, output and error of each run, in three commands for the whole chunk."""
-        k, redis = self.keys, self.store.redis
-        inputs, outputs, errors = await asyncio.gather(
-            redis.execute("HMGET", k.inputs, *ids), redis.execute("HMGET", k.results, *ids),
-            redis.execute("HMGET", k.errors, *ids),
-        )
-        return {run_id: (inp, out, err) for run_id, inp, out, err in zip(ids, inputs, outputs, errors, strict=True)}
-
     async def list_workflows(self) -> list[str]:
         await self.store.ensure_ready()
-        return sorted(n.decode() for n in await self.store.redis.execute("HKEYS", self.keys.workflows))
+        return await self.store.index.workflow_names()
 
     async def get_workflow_meta(self, name: str) -> WorkflowMeta | None:
         await self.store.ensure_ready()
@@ -230,24 +166,16 @@ class Queries:
 
     async def list_workflows_meta(self) -> list[WorkflowMeta]:
         await self.store.ensure_ready()
-        flat = await self.store.redis.execute("HGETALL", self.keys.workflows)
         now_ms = int(time.time() * 1000)
-        metas = [_public_meta(flat[i + 1], now_ms) for i in range(0, len(flat), 2)]
+        metas = [_public_meta(raw, now_ms) for raw in await self.store.index.workflow_metas()]
         return sorted(metas, key=lambda m: str(m["name"]))
 
     async def get_stats(self) -> RunStats:
         """Runs by status (from the index) and the backlog of every registered queue."""
         await self.store.ensure_ready()
-        redis, k = self.store.redis, self.keys
-        counts = await asyncio.gather(*(
-            redis.execute("ZLEXCOUNT", k.index, f"[s:{s}:".encode(), f"[s:{s}:".encode() + b"\xff") for s in STATUSES
-        ))
+        by_status = await self.store.index.status_counts()
         queues = sorted({str(m.get("queue", "default")) for m in await self.list_workflows_meta()})
-        sizes = await asyncio.gather(*(
-            c for q in queues for c in (redis.execute("LLEN", k.ready(q)), redis.execute("ZCARD", k.scheduled(q)))
-        ))
-        by_status: dict[str, int] = {s: int(c) for s, c in zip(STATUSES, counts, strict=True)}
-        backlog = {q: {"ready": int(sizes[2 * i]), "scheduled": int(sizes[2 * i + 1])} for i, q in enumerate(queues)}
+        backlog = await self.store.index.queue_sizes(queues)
         return RunStats(total=sum(by_status.values()), by_status=by_status, backlog=backlog)
 
     # --- retention ----------------------------------------------------------------------------------------
@@ -289,20 +217,7 @@ class Queries:
         return {"deleted": await self._delete_prefix(set())}
 
     async def _delete_prefix(self, keep: set[str]) -> int:
-        redis = self.store.redis
-        cursor = b"0"
-        deleted = 0
-        # Only this prefix's partitions, not longer prefixes. SCAN MATCH is a glob: the prefix's glob
-        # characters are escaped so it matches itself only (PartitionKeys refuses braces in it).
-        literal = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in self.keys.prefix)
-        pattern = f"{literal}:{{*"
-        while True:
-            cursor, keys = await redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
-            doomed = [key for key in keys if key.decode() not in keep]
-            if doomed:
-                deleted += int(await redis.execute("UNLINK", *doomed))
-            if cursor == b"0":
-                return deleted
+        return await self.store.index.delete_prefix(keep)
 
 
 def _matches(run: ListedRun, needle: str, blobs: tuple[bytes | None, ...]) -> bool:

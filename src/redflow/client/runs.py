@@ -105,10 +105,8 @@ class Runs:
     async def get_run_stream(self, run_id: str, *, limit: int | None = None) -> list[RunStreamRecord]:
         """The values a run streamed so far (oldest first)."""
         await self.store.ensure_ready()
-        args: list[Any] = ["XRANGE", self.keys.stream(run_id), "-", "+"]
-        if limit is not None:
-            args += ["COUNT", check_read_args(limit, None)[0]]
-        entries = await self.redis.execute(*args)
+        count = None if limit is None else check_read_args(limit, None)[0]
+        entries = await self.store.stream_range(run_id, count)
         return [r for _, fields in entries if (r := stream_record(fields)) is not None]
 
     async def read_stream(

@@ -91,8 +91,8 @@ class LeaderDuties:
         for queue, sizes in stats["backlog"].items():
             observability.set_gauge("backlog", sizes["ready"], queue, "ready")
             observability.set_gauge("backlog", sizes["scheduled"], queue, "scheduled")
-            oldest = await client.redis.execute("LINDEX", client.keys.ready(queue), -1)
-            age = max(0.0, (server_ms - run_id_time_ms(oldest.decode())) / 1000) if oldest else 0.0
+            oldest = await client.store.index.next_ready(queue)
+            age = max(0.0, (server_ms - run_id_time_ms(oldest)) / 1000) if oldest else 0.0
             observability.set_gauge("oldest", age, queue)
             self._sampled_queues.add(queue)
 
@@ -135,8 +135,7 @@ class LeaderDuties:
     async def _deliver_from_timer(self) -> None:
         self._event_timer = None
         try:
-            sec, usec = await self._worker.store.redis.execute("TIME")
-            now = int(sec) * 1000 + int(usec) // 1000
+            now = await self._worker.store.server_time_ms()
             await self.deliver_due_events(now, now)
         except RedisError as exc:
             log.warning("leader: delayed event delivery failed (%s); retried at the next heartbeat", exc)

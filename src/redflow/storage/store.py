@@ -10,8 +10,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from .._redis.client import RedisClient
+from .._redis.connection import Connection
 from ..errors import StorageLayoutError
 from .codes import Code
+from .index import RunIndex
 from .keys import STORAGE_VERSION, PartitionKeys, tag
 from .records import (
     AttemptRecord,
@@ -60,6 +62,7 @@ class Store:
         self.redis = redis
         self.keys = keys
         self.scripts = ScriptRunner(redis, keys)
+        self.index = RunIndex(redis, keys)
         self._ready: asyncio.Future[None] | None = None
         self._is_ready = False
 
@@ -455,6 +458,39 @@ class Store:
         """The run's history as stored, one JSON line each (newline included)."""
         reply = await self.scripts.run("history", (run_id,))
         return [line + b"\n" for line in (reply[1] or b"").split(b"\n") if line]
+
+    # --- server and streams ---------------------------------------------------------------------------
+    async def server_time_ms(self) -> int:
+        sec, usec = await self.redis.execute("TIME")
+        return int(sec) * 1000 + int(usec) // 1000
+
+    async def maxmemory_policy(self) -> str | None:
+        reply = await self.redis.execute("CONFIG", "GET", "maxmemory-policy")
+        return reply[1].decode() if len(reply) >= 2 else None
+
+    async def stream_range(self, run_id: str, count: int | None) -> list[tuple[bytes, list[bytes]]]:
+        """The entries of a run's stream, oldest first (at most ``count``)."""
+        args: list[Any] = ["XRANGE", self.keys.stream(run_id), "-", "+"]
+        if count is not None:
+            args += ["COUNT", count]
+        entries: list[tuple[bytes, list[bytes]]] = await self.redis.execute(*args)
+        return entries
+
+    async def stream_read(
+        self, run_id: str, after: str, count: int, block_ms: int | None = None, conn: Connection | None = None
+    ) -> list[tuple[bytes, list[bytes]]]:
+        """Entries of a run's stream after ``after``; with ``block_ms``, waits that long on ``conn``
+        (a connection of the reader's own, see ``blocking_connection``) for the first one."""
+        key = self.keys.stream(run_id)
+        if block_ms is None or conn is None:
+            reply = await self.redis.execute("XREAD", "COUNT", count, "STREAMS", key, after)
+        else:
+            reply = await conn.execute("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", key, after)
+        return reply[0][1] if reply else []
+
+    async def blocking_connection(self) -> Connection:
+        """A connection for blocking reads, closed with the client."""
+        return await self.redis.dedicated()
 
     # --- reads ---------------------------------------------------------------------------------------
     async def read_header(self, run_id: str) -> RunHeader | None:

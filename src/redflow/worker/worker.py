@@ -18,12 +18,12 @@ from typing import Any
 
 from .. import observability
 from .._redis.client import RedisClient
-from .._redis.connection import Connection
 from .._redis.errors import CommandTimeoutError, RedisError
 from .._redis.pubsub import Subscriber
 from ..client import RedflowClient, create_client, default_prefix
 from ..observability.logs import OutageLog
 from ..registry import WorkflowRegistry, get_default_registry
+from ..storage.bells import BellWaiter
 from ..storage.codes import Code
 from ..types import StartWorkerOptions
 from .executor import Execution, execute
@@ -54,8 +54,7 @@ class Worker:
         self._stopping = False
         self._slot_freed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._block_conn: Connection | None = None
-        self._block_client_id = 0
+        self._bells = BellWaiter(client.redis, client.keys, settings.queues)
         self._last_renewal = 0.0
         self._registered = False
         self._to_release: dict[str, Execution] = {}
@@ -118,8 +117,7 @@ class Worker:
             return
         self._stopping = True
         grace = self.settings.grace_period_ms if grace_period_ms is None else grace_period_ms
-        if self._block_conn is not None:
-            self._block_conn.close()
+        self._bells.close()
         pending = [ex.task for ex in self.active.values() if ex.task is not None]
         if pending:
             await asyncio.wait(pending, timeout=grace / 1000)
@@ -239,50 +237,10 @@ class Worker:
                     await self.reconcile()
 
     async def _block(self, timeout_s: float) -> None:
-        """Wait for a bell on any of our queues, or until the next due time.
-
-        A server checks blocking timeouts only on its cron tick (100 ms at the default hz), so a due
-        time is not left to BRPOP's timeout: a local timer unblocks the wait (CLIENT UNBLOCK) on time.
-        """
-        conn = self._block_conn
-        if conn is None or conn.closed:
-            # A dedicated connection has no reply deadline of its own (BRPOP blocks): one that opens
-            # but never answers (half-open) must not hang the claim loop.
-            deadline = self.store.redis.command_timeout_s
-            fresh: Connection | None = None
-            try:
-                async with asyncio.timeout(deadline):
-                    fresh = await self.store.redis.dedicated()
-                    self._block_client_id = int(await fresh.execute("CLIENT", "ID"))
-            except TimeoutError:
-                if fresh is not None:
-                    fresh.abort(CommandTimeoutError(f"no reply to CLIENT ID within {deadline:.1f}s"))
-                raise CommandTimeoutError(f"opening the blocking connection took over {deadline:.1f}s") from None
-            conn = self._block_conn = fresh
-            if self._stopping:
-                conn.close()
-                return
-        bells = [self.store.keys.bell(q) for q in self.queues]
-        block_s = self.settings.block_timeout_s
-        timer = None
-        if timeout_s < block_s:
-            client_id = self._block_client_id
-            timer = asyncio.get_running_loop().call_later(timeout_s, self._unblock, client_id)
-        watchdog = block_s + self.settings.watchdog_slack_s
-        try:
-            async with asyncio.timeout(watchdog):
-                await conn.execute("BRPOP", *bells, f"{block_s:.3f}")
-        except TimeoutError:
-            log.warning("worker %s: blocking wait exceeded %.1fs; reopening its connection", self.id, watchdog)
-            conn.close()
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    def _unblock(self, client_id: int) -> None:
-        fut = self.store.redis.send_now(("CLIENT", "UNBLOCK", client_id))
-        if fut is not None:  # a failure only means the wait ends at BRPOP's own timeout
-            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+        """Wait for a bell on any of our queues, or until the next due time."""
+        s = self.settings
+        await self._bells.wait(timeout_s, s.block_timeout_s, s.block_timeout_s + s.watchdog_slack_s,
+                               f"worker {self.id}")
 
     async def _measure_loop_lag(self) -> None:
         loop = asyncio.get_running_loop()
@@ -439,14 +397,14 @@ class Worker:
 
     async def _warn_on_eviction(self) -> None:
         try:
-            reply = await self.store.redis.execute("CONFIG", "GET", "maxmemory-policy")
+            policy = await self.store.maxmemory_policy()
         except RedisError:
             return
-        if len(reply) >= 2 and reply[1] != b"noeviction":
+        if policy is not None and policy != "noeviction":
             log.warning(
                 "!!! Redis maxmemory-policy is %r: the server may evict redflow's keys under memory "
                 "pressure and lose runs. Set maxmemory-policy to noeviction. !!!",
-                reply[1].decode(),
+                policy,
             )
 
 

@@ -1,0 +1,146 @@
+"""Reads through the run index and the per-run hashes: pages of run ids, the records a listing shows,
+counts, backlogs, and the development-only prefix reset. The index's member encoding lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from typing import Any
+
+from .._redis.client import RedisClient
+from ..ids import _b32
+from .keys import PartitionKeys, tag
+from .records import RunHeader, decode_header
+
+STATUSES = ("scheduled", "queued", "running", "succeeded", "failed", "canceled")
+
+
+def index_prefixes(status: str | None, workflow: str | None) -> list[bytes]:
+    """Member prefixes of the index entries of runs with that status and/or workflow (every status's
+    when neither is given: those are merged)."""
+    if status and workflow:
+        return [f"ws:{tag(workflow)}{status}:".encode()]
+    if status:
+        return [f"s:{status}:".encode()]
+    if workflow:
+        return [f"w:{tag(workflow)}".encode()]
+    return [f"s:{s}:".encode() for s in STATUSES]
+
+
+def children_prefix(parent_run_id: str) -> bytes:
+    """Member prefix of a parent's entries in the ``children`` index."""
+    return f"{parent_run_id}:".encode()
+
+
+def untag(field: str) -> str:
+    """The value inside a length-prefixed member fragment ``<len>:<value>:`` (see keys.tag)."""
+    size, _, rest = field.partition(":")
+    return rest[: int(size)] if size.isdigit() else field
+
+
+class RunIndex:
+    def __init__(self, redis: RedisClient, keys: PartitionKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def page(
+        self, prefix: bytes, cursor: str | None, limit: int, descending: bool,
+        created_after: int | None = None, created_before: int | None = None, *, children: bool = False,
+    ) -> list[str]:
+        """Up to ``limit`` run ids under one member prefix of the index (or of ``children``), past the
+        id ``cursor``, oldest first or newest first."""
+        # Bounds as (member, inclusive). Ids start with their creation time, so a time range is a
+        # member range; the cursor (an id) tightens the bound on the side the page moves away from.
+        lo: tuple[bytes, bool] = (prefix + (_b32(created_after, 10).encode() if created_after else b""), True)
+        hi: tuple[bytes, bool] = (
+            (prefix + _b32(created_before, 10).encode(), False) if created_before else (prefix + b"\xff", True)
+        )
+        if cursor is not None:
+            mark = prefix + cursor.encode()
+            if descending and mark <= hi[0]:
+                hi = (mark, False)
+            elif not descending and mark >= lo[0]:
+                lo = (mark, False)
+        lo_arg = (b"[" if lo[1] else b"(") + lo[0]
+        hi_arg = (b"[" if hi[1] else b"(") + hi[0]
+        key = self.keys.children if children else self.keys.index
+        if descending:
+            members = await self.redis.execute("ZREVRANGEBYLEX", key, hi_arg, lo_arg, "LIMIT", 0, limit)
+        else:
+            members = await self.redis.execute("ZRANGEBYLEX", key, lo_arg, hi_arg, "LIMIT", 0, limit)
+        return [m[len(prefix):].decode() for m in members]
+
+    async def merged_page(
+        self, prefixes: list[bytes], cursor: str | None, limit: int, descending: bool,
+        created_after: int | None = None, created_before: int | None = None, *, children: bool = False,
+    ) -> list[str]:
+        """``page`` over several prefixes, merged in id order."""
+        pages = await asyncio.gather(*(
+            self.page(p, cursor, limit, descending, created_after, created_before, children=children)
+            for p in prefixes
+        ))
+        if len(pages) == 1:
+            return pages[0]
+        merged = heapq.merge(*pages, reverse=descending)
+        return [run_id for _, run_id in zip(range(limit), merged, strict=False)]
+
+    async def headers_and_errors(self, ids: list[str]) -> list[tuple[RunHeader | None, bytes | None]]:
+        k = self.keys
+        headers, errors = await asyncio.gather(
+            self.redis.execute("HMGET", k.runs, *ids), self.redis.execute("HMGET", k.errors, *ids)
+        )
+        return [(None if raw is None else decode_header(raw), err) for raw, err in zip(headers, errors, strict=True)]
+
+    async def blobs(self, ids: list[str]) -> dict[str, tuple[bytes | None, ...]]:
+        """Input, output and error of each run, in three commands for all of them."""
+        k, redis = self.keys, self.redis
+        inputs, outputs, errors = await asyncio.gather(
+            redis.execute("HMGET", k.inputs, *ids), redis.execute("HMGET", k.results, *ids),
+            redis.execute("HMGET", k.errors, *ids),
+        )
+        return {run_id: (inp, out, err) for run_id, inp, out, err in zip(ids, inputs, outputs, errors, strict=True)}
+
+    async def workflow_names(self) -> list[str]:
+        return sorted(n.decode() for n in await self.redis.execute("HKEYS", self.keys.workflows))
+
+    async def workflow_metas(self) -> list[bytes]:
+        flat = await self.redis.execute("HGETALL", self.keys.workflows)
+        return [flat[i + 1] for i in range(0, len(flat), 2)]
+
+    async def status_counts(self) -> dict[str, int]:
+        k = self.keys
+        counts = await asyncio.gather(*(
+            self.redis.execute("ZLEXCOUNT", k.index, f"[s:{s}:".encode(), f"[s:{s}:".encode() + b"\xff")
+            for s in STATUSES
+        ))
+        return {s: int(c) for s, c in zip(STATUSES, counts, strict=True)}
+
+    async def queue_sizes(self, queues: list[str]) -> dict[str, dict[str, int]]:
+        """Each queue's ready (claimable now) and scheduled (due later) counts."""
+        k = self.keys
+        redis = self.redis
+        sizes = await asyncio.gather(*(
+            c for q in queues for c in (redis.execute("LLEN", k.ready(q)), redis.execute("ZCARD", k.scheduled(q)))
+        ))
+        return {q: {"ready": int(sizes[2 * i]), "scheduled": int(sizes[2 * i + 1])} for i, q in enumerate(queues)}
+
+    async def next_ready(self, queue: str) -> str | None:
+        """The run id the next claim of ``queue`` takes."""
+        oldest: bytes | None = await self.redis.execute("LINDEX", self.keys.ready(queue), -1)
+        return None if oldest is None else oldest.decode()
+
+    async def delete_prefix(self, keep: set[str]) -> int:
+        """Development only: delete every key of this prefix but ``keep`` (scans the keyspace)."""
+        cursor: Any = b"0"
+        deleted = 0
+        # Only this prefix's partitions, not longer prefixes. SCAN MATCH is a glob: the prefix's glob
+        # characters are escaped so it matches itself only (PartitionKeys refuses braces in it).
+        literal = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in self.keys.prefix)
+        pattern = f"{literal}:{{*"
+        while True:
+            cursor, keys = await self.redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            doomed = [key for key in keys if key.decode() not in keep]
+            if doomed:
+                deleted += int(await self.redis.execute("UNLINK", *doomed))
+            if cursor == b"0":
+                return deleted
