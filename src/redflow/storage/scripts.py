@@ -62,6 +62,7 @@ SCRIPT_NAMES = (
     "history",
 )
 
+_PARTITION_KEYS = frozenset(PartitionKeys.__slots__)
 MAX_QUEUE_ROUNDS = 4  # NEED_QUEUES round trips before a call gives up (each adds every queue asked for)
 
 
@@ -141,31 +142,44 @@ class ScriptRunner:
         self._redis = redis
         self._keys = keys
         self.scripts = load_scripts()
+        self._templates: dict[str, tuple[list[str | None], dict[str, int]]] = {}
 
     async def load_all(self) -> None:
         redis = self._redis
         await asyncio.gather(*(redis.execute("SCRIPT", "LOAD", s.source) for s in self.scripts.values()))
 
+    def _template(self, script: Script) -> tuple[list[str | None], dict[str, int]]:
+        """The script's KEYS with every partition-wide key filled in, and the position of each name;
+        computed once per script (the hot path only fills in the per-call keys)."""
+        cached = self._templates.get(script.name)
+        if cached is None:
+            keys = self._keys
+            values = [getattr(keys, k, None) if keys is not None and k in _PARTITION_KEYS else None
+                      for k in script.fixed_keys]
+            cached = self._templates[script.name] = (values, {k: i for i, k in enumerate(script.fixed_keys)})
+        return cached
+
     def key_list(self, script: Script, named: dict[str, str], queues: Sequence[str] = ()) -> list[str]:
         """KEYS for ``script`` in header order; raises when a key is missing or unknown."""
-        out: list[str] = []
-        unused = dict(named)
-        for key in script.fixed_keys:
-            value = unused.pop(key, None)
-            if value is None:
-                value = getattr(self._keys, key, None) if key in PartitionKeys.__slots__ else None
+        values, positions = self._template(script)
+        out = list(values)
+        for key, value in named.items():
+            i = positions.get(key)
+            if i is None:
+                raise TypeError(f"script {script.name!r} has no key {[key]}")
             if not isinstance(value, str):
                 raise TypeError(f"script {script.name!r} needs key {key!r}")
-            out.append(value)
-        if unused:
-            raise TypeError(f"script {script.name!r} has no key {sorted(unused)}")
+            out[i] = value
+        if None in out:
+            raise TypeError(f"script {script.name!r} needs key {script.fixed_keys[out.index(None)]!r}")
+        keys: list[str] = out  # type: ignore[assignment]  # no None left
         if queues:
             if not script.queue_arg or self._keys is None:
                 raise TypeError(f"script {script.name!r} takes no queues")
             k = self._keys
             for queue in queues:
-                out += (k.ready(queue), k.scheduled(queue), k.bell(queue))
-        return out
+                keys += (k.ready(queue), k.scheduled(queue), k.bell(queue))
+        return keys
 
     async def run(
         self, name: str, args: Sequence[Any], *, queues: Sequence[str] = (), extra_keys: Sequence[str] = (),
