@@ -92,7 +92,13 @@ class LeaderDuties:
             observability.set_gauge("backlog", sizes["ready"], queue, "ready")
             observability.set_gauge("backlog", sizes["scheduled"], queue, "scheduled")
             oldest = await client.store.index.next_ready(queue)
-            age = max(0.0, (server_ms - run_id_time_ms(oldest)) / 1000) if oldest else 0.0
+            age = 0.0
+            if oldest:
+                # How long the next run to claim has been due (not since it was created: a delayed,
+                # retried or resumed run became ready later).
+                header = await client.store.read_header(oldest)
+                since = header.available_at_ms if header is not None and header.available_at_ms else None
+                age = max(0.0, (server_ms - (since or run_id_time_ms(oldest))) / 1000)
             observability.set_gauge("oldest", age, queue)
             self._sampled_queues.add(queue)
 
