@@ -233,8 +233,8 @@ async def check(h: Harness, kinds: list[str]) -> Report:
         ("chaos phase (s)", round(h.faults_stopped - h.chaos_started, 1)),
         ("recovery after the last fault (s)", round(h.recovery_s, 1)),
         ("stated bound (s)", round(h.bound_s, 1)),
-        ("worst takeover of a run interrupted by a worker fault (s)", round(worst[0], 2)),
-        ("  (that run, fault)", f"{worst[1]} {worst[2]}"),
+        *([("worst takeover of a run interrupted by a worker fault (s)", round(worst[0], 2)),
+           ("  (that run, fault)", f"{worst[1]} {worst[2]}")] if takeovers else []),
         ("total wall time (s)", round(time.monotonic() - h.started, 1)),
     ]
     return report
