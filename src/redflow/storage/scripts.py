@@ -101,9 +101,35 @@ def _key_table(key_names: Sequence[str], variadic: bool, queue_arg: int) -> str:
     return lua
 
 
+_LIB_FUNCTION = re.compile(r"^local function (\w+)\(.*?^end\n", re.MULTILINE | re.DOTALL)
+_WORD = re.compile(r"\b\w+\b")
+
+
+def _with_libraries(raw: str) -> str:
+    """The script with its ``--!include``d libraries inlined, keeping only the library functions it
+    calls (directly or through other library functions): every function a script defines is created
+    again on each call, so a script carries only what it uses. Library functions are
+    ``local function`` blocks that end with an ``end`` in the first column; order is kept, as Lua
+    needs a local function defined before the code that calls it."""
+    libs = [_read(f"lib/{m.group(1)}.lua") for m in _INCLUDE.finditer(raw)]
+    own = _INCLUDE.sub("", raw)
+    functions = {m.group(1): m.group(0) for lib in libs for m in _LIB_FUNCTION.finditer(lib)}
+    needed: set[str] = set()
+    todo = [w for w in _WORD.findall(own) if w in functions]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += [w for w in _WORD.findall(functions[name]) if w in functions and w not in needed]
+    kept = "".join(
+        _LIB_FUNCTION.sub(lambda m: m.group(0) if m.group(1) in needed else "", lib) for lib in libs
+    )
+    return kept + own
+
+
 def _parse(name: str) -> Script:
     raw = _read(f"{name}.lua")
-    body = _INCLUDE.sub(lambda m: _read(f"lib/{m.group(1)}.lua"), raw)
+    body = _with_libraries(raw)
     keys = _KEY_LINE.findall(raw)
     args = _ARG_LINE.findall(raw)
     variadic_keys = bool(keys and keys[-1][1])
