@@ -13,9 +13,7 @@ worker whose claim loop hangs never takes it), then checks every run (checker.py
 counts table.
 
 Environment: REDFLOW_CHAOS_SCALE (default 1), REDFLOW_CHAOS_SEED (default 20240610),
-REDFLOW_CHAOS_WORKERS (default 3), REDFLOW_CHAOS_SPARE_BLOCKING (default 1; 0 also blackholes the
-workers' new blocking connections, which hangs a claim loop for good: see test_connections.py).
-Run: ``.venv/bin/pytest -q tests/chaos/test_workload.py -s``.
+REDFLOW_CHAOS_WORKERS (default 3). Run: ``.venv/bin/pytest -q tests/chaos/test_workload.py -s``.
 """
 
 from __future__ import annotations
@@ -38,10 +36,6 @@ RUNS = max(200, int(2000 * SCALE))
 LATENCY_S = 1.5  # how long each proxy_latency fault lasts
 LATENCY = (0.05, 0.15)  # 50 ms + up to 150 ms, per chunk and direction
 HALF_OPEN_S = 2.0  # past the command deadline (1.5 s): reconnects land in the black hole
-# The first command of a worker's new blocking connection (CLIENT ID) has no deadline, so a claim loop
-# that reconnects into a black hole hangs for good (reported; test_connections.py reproduces it).
-CLIENT_ID = b"*2\r\n$6\r\nCLIENT\r\n$2\r\nID\r\n"
-SPARE_BLOCKING = os.environ.get("REDFLOW_CHAOS_SPARE_BLOCKING", "1") != "0"
 KINDS = ["worker_kill", "leader_kill", "worker_stop", "proxy_cut", "proxy_freeze", "proxy_latency", "half_open",
          "server_kill_aof"]
 TIMEOUT_S = 900 if SCALE > 1 else 400
@@ -98,7 +92,6 @@ async def test_chaos_workload(tmp_path: Path) -> None:
             elif kind == "half_open":
                 frozen = proxy.half_open()
                 before = len(proxy.blackholed)
-                proxy.spare = (lambda first: first.startswith(CLIENT_ID)) if SPARE_BLOCKING else None
                 proxy.blackhole = True
                 await asyncio.sleep(HALF_OPEN_S)  # the fault's duration
                 proxy.blackhole = False
