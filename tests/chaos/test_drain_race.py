@@ -1,12 +1,12 @@
 """A graceful stop that overlaps a claim (found by test_supervisor_kill.py at 20,000 runs).
 
-``Worker.stop()`` waits for the runs active when it begins; a claim whose reply arrives during that
-wait spawns more runs, which ``stop()`` then interrupts as leftovers as soon as the first ones are
-done, grace period or not, and hands back. A step body interrupted so runs again elsewhere
-(at-least-once, allowed); an ``on_failure`` hook interrupted so runs twice for one failed run, which
-docs/guarantees.md promises only when a worker dies or loses its lease inside the hook. These tests
-hold a claim's reply (the server has applied it) until the stop has begun, as a SIGTERM landing
-while a claim is in flight does. xfail (strict): reported as an engine bug.
+``Worker.stop()`` used to wait for the runs active when it began only; a claim whose reply arrived
+during that wait spawned more runs, which ``stop()`` then interrupted as leftovers as soon as the
+first ones were done, grace period or not, and handed back: a step body interrupted so runs again
+elsewhere (at-least-once, allowed), but an ``on_failure`` hook interrupted so ran twice for one
+failed run, which docs/guarantees.md allows only when a worker dies or loses its lease inside the
+hook. The stop now waits for the claim in flight. These tests hold a claim's reply (the server has
+applied it) until the stop has begun, as a SIGTERM landing while a claim is in flight does.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ from redflow import NonRetriableError, RedflowClient, WorkflowHandlerContext, Wo
 from redflow.worker.worker import Worker
 
 from ..conftest import WorkerFactory, wait_until
-
-REASON = ("engine bug: Worker.stop() interrupts runs spawned by a claim that was in flight when it began "
-          "(worker.py: the claim loop spawns after _stopping; stop() only waits for the runs active at its start)")
 
 
 def _hold_claim_replies(worker: Worker) -> asyncio.Event:
@@ -48,7 +45,6 @@ async def _stop_during_a_claim(worker: Worker, release: asyncio.Event, busy: Any
     return stopping
 
 
-@pytest.mark.xfail(strict=True, reason=REASON)
 @pytest.mark.timeout(30)
 async def test_a_hook_claimed_while_the_worker_stops_runs_once(
     client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory,

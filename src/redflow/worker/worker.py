@@ -118,9 +118,16 @@ class Worker:
         self._stopping = True
         grace = self.settings.grace_period_ms if grace_period_ms is None else grace_period_ms
         self._bells.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace / 1000
+        # A claim in flight when the stop began spawns its runs under the claim lock: wait for it, so
+        # those runs get the grace period too instead of being cut short as leftovers.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace / 1000), self._claim_lock:
+                pass
         pending = [ex.task for ex in self.active.values() if ex.task is not None]
         if pending:
-            await asyncio.wait(pending, timeout=grace / 1000)
+            await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
         leftovers = list(self.active.values())
         for ex in leftovers:
             ex.stop_here()
