@@ -215,6 +215,8 @@ class Worker:
                         self.budget_spent.set()
                         return
                 async with self._claim_lock:
+                    if self._stopping:  # a stop began meanwhile: it counts on no claim starting after it
+                        return
                     code, next_due_ms, runs = await self.store.claim(self.id, self.queues, want, s.promote_batch)
                     if code is not Code.STALE_WORKER:
                         self.runs_claimed += len(runs)
