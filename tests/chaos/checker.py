@@ -12,9 +12,8 @@ Invariants (a violation fails the test):
   by a worker just woken by SIGCONT (a zombie: its record is refused by the fence, counted apart);
 - every recorded output was produced by a logged execution;
 - on_failure never for a canceled or succeeded run, at least once for a failed one, and more than
-  once only when a fault hit while the first call was in flight, or a data loss came between (or,
-  until the engine bug test_drain_race.py reproduces is fixed, when an orphan's drain cut the first
-  call short: counted apart).
+  once only when a fault hit while the first call was in flight, or a data loss came between (an
+  orphan's drain is no such fault: it lets the hook finish).
 
 Re-executions that the at-least-once contract allows (the worker died, lost its lease or its
 connection, or the server lost the record) are counted and reported, split by cause.
@@ -38,7 +37,6 @@ from .harness import (
     LEASE_MS,
     SCALE,
     SEED,
-    SUPERVISOR_FAULTS,
     TERMINAL,
     WORKER_FAULTS,
     Harness,
@@ -193,11 +191,6 @@ async def check(h: Harness, kinds: list[str]) -> Report:
             start, end, pid = prev
             if any(start <= t <= nxt[0] for t in data_loss_times):
                 counts["on_failure re-run after data loss"] += 1
-            elif end is None and any(f.kind in SUPERVISOR_FAULTS and pid in f.pids and f.start <= start
-                                     for f in h.faults):
-                # Started by an orphan after its supervisor died, cut short by the orphan's own drain
-                # (an engine bug, reproduced by test_drain_race.py): counted, not failed, until fixed.
-                counts["on_failure re-run: cut short by its worker's drain (known bug)"] += 1
             elif any(pid in f.pids and f.start >= start and (end is None or f.start <= end + 1)
                      for f in h.faults) or any(
                     f.kind in CONNECTION_FAULTS and start - 0.1 <= f.start <= (end or start) + 2 for f in h.faults):

@@ -48,8 +48,6 @@ DATA_LOSS = frozenset({"server_kill_aof", "server_rdb_restore", "failover", "fai
 # Faults that kill or pause worker processes, whose runs others take over (the pids are in Fault.pids;
 # a supervisor's faults list its orphaned children there too).
 WORKER_FAULTS = frozenset({"worker_kill", "leader_kill", "worker_stop"})
-# Faults that kill a supervisor: its worker processes (Fault.pids) drain on their own.
-SUPERVISOR_FAULTS = frozenset({"supervisor_kill", "supervisor_kill_restart_at_once", "supervisor_term_then_kill"})
 # Faults that break connections without losing data.
 CONNECTION_FAULTS = frozenset({"proxy_cut", "proxy_freeze", "proxy_latency", "half_open"})
 
