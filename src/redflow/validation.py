@@ -154,3 +154,10 @@ def check_event_name(value: Any, what: str) -> str:
     if value != value.strip():
         raise ConfigurationError(f"{what} must not have leading or trailing whitespace, got {value!r}")
     return value
+
+
+def check_run_id(run_id: Any) -> str:
+    """A run id as the client API accepts it: a non-empty string."""
+    if not isinstance(run_id, str) or not run_id:
+        raise ConfigurationError(f"a run id is a non-empty string, got {run_id!r}")
+    return run_id

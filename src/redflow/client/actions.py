@@ -16,6 +16,7 @@ from ..storage.index import index_prefixes
 from ..storage.records import RunHeader, StepRecord, decode_steps, encode_step
 from ..storage.scripts import check_queue_name
 from ..types import TERMINAL_STATUSES, BulkQuery, BulkResult, FailureGroup, RunExplanation
+from ..validation import check_run_id
 from .explain import explain_run
 from .failures import list_failures
 from .handle import RunHandle
@@ -28,12 +29,6 @@ BULK_BATCH = 200
 _BULK_FIELDS = frozenset(BulkQuery.__annotations__)
 _RETRYABLE = ("failed", "canceled")
 _CANCELABLE = ("queued", "scheduled", "running")
-
-
-def check_run_id(run_id: Any) -> str:
-    if not isinstance(run_id, str) or not run_id:
-        raise ConfigurationError(f"a run id is a non-empty string, got {run_id!r}")
-    return run_id
 
 
 def reusable(record: StepRecord) -> bool:

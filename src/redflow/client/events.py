@@ -14,7 +14,7 @@ from ..observability import tracing
 from ..storage.codes import Code
 from ..storage.event_store import EventStore
 from ..types import IDEMPOTENCY_TTL_SEC, EmitEventResult, ListEventsParams
-from ..validation import check_event_name
+from ..validation import check_event_name, check_run_id
 
 if TYPE_CHECKING:
     from ..storage.keys import PartitionKeys
@@ -156,8 +156,7 @@ class Events:
 
         The cascade is durable: the run is recorded as canceling its descendants in the same script
         that cancels it, and the leader finishes a cascade this call could not (the client died)."""
-        if not isinstance(run_id, str) or not run_id:
-            raise ConfigurationError(f"a run id is a non-empty string, got {run_id!r}")
+        check_run_id(run_id)
         await self.store.ensure_ready()
         code, _ = await self.store.cancel(run_id, reason, self.retention_ms)
         if code is not Code.OK:

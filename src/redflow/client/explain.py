@@ -6,11 +6,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ..encoding import decode
-from ..errors import ConfigurationError, RunNotFoundError
+from ..errors import RunNotFoundError
 from ..storage.index import untag
 from ..storage.records import RunHeader, WaitRecord
 from ..storage.store import EXPLAIN_SCAN
 from ..types import RunExplanation
+from ..validation import check_run_id
 
 if TYPE_CHECKING:
     from .facade import RedflowClient
@@ -23,8 +24,7 @@ def _at(ms: int | None) -> str:
 
 
 async def explain_run(client: RedflowClient, run_id: str) -> RunExplanation:
-    if not isinstance(run_id, str) or not run_id:
-        raise ConfigurationError(f"a run id is a non-empty string, got {run_id!r}")
+    check_run_id(run_id)
     store = client.store
     await store.ensure_ready()
     h = await store.read_header(run_id)

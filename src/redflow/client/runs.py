@@ -12,7 +12,7 @@ from ..storage.codes import Code
 from ..storage.records import StepRecord
 from ..streams import RunStreamReader, RunStreamRecord, check_read_args, stream_record
 from ..types import TERMINAL_STATUSES, AttemptTrace, RunState, StepState
-from ..validation import json_schema_issues, validation_error
+from ..validation import check_run_id, json_schema_issues, validation_error
 from .handle import RunHandle
 from .states import run_state, step_state, wait_info
 
@@ -31,8 +31,7 @@ class Runs:
         self.redis = client.redis
 
     async def get_run(self, run_id: str) -> RunState | None:
-        if not isinstance(run_id, str) or not run_id:
-            raise ConfigurationError(f"a run id is a non-empty string, got {run_id!r}")
+        check_run_id(run_id)
         await self.store.ensure_ready()
         found = await self.store.read_run(run_id)
         if found is None:

@@ -130,8 +130,7 @@ class EventStore:
         fire a trigger whose workflow no live worker defines), and forget workers gone for
         REGISTRATION_RETENTION_MS. ``now_ms`` is the server's time (read when not given)."""
         if now_ms is None:
-            sec, usec = await self.redis.execute("TIME")
-            now_ms = int(sec) * 1000 + int(usec) // 1000
+            now_ms = await self.store.server_time_ms()
         key = self.registrations_key
         record = RegistrationRecord(workflows=sorted(workflows), registered_at_ms=now_ms, queues=queues)
         await self.redis.execute("HSET", key, worker_id, encode_record(record))

@@ -345,8 +345,7 @@ class Store:
 
     async def lapsed_workers(self, limit: int) -> list[str]:
         k = self.keys
-        time_reply = await self.redis.execute("TIME")
-        now_ms = int(time_reply[0]) * 1000 + int(time_reply[1]) // 1000
+        now_ms = await self.server_time_ms()
         ids = await self.redis.execute("ZRANGEBYSCORE", k.workers, "-inf", f"({now_ms}", "LIMIT", 0, limit)
         return [i.decode() for i in ids]
 
@@ -419,12 +418,6 @@ class Store:
 
     async def write_bulk_job(self, job_id: str, record: bytes) -> None:
         await self.redis.execute("SET", self.keys.bulk_job(job_id), record, "EX", BULK_JOB_TTL_S)
-
-    async def read_errors(self, run_ids: Sequence[str]) -> list[bytes | None]:
-        if not run_ids:
-            return []
-        errors: list[bytes | None] = await self.redis.execute("HMGET", self.keys.errors, *run_ids)
-        return errors
 
     async def explain_facts(self, run_id: str, h: RunHeader) -> dict[str, Any]:
         """What explain_run needs beyond the header, in one pipelined batch: server time, the run's
