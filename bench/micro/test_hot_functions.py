@@ -56,7 +56,7 @@ def test_build_queue_and_index_keys(benchmark) -> None:  # type: ignore[no-untyp
     def build() -> tuple[str, str, str, str]:
         return keys.ready("default"), keys.scheduled("default"), keys.bell("default"), tag("send-welcome-email")
 
-    assert benchmark(build)[0] == "redflow:v1:{p0}:q:default:ready"
+    assert benchmark(build)[0] == "redflow:v1:{redflow:v1:p0}:q:default:ready"
 
 
 def test_payload_round_trip(benchmark) -> None:  # type: ignore[no-untyped-def]

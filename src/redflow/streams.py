@@ -100,7 +100,7 @@ class RunStreamReader:
                     entries = await store.stream_read(self._run_id, self._after, self._limit)
                 else:
                     if self._conn is None or self._conn.closed:
-                        self._conn = await store.blocking_connection()
+                        self._conn = await store.blocking_connection(self._run_id)
                     entries = await store.stream_read(self._run_id, self._after, self._limit, self._block_ms,
                                                       self._conn)
                 for entry_id, fields in entries:

@@ -154,7 +154,7 @@ def _url(client) -> str:  # type: ignore[no-untyped-def]
 
 def test_keys_refuse_braces_and_tag_the_partition() -> None:
     keys = PartitionKeys("app:v1")
-    assert keys.runs == "app:v1:{p0}:runs"
+    assert keys.runs == "app:v1:{app:v1:p0}:runs"
     assert hash_slot(keys.ready("a")) == hash_slot(keys.idempotency("w", "{weird}")) == hash_slot(keys.runs)
     assert partition_of("01ABC-p0") == "p0"
     with pytest.raises(ValueError):

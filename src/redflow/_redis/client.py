@@ -4,6 +4,10 @@ One multiplexed connection carries all ordinary commands of a process (pipelined
 :class:`~redflow._redis.connection.Connection`); blocking commands get a connection of their own
 from :meth:`RedisClient.dedicated`. A lost connection fails the commands in flight and is reopened by
 the next command, so callers see a ``ConnectionClosedError`` once and then a fresh connection.
+
+The first connection asks the server whether it is a Redis Cluster node (``INFO cluster``). If so, the
+client routes every command from then on through a :class:`~redflow._redis.cluster.ClusterRouter`:
+one such client per master, each pipelined as above. The URL of any one node is enough.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from .cluster import ClusterRouter
 from .connection import Connection, Counters
-from .errors import ConnectionClosedError, RedisError
+from .errors import ConnectionClosedError, RedisError, ResponseError
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +111,14 @@ _clients: weakref.WeakSet[RedisClient] = weakref.WeakSet()
 
 
 def _forget_connections_after_fork() -> None:
-    # A forked child must not use its parent's sockets or event loop: every client reconnects lazily.
+    # A forked child must not use its parent's sockets or event loop: every client reconnects lazily
+    # (and a cluster client reads its slot map again).
     for client in list(_clients):
         client._conn = None
         client._connecting = None
         client._dedicated = set()
+        client._router = None
+        client._detect = not client._is_node
 
 
 os.register_at_fork(after_in_child=_forget_connections_after_fork)
@@ -120,11 +128,16 @@ class RedisClient:
     """Shared, lazily connected, self-healing access to one Redis server."""
 
     def __init__(
-        self, address: ServerAddress, *, connect_timeout_s: float = 5.0, command_timeout_s: float | None = None
+        self, address: ServerAddress, *, connect_timeout_s: float = 5.0, command_timeout_s: float | None = None,
+        counters: Counters | None = None, cluster_node: bool = False,
     ) -> None:
         _clients.add(self)
         self.address = address
-        self.counters = Counters()
+        self.counters = counters if counters is not None else Counters()
+        # A cluster node's own client (made by a router) never routes; any other client checks once.
+        self._is_node = cluster_node
+        self._detect = not cluster_node
+        self._router: ClusterRouter | None = None
         self._connect_timeout_s = connect_timeout_s
         self.command_timeout_s = command_timeout_s if command_timeout_s is not None else command_timeout_from_env()
         self._conn: Connection | None = None
@@ -138,9 +151,12 @@ class RedisClient:
         deadline: bool = True,
     ) -> Connection:
         """Open and authenticate a new connection (not registered as the shared one). Without
-        ``deadline`` (blocking commands) the caller bounds its waits itself."""
+        ``deadline`` (blocking commands) the caller bounds its waits itself. On a cluster, to any
+        master that accepts it."""
         if self._closed:
             raise ConnectionClosedError("client is closed")
+        if self._router is not None:
+            return await self._router.open_any(lambda node: node.open_connection(on_push, on_lost, deadline))
         loop = asyncio.get_running_loop()
         addr = self.address
         counters = self.counters
@@ -175,27 +191,94 @@ class RedisClient:
             raise
         return conn
 
-    async def _shared(self) -> Connection:
+    async def _shared(self) -> Connection | None:
+        """The shared connection, opened when needed; None once this client routes over a cluster."""
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn
         if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self.open_connection())
+            self._connecting = asyncio.ensure_future(self._open_shared())
             try:
                 self._conn = await asyncio.shield(self._connecting)
             finally:
                 self._connecting = None
-            return self._conn
-        return await asyncio.shield(self._connecting)
+        else:
+            self._conn = await asyncio.shield(self._connecting)
+        return None if self._router is not None else self._conn
+
+    async def _open_shared(self) -> Connection:
+        conn = await self.open_connection()
+        if self._detect:
+            try:
+                info = await conn.send(("INFO", "cluster"))
+            except ResponseError:
+                info = b""  # INFO renamed or denied: a managed single server
+            self._detect = False
+            if b"cluster_enabled:1" in info:
+                self._start_routing(conn)
+        return conn
+
+    def _start_routing(self, seed: Connection) -> None:
+        def make_node(address: ServerAddress) -> RedisClient:
+            return RedisClient(
+                address, connect_timeout_s=self._connect_timeout_s, command_timeout_s=self.command_timeout_s,
+                counters=self.counters, cluster_node=True,
+            )
+
+        self._router = ClusterRouter(self.address, make_node)
+        seed.close()  # the seed node's own client (made by the router) carries its commands
+
+    @property
+    def is_cluster(self) -> bool:
+        """Whether commands are routed over a cluster (known after the first command)."""
+        return self._router is not None
 
     async def execute(self, *args: Any) -> Any:
+        if self._router is not None:
+            return await self._router.execute(args)
         conn = self._conn
         if conn is None or conn.closed:
             conn = await self._shared()
+            if conn is None:
+                return await self._routed(args)
         return await conn.send(args)
+
+    async def _routed(self, args: tuple[Any, ...], key: Any = None) -> Any:
+        router = self._router
+        assert router is not None
+        return await router.execute(args, key)
+
+    async def execute_at(self, key: Any, *args: Any) -> Any:
+        """Run a keyless command (TIME, INFO, CONFIG ...) on the node that holds ``key``; on one
+        server, the same as :meth:`execute`."""
+        if self._router is None and self._detect:
+            await self._shared()
+        if self._router is not None:
+            return await self._router.execute(args, key)
+        return await self.execute(*args)
+
+    async def node_for(self, key: Any) -> RedisClient:
+        """The single-server client that holds ``key`` now: this client itself unless on a cluster."""
+        if self._router is None and self._detect:
+            await self._shared()
+        if self._router is not None:
+            return await self._router.node_for(key)
+        return self
+
+    async def masters(self) -> list[RedisClient]:
+        """One single-server client per master (this client itself unless on a cluster)."""
+        if self._router is None and self._detect:
+            await self._shared()
+        if self._router is not None:
+            if not self._router.masters():
+                await self._router.refresh()
+            return self._router.masters()
+        return [self]
 
     def send_now(self, args: tuple[Any, ...]) -> asyncio.Future[Any] | None:
         """Queue a command on the open shared connection without awaiting; None if not connected."""
+        if self._router is not None:
+            return self._router.send_now(args)
         conn = self._conn
         if conn is None or conn.closed:
             return None
@@ -203,18 +286,26 @@ class RedisClient:
 
     def drop_shared(self, exc: Exception) -> None:
         """Abandon the shared connection (a deadline passed); the next command opens a new one."""
+        if self._router is not None:
+            self._router.drop_shared(exc)
+            return
         conn = self._conn
         if conn is not None and not conn.closed:
             conn.abort(exc)
 
     async def dedicated(self) -> Connection:
-        """A connection of its own, for blocking commands; closed with the client."""
+        """A connection of its own, for blocking commands; closed with the client. On a cluster, use
+        ``(await node_for(key)).dedicated()`` for the node of the keys it blocks on."""
+        if self._router is not None:
+            raise TypeError("on a cluster, a blocking connection belongs to a node: use node_for(key).dedicated()")
         conn = await self.open_connection(on_lost=self._dedicated.discard, deadline=False)
         self._dedicated.add(conn)
         return conn
 
     async def close(self) -> None:
         self._closed = True
+        if self._router is not None:
+            await self._router.close()
         if self._conn is not None:
             self._conn.close()
         for conn in list(self._dedicated):

@@ -23,6 +23,7 @@ class BellWaiter:
         self._redis = redis
         self._bells = [keys.bell(q) for q in queues]
         self._conn: Connection | None = None
+        self._node = redis  # the server the blocking connection is open to
         self._client_id = 0
         self._closed = False
 
@@ -36,7 +37,9 @@ class BellWaiter:
         fresh: Connection | None = None
         try:
             async with asyncio.timeout(deadline):
-                fresh = await self._redis.dedicated()
+                # The bells share one hash tag: on a cluster, one node holds them all.
+                self._node = await self._redis.node_for(self._bells[0])
+                fresh = await self._node.dedicated()
                 self._client_id = int(await fresh.execute("CLIENT", "ID"))
         except TimeoutError:
             if fresh is not None:
@@ -66,7 +69,7 @@ class BellWaiter:
                 timer.cancel()
 
     def _unblock(self, client_id: int) -> None:
-        fut = self._redis.send_now(("CLIENT", "UNBLOCK", client_id))
+        fut = self._node.send_now(("CLIENT", "UNBLOCK", client_id))
         if fut is not None:  # a failure only means the wait ends at BRPOP's own timeout
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 

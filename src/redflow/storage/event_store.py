@@ -162,7 +162,7 @@ class EventStore:
         has not lapsed), lease_until_ms, leader, workflows, queues, registered_at_ms."""
         k, redis = self.keys, self.redis
         (sec, usec), leased, leader, flat = await asyncio.gather(
-            redis.execute("TIME"), redis.execute("ZRANGE", k.workers, 0, -1, "WITHSCORES"),
+            redis.execute_at(k.base, "TIME"), redis.execute("ZRANGE", k.workers, 0, -1, "WITHSCORES"),
             redis.execute("GET", k.leader), redis.execute("HGETALL", k.registrations),
         )
         now_ms = int(sec) * 1000 + int(usec) // 1000

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from typing import Any
 
 from .._redis.client import RedisClient
 from ..ids import _b32
@@ -131,16 +130,18 @@ class RunIndex:
 
     async def delete_prefix(self, keep: set[str]) -> int:
         """Development only: delete every key of this prefix but ``keep`` (scans the keyspace)."""
-        cursor: Any = b"0"
         deleted = 0
         # Only this prefix's partitions, not longer prefixes. SCAN MATCH is a glob: the prefix's glob
         # characters are escaped so it matches itself only (PartitionKeys refuses braces in it).
         literal = "".join("\\" + ch if ch in "*?[]\\" else ch for ch in self.keys.prefix)
         pattern = f"{literal}:{{*"
-        while True:
-            cursor, keys = await self.redis.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
-            doomed = [key for key in keys if key.decode() not in keep]
-            if doomed:
-                deleted += int(await self.redis.execute("UNLINK", *doomed))
-            if cursor == b"0":
-                return deleted
+        for node in await self.redis.masters():
+            cursor = b"0"
+            while True:
+                cursor, keys = await node.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+                doomed = [key for key in keys if key.decode() not in keep]
+                # One key per UNLINK: on a cluster one call may not span slots.
+                deleted += sum(map(int, await asyncio.gather(*(node.execute("UNLINK", key) for key in doomed))))
+                if cursor == b"0":
+                    break
+        return deleted

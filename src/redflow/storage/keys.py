@@ -1,9 +1,10 @@
 """Every Redis key and channel name redflow uses is built here, and nowhere else.
 
-Layout: ``<prefix>:{<partition>}:<name>``. The braces make the partition the hash tag, so all keys of
-one partition live in one cluster slot and any script may touch any of them. Run ids end with their
-partition (``<ulid>-<partition>``), so a run's keys are found from its id alone. Today there is one
-partition, ``p0``.
+Layout: ``<prefix>:{<prefix>:<partition>}:<name>``. The braces make the prefix and the partition the
+hash tag, so all keys of one partition live in one cluster slot (any script may touch any of them)
+and two prefixes never share a slot. Keys still start with the prefix, so ACL key patterns and SCAN
+by prefix keep working. Run ids end with their partition (``<ulid>-<partition>``), so a run's keys
+are found from its id alone. Today there is one partition, ``p0``.
 
 Per-run data lives in partition-wide hashes keyed by run id (``runs``, ``inputs`` …) rather than in
 one key per run: scripts then only touch keys named in KEYS, never keys derived from ids.
@@ -69,8 +70,11 @@ from __future__ import annotations
 
 from ..errors import ConfigurationError
 
-STORAGE_VERSION = "redflow-storage-3"
+STORAGE_VERSION = "redflow-storage-4"
 DEFAULT_PARTITION = "p0"
+
+# Where layout redflow-storage-3 (tag without the prefix) kept its version marker.
+PREVIOUS_VERSION_KEY = "{prefix}:{{p0}}:version"
 
 # Keys the 0.1.x reference layout creates at the top of its prefix; finding one means another layout.
 FOREIGN_LAYOUT_MARKERS = ("workflows", "runs:created", "cron:next", "events:names", "cron:def")
@@ -142,7 +146,7 @@ class PartitionKeys:
     def __init__(self, prefix: str, partition: str = DEFAULT_PARTITION) -> None:
         self.prefix = validate_prefix(prefix)
         self.partition = partition
-        base = f"{prefix}:{{{partition}}}"
+        base = f"{prefix}:{{{prefix}:{partition}}}"
         self.base = base
         self.version = f"{base}:version"
         self.runs = f"{base}:runs"
@@ -228,6 +232,9 @@ class PartitionKeys:
 
     def foreign_markers(self) -> list[str]:
         return [f"{self.prefix}:{name}" for name in FOREIGN_LAYOUT_MARKERS]
+
+    def previous_version(self) -> str:
+        return PREVIOUS_VERSION_KEY.format(prefix=self.prefix)
 
 
 def tag(value: str) -> str:

@@ -171,8 +171,11 @@ class ScriptRunner:
         self._templates: dict[str, tuple[list[str | None], dict[str, int]]] = {}
 
     async def load_all(self) -> None:
-        redis = self._redis
-        await asyncio.gather(*(redis.execute("SCRIPT", "LOAD", s.source) for s in self.scripts.values()))
+        """Load every script on every master (on one server, on it)."""
+        masters = await self._redis.masters()
+        await asyncio.gather(*(
+            node.execute("SCRIPT", "LOAD", s.source) for node in masters for s in self.scripts.values()
+        ))
 
     def _template(self, script: Script) -> tuple[list[str | None], dict[str, int]]:
         """The script's KEYS with every partition-wide key filled in, and the position of each name;
@@ -233,5 +236,6 @@ class ScriptRunner:
         try:
             return await self._redis.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await self._redis.execute("SCRIPT", "LOAD", script.source)
-            return await self._redis.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            # EVAL runs the script on the node its keys live on and caches it there for EVALSHA
+            # (a restarted, flushed or newly promoted node).
+            return await self._redis.execute("EVAL", script.source, len(keys), *keys, *args)

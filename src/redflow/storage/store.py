@@ -81,12 +81,20 @@ class Store:
 
     async def _prepare(self) -> None:
         k = self.keys
-        version, foreign = await asyncio.gather(
+        # One EXISTS per key: on a cluster the markers live in different slots.
+        version, previous, *foreign = await asyncio.gather(
             self.redis.execute("GET", k.version),
-            self.redis.execute("EXISTS", *k.foreign_markers()),
+            self.redis.execute("GET", k.previous_version()),
+            *(self.redis.execute("EXISTS", marker) for marker in k.foreign_markers()),
         )
         if version is None:
-            if foreign:
+            if previous is not None:
+                raise StorageLayoutError(
+                    f"the key prefix {k.prefix!r} holds storage layout {previous.decode()!r} (its keys "
+                    f"have the hash tag {{p0}}); this version of redflow uses {STORAGE_VERSION!r}, whose "
+                    "tag includes the prefix. Let its runs finish and use a new prefix (REDFLOW_PREFIX)"
+                )
+            if any(foreign):
                 raise StorageLayoutError(
                     f"the key prefix {k.prefix!r} holds data of another storage layout (for example "
                     "from redflow 0.1.x); use another prefix (REDFLOW_PREFIX) or remove that data"
@@ -426,7 +434,7 @@ class Store:
         k, redis = self.keys, self.redis
         running_prefix = f"ws:{tag(h.workflow)}running:".encode()
         server, pos, length, running, limit, holder, deadline, wait, error = await asyncio.gather(
-            redis.execute("TIME"),
+            redis.execute_at(k.base, "TIME"),
             # From the claim end, bounded: a page about one run never scans a long queue.
             redis.execute("LPOS", k.ready(h.queue), run_id, "RANK", -1, "MAXLEN", EXPLAIN_SCAN),
             redis.execute("LLEN", k.ready(h.queue)),
@@ -454,11 +462,11 @@ class Store:
 
     # --- server and streams ---------------------------------------------------------------------------
     async def server_time_ms(self) -> int:
-        sec, usec = await self.redis.execute("TIME")
+        sec, usec = await self.redis.execute_at(self.keys.base, "TIME")
         return int(sec) * 1000 + int(usec) // 1000
 
     async def maxmemory_policy(self) -> str | None:
-        reply = await self.redis.execute("CONFIG", "GET", "maxmemory-policy")
+        reply = await self.redis.execute_at(self.keys.base, "CONFIG", "GET", "maxmemory-policy")
         return reply[1].decode() if len(reply) >= 2 else None
 
     async def stream_range(self, run_id: str, count: int | None) -> list[tuple[bytes, list[bytes]]]:
@@ -481,9 +489,11 @@ class Store:
             reply = await conn.execute("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", key, after)
         return reply[0][1] if reply else []
 
-    async def blocking_connection(self) -> Connection:
-        """A connection for blocking reads, closed with the client."""
-        return await self.redis.dedicated()
+    async def blocking_connection(self, run_id: str) -> Connection:
+        """A connection for blocking reads of ``run_id``'s stream (to the node holding it), closed
+        with the client."""
+        node = await self.redis.node_for(self.keys.stream(run_id))
+        return await node.dedicated()
 
     # --- reads ---------------------------------------------------------------------------------------
     async def read_header(self, run_id: str) -> RunHeader | None:
