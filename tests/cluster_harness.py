@@ -43,10 +43,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from redflow._redis.cluster import SLOTS, crc16, key_slot  # noqa: F401  (re-exported for the tests)
 from redflow.embedded import EmbeddedServer, free_port, valkey_binary
 from redflow.errors import RedflowError
 
-SLOTS = 16384
 BUS_PORT_OFFSET = 10000  # the cluster bus listens on port + 10000 (Redis 6.2 cannot move it)
 ADDSLOTS_CHUNK = 1000  # slots per CLUSTER ADDSLOTS command
 POLL_S = 0.05
@@ -69,41 +69,7 @@ class NodeStartError(ClusterHarnessError):
 # --- hash slots ----------------------------------------------------------------------------------
 
 
-def _crc16_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
-        table.append(crc & 0xFFFF)
-    return table
-
-
-_CRC16 = _crc16_table()
-
-
-def crc16(data: bytes) -> int:
-    """CRC16/XMODEM (polynomial 0x1021, initial value 0), the checksum Redis Cluster hashes keys with."""
-    crc = 0
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFF) ^ _CRC16[((crc >> 8) ^ byte) & 0xFF]
-    return crc
-
-
-def key_slot(key: str | bytes) -> int:
-    """The hash slot (0..16383) of ``key``, as ``CLUSTER KEYSLOT`` computes it.
-
-    A str is hashed as UTF-8. Hash tag rule: if the key has a ``{`` and a ``}`` somewhere after the
-    first ``{``, and at least one byte between them, only the bytes between that first ``{`` and the
-    first ``}`` after it are hashed; otherwise the whole key is.
-    """
-    data = key.encode() if isinstance(key, str) else bytes(key)
-    start = data.find(b"{")
-    if start != -1:
-        end = data.find(b"}", start + 1)
-        if end > start + 1:
-            data = data[start + 1 : end]
-    return crc16(data) % SLOTS
+# key_slot is the engine's own (redflow._redis.cluster); the tests check it against CLUSTER KEYSLOT.
 
 
 def even_slot_ranges(masters: int) -> list[tuple[int, int]]:
@@ -683,6 +649,36 @@ class LocalCluster:
             if first <= slot <= last:
                 return owner
         raise ClusterHarnessError(f"slot {slot} has no owner")
+
+    def move_slot(self, slot: int, target: ClusterNode, batch: int = 10, on_batch: Callable[[], None] | None = None,
+                  timeout_s: float = 30.0) -> int:
+        """Reshard ``slot`` to master ``target`` while clients keep using it: IMPORTING/MIGRATING,
+        then MIGRATE its keys ``batch`` at a time (``on_batch`` runs between batches, so a caller can
+        let traffic meet the half-moved slot), then SETSLOT NODE on every master. Returns the
+        number of keys moved."""
+        source = self.slot_owner(slot)
+        if source is target:
+            raise ValueError(f"slot {slot} already lives on {target.name}")
+        target.execute("CLUSTER", "SETSLOT", slot, "IMPORTING", source.node_id)
+        source.execute("CLUSTER", "SETSLOT", slot, "MIGRATING", target.node_id)
+        moved = 0
+        while True:
+            keys = source.execute("CLUSTER", "GETKEYSINSLOT", slot, batch)
+            if not keys:
+                break
+            source.execute("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+            if on_batch is not None:
+                on_batch()
+        for node in [target, source, *(m for m in self.masters() if m not in (source, target))]:
+            node.execute("CLUSTER", "SETSLOT", slot, "NODE", target.node_id)
+
+        def settled() -> str | None:
+            owner = self.slot_owner(slot)
+            return None if owner is target else f"slot {slot} still owned by {owner.name}"
+
+        _wait(f"slot {slot} to settle on {target.name}", settled, time.monotonic() + timeout_s)
+        return moved
 
     def node_for_key(self, key: str | bytes) -> ClusterNode:
         """The master serving ``key``."""

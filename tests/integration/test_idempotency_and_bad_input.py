@@ -142,3 +142,16 @@ async def test_refuses_prefix_holding_another_layout(redis_url: str, prefix: str
     finally:
         await raw.redis.execute("DEL", raw.keys.version)
         await raw.close()
+
+
+async def test_refuses_prefix_holding_the_previous_layout(redis_url: str, prefix: str) -> None:
+    # redflow-storage-3 tagged keys {p0}, without the prefix: its version marker sits at <prefix>:{p0}:version.
+    raw = create_client(url=redis_url, prefix=prefix)
+    try:
+        await raw.redis.execute("SET", f"{prefix}:{{p0}}:version", "redflow-storage-3")
+        with pytest.raises(StorageLayoutError, match=r"redflow-storage-3.*\{p0\}.*new prefix"):
+            await raw.store.ensure_ready()
+        assert await raw.redis.execute("EXISTS", raw.keys.version) == 0  # nothing claimed
+    finally:
+        await raw.redis.execute("DEL", f"{prefix}:{{p0}}:version")
+        await raw.close()

@@ -21,12 +21,14 @@ async def _noop(ctx: WorkflowHandlerContext) -> Any:
 
 async def _prefix_keys(client: RedflowClient) -> list[bytes]:
     found: list[bytes] = []
-    cursor = b"0"
-    while True:
-        cursor, keys = await client.redis.execute("SCAN", cursor, "MATCH", "*", "COUNT", 1000)
-        found += [k for k in keys if k.startswith(f"{client.keys.prefix}:{{".encode())]
-        if cursor == b"0":
-            return found
+    for node in await client.redis.masters():  # SCAN is per node on a cluster
+        cursor = b"0"
+        while True:
+            cursor, keys = await node.execute("SCAN", cursor, "MATCH", "*", "COUNT", 1000)
+            found += [k for k in keys if k.startswith(f"{client.keys.prefix}:{{".encode())]
+            if cursor == b"0":
+                break
+    return found
 
 
 # --- 5. reset_state / reset_runs delete their own prefix only, glob characters included -------------
@@ -72,7 +74,7 @@ async def test_trigger_of_a_workflow_no_live_worker_defines_does_not_fire(
                            registry=new)
     store, events = client.store, client.events
     await store.ensure_ready()
-    sec, usec = await client.redis.execute("TIME")
+    sec, usec = await client.redis.execute_at(client.keys.base, "TIME")
     now = int(sec) * 1000 + int(usec) // 1000
     slot = now - now % MINUTE
     # The old build (the only one defining "gone-cron") registered long ago; its worker is gone.
@@ -116,7 +118,7 @@ async def test_registrations_forget_workers_that_are_gone(client: RedflowClient)
                          registry=reg)
     store, events = client.store, client.events
     await store.ensure_ready()
-    sec, _ = await client.redis.execute("TIME")
+    sec, _ = await client.redis.execute_at(client.keys.base, "TIME")
     now = int(sec) * 1000
     assert await events.live_workflows(now) is None  # nothing recorded: no evidence, triggers fire
     await events.register({wf.name: wf.meta()}, {}, cron_records([wf]), now - 120 * MINUTE)

@@ -133,7 +133,7 @@ async def test_many_waiters_share_one_subscription_connection(
     handles = [await client.enqueue_definition(wf, i) for i in range(300)]
     waiters = [asyncio.ensure_future(h.result(timeout_ms=20_000)) for h in handles]
     await asyncio.sleep(0.05)
-    info = await client.redis.execute("CLIENT", "LIST")
+    info = await client.redis.execute_at(client.keys.base, "CLIENT", "LIST")
     assert info.count(b"sub=") >= 1
     await make_worker(concurrency=50)
     assert await asyncio.gather(*waiters) == list(range(300))
@@ -176,7 +176,7 @@ async def test_server_clock_sets_timestamps(client: RedflowClient, registry: Wor
 
     wf = define_workflow("clock", handler=handler, registry=registry)
     handle = await client.enqueue_definition(wf, None)
-    sec, usec = await client.redis.execute("TIME")
+    sec, usec = await client.redis.execute_at(client.keys.base, "TIME")
     server_ms = int(sec) * 1000 + int(usec) // 1000
     state = await client.get_run(handle.id)
     assert state is not None and abs(state["created_at"] - server_ms) < 1000

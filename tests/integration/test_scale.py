@@ -24,7 +24,7 @@ async def _noop(ctx: WorkflowHandlerContext) -> object:
 
 
 async def _server_usec(client: RedflowClient) -> int:
-    info = (await client.redis.execute("INFO", "commandstats")).decode()
+    info = (await client.redis.execute_at(client.keys.base, "INFO", "commandstats")).decode()
     total = 0
     for line in info.splitlines():
         if line.startswith("cmdstat_") and "usec=" in line:
@@ -92,8 +92,8 @@ async def test_finished_expired_and_cleaned_runs_leave_nothing_behind(
             pass
 
     async def used_memory() -> int:
-        await client.redis.execute("MEMORY", "PURGE")
-        info = (await client.redis.execute("INFO", "memory")).decode()
+        await client.redis.execute_at(client.keys.base, "MEMORY", "PURGE")
+        info = (await client.redis.execute_at(client.keys.base, "INFO", "memory")).decode()
         return int(next(line for line in info.splitlines() if line.startswith("used_memory:")).split(":")[1])
 
     worker = await make_worker(concurrency=200)

@@ -706,7 +706,10 @@ class Sim:
 async def run_example(url: str, program: list[tuple[str, int, int]], stats: Counter[str]) -> None:
     prefix = f"rft:{uuid.uuid4().hex[:12]}"
     client = create_client(url=url, prefix=prefix)
-    plain = redis_py.from_url(url)
+    # On a cluster, the node holding the prefix's slot: its scripts' messages reach its own
+    # subscribers at once (other nodes hear them later, over the cluster bus).
+    node = await client.redis.node_for(client.keys.base)
+    plain = redis_py.from_url(f"redis://{node.address.host}:{node.address.port}/{node.address.db}")
     pubsub = plain.pubsub()
     ok = False
     real_execute = client.redis.execute

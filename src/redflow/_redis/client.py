@@ -149,14 +149,25 @@ class RedisClient:
         self, on_push: Callable[[list[Any]], None] | None = None,
         on_lost: Callable[[Connection], None] | None = None,
         deadline: bool = True,
+        *,
+        at: Any = None,
     ) -> Connection:
         """Open and authenticate a new connection (not registered as the shared one). Without
-        ``deadline`` (blocking commands) the caller bounds its waits itself. On a cluster, to any
-        master that accepts it."""
+        ``deadline`` (blocking commands) the caller bounds its waits itself. On a cluster, to the
+        master holding key ``at`` (or, without one, to any master that accepts it)."""
         if self._closed:
             raise ConnectionClosedError("client is closed")
+        if self._router is None and self._detect and at is not None:
+            await self._shared()
         if self._router is not None:
-            return await self._router.open_any(lambda node: node.open_connection(on_push, on_lost, deadline))
+            if at is None:
+                return await self._router.open_any(lambda node: node.open_connection(on_push, on_lost, deadline))
+            node = await self._router.node_for(at)
+            try:
+                return await node.open_connection(on_push, on_lost, deadline)
+            except ConnectionClosedError:
+                self._router.schedule_refresh()
+                raise
         loop = asyncio.get_running_loop()
         addr = self.address
         counters = self.counters
@@ -274,6 +285,12 @@ class RedisClient:
                 await self._router.refresh()
             return self._router.masters()
         return [self]
+
+    def routes_stale(self) -> None:
+        """A node reached outside ``execute`` (a blocking or subscriber connection) failed: on a
+        cluster, read the slot map again soon."""
+        if self._router is not None:
+            self._router.schedule_refresh()
 
     def send_now(self, args: tuple[Any, ...]) -> asyncio.Future[Any] | None:
         """Queue a command on the open shared connection without awaiting; None if not connected."""

@@ -2,6 +2,10 @@
 
 A handler receives the message payload, or ``None`` after the connection was re-established: messages
 may have been missed while it was down, so the handler must re-read whatever state it waits on.
+
+On a cluster the connection goes to the master holding ``route_key`` (the partition whose scripts
+publish these channels): a message published there reaches local subscribers at once, while other
+nodes hear it later over the cluster bus, after a subscriber may already have re-read newer state.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class Subscriber:
-    def __init__(self, client: RedisClient) -> None:
+    def __init__(self, client: RedisClient, route_key: str | None = None) -> None:
         _subscribers.add(self)
         self._client = client
+        self._route_key = route_key
         self._conn: Connection | None = None
         self._connecting: asyncio.Task[Connection] | None = None
         self._handlers: dict[bytes, set[Handler]] = {}
@@ -80,7 +85,7 @@ class Subscriber:
             return self._conn
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(
-                self._client.open_connection(on_push=self._on_push, on_lost=self._on_lost)
+                self._client.open_connection(on_push=self._on_push, on_lost=self._on_lost, at=self._route_key)
             )
         try:
             self._conn = await asyncio.shield(self._connecting)

@@ -139,7 +139,7 @@ class RedflowClient:
         """Wait until the run ends; woken by the run's completion message, never by polling."""
         await self.store.ensure_ready()
         if self._subscriber is None:
-            self._subscriber = Subscriber(self.redis)
+            self._subscriber = Subscriber(self.redis, route_key=self.keys.base)
         return await wait_for_outcome(self.store, self._subscriber, self.keys.done_channel(run_id), run_id, timeout_ms)
 
     # --- parts: starting runs, reading runs, events and cancellation, queries, operator actions -----

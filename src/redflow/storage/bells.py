@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from .._redis.client import RedisClient
 from .._redis.connection import Connection
-from .._redis.errors import CommandTimeoutError
+from .._redis.errors import CommandTimeoutError, ConnectionClosedError, ResponseError
 from .keys import PartitionKeys
 
 log = logging.getLogger("redflow.worker")
@@ -44,7 +44,11 @@ class BellWaiter:
         except TimeoutError:
             if fresh is not None:
                 fresh.abort(CommandTimeoutError(f"no reply to CLIENT ID within {deadline:.1f}s"))
+            self._redis.routes_stale()
             raise CommandTimeoutError(f"opening the blocking connection took over {deadline:.1f}s") from None
+        except ConnectionClosedError:
+            self._redis.routes_stale()
+            raise
         self._conn = fresh
         return fresh
 
@@ -64,6 +68,12 @@ class BellWaiter:
         except TimeoutError:
             log.warning("%s: blocking wait exceeded %.1fs; reopening its connection", who, watchdog_s)
             conn.close()
+        except ResponseError:
+            # MOVED or UNBLOCKED: on a cluster the node no longer holds the bells (a failover); the
+            # next wait opens a connection to the node that does.
+            conn.close()
+            self._redis.routes_stale()
+            raise
         finally:
             if timer is not None:
                 timer.cancel()

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 from .._redis.client import RedisClient
 from .._redis.connection import Connection
+from .._redis.errors import ConnectionClosedError
 from ..errors import StorageLayoutError
 from .codes import Code
 from .index import RunIndex
@@ -493,7 +494,11 @@ class Store:
         """A connection for blocking reads of ``run_id``'s stream (to the node holding it), closed
         with the client."""
         node = await self.redis.node_for(self.keys.stream(run_id))
-        return await node.dedicated()
+        try:
+            return await node.dedicated()
+        except ConnectionClosedError:
+            self.redis.routes_stale()
+            raise
 
     # --- reads ---------------------------------------------------------------------------------------
     async def read_header(self, run_id: str) -> RunHeader | None:

@@ -97,7 +97,7 @@ class Worker:
         await self.client.events.record_registration(
             self.id, [d.name for d in self.registry.definitions()], list(self.queues)
         )
-        self._control = Subscriber(self.store.redis)
+        self._control = Subscriber(self.store.redis, route_key=self.store.keys.base)
         await self._control.subscribe(self.store.keys.control_channel(self.id), self._on_control)
         await self._heartbeat_once()
         self._leader = LeaderDuties(self)
