@@ -162,21 +162,27 @@ class ClusterRouter:
                 self._refreshing = None
 
     async def _refresh(self) -> None:
-        candidates = [*self.masters(), *self._nodes.values(), self._node(self._seed.host, self._seed.port)]
-        tried: set[int] = set()
+        # Every known node is asked at once and the first answer wins: a frozen or unreachable node
+        # (often the very master whose loss triggered the refresh) must not hold the map back.
+        candidates: dict[int, RedisClient] = {}
+        for node in [*self.masters(), *self._nodes.values(), self._node(self._seed.host, self._seed.port)]:
+            candidates.setdefault(id(node), node)
+        asks = {asyncio.ensure_future(node.execute("CLUSTER", "SLOTS")): node for node in candidates.values()}
         errors: list[str] = []
-        for node in candidates:
-            if id(node) in tried:
-                continue
-            tried.add(id(node))
-            try:
-                reply = await node.execute("CLUSTER", "SLOTS")
-            except RedisError as exc:
-                errors.append(f"{node.address.describe()}: {exc}")
-                continue
-            self._apply(reply, node)
-            self._refreshed_at = asyncio.get_running_loop().time()
-            return
+        pending = set(asks)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    exc = fut.exception()
+                    if exc is None:
+                        self._apply(fut.result(), asks[fut])
+                        self._refreshed_at = asyncio.get_running_loop().time()
+                        return
+                    errors.append(f"{asks[fut].address.describe()}: {exc}")
+        finally:
+            for fut in pending:
+                fut.cancel()
         raise ClusterUnavailableError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
 
     def _apply(self, reply: list[Any], answered_by: RedisClient) -> None:
