@@ -44,7 +44,9 @@ end
 
 local want = tonumber(ARGV[2])
 -- Per-call caches and batched writes: one HSET of leases, one SADD.
-local leases, owned = {}, {}
+local leases, owned, headers = {}, {}, {}
+local indexed, unindexed, started = {}, {}, {}  -- index members added and removed, runs started per workflow
+local seen = {}
 local limits_cache, admission_cache = {}, {}
 local function limit_of(w)
   if limits_cache[w] == nil then limits_cache[w] = redis.call('HGET', K.limits, w) or false end
@@ -82,56 +84,73 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
     end
   end
   while got < want do
-    local id = redis.call('RPOP', ready)
-    if not id then break end
-    local h = load_run(id)
-    if h and not h.o then
-      local kind = nil
-      local fresh = false
-      local queued = h.s == 'queued' and not h.hd
-      local limit = false
-      if queued then limit = limit_of(h.w) end
-      if limit and running_count(K.index, h.w) >= tonumber(limit) then
-        h.hd = held_add('c', h.w, id)
-        save_run(id, h)
-      elseif queued and not mutex_free_for(id, h) then
-        h.hd = held_add('m', h.mf, id)
-        save_run(id, h)
-      elseif queued and (h.a == 0 or h.ad) and not h.rc and needs_admission(h.w) then
-        kind = 'admit'
-      elseif queued then
-        kind = 'run'
-        if h.mf then redis.call('HSET', K.mutexes, h.mf, id) end
-        if h.rc then
-          h.rc = nil
-        else
-          fresh = h.a == 0 and not h.rf  -- a first attempt has no history, unless it replays a run
-          h.a = h.a + 1
-          h.x = nil
-          h.ad = nil
+    -- One RPOP and one HMGET per batch, in the order single pops would take them.
+    local ids = redis.call('RPOP', ready, math.min(want - got, 500))
+    if not ids then break end
+    local raws = redis.call('HMGET', K.runs, unpack(ids))
+    for i, id in ipairs(ids) do
+      -- An id listed twice is taken once: its header here predates this claim's writes.
+      local h = not seen[id] and raws[i] and cjson.decode(raws[i])
+      seen[id] = true
+      if h and not h.o then
+        local kind = nil
+        local fresh = false
+        local queued = h.s == 'queued' and not h.hd
+        local limit = false
+        if queued then limit = limit_of(h.w) end
+        if limit and running_count(K.index, h.w) + (started[h.w] or 0) >= tonumber(limit) then
+          h.hd = held_add('c', h.w, id)
+          save_run(id, h)
+        elseif queued and not mutex_free_for(id, h) then
+          h.hd = held_add('m', h.mf, id)
+          save_run(id, h)
+        elseif queued and (h.a == 0 or h.ad) and not h.rc and needs_admission(h.w) then
+          kind = 'admit'
+        elseif queued then
+          kind = 'run'
+          if h.mf then redis.call('HSET', K.mutexes, h.mf, id) end
+          if h.rc then
+            h.rc = nil
+          else
+            fresh = h.a == 0 and not h.rf  -- a first attempt has no history, unless it replays a run
+            h.a = h.a + 1
+            h.x = nil
+            h.ad = nil
+          end
+          h.st = now
+          if not h.sa then h.sa = now end
+          -- The index moves to 'running' once for the whole claim; until then the runs started
+          -- here are counted in `started`, so max_concurrency sees them.
+          local wf = wf_tag(h)
+          unindexed[#unindexed + 1] = 's:' .. h.s .. ':' .. id
+          unindexed[#unindexed + 1] = 'ws:' .. wf .. ':' .. h.s .. ':' .. id
+          indexed[#indexed + 1] = 0
+          indexed[#indexed + 1] = 's:running:' .. id
+          indexed[#indexed + 1] = 0
+          indexed[#indexed + 1] = 'ws:' .. wf .. ':running:' .. id
+          h.s = 'running'
+          started[h.w] = (started[h.w] or 0) + 1
+        elseif h.s == 'failed' and h.h then
+          kind = 'hook'
         end
-        h.st = now
-        if not h.sa then h.sa = now end
-        set_status(K.index, id, h, 'running')
-      elseif h.s == 'failed' and h.h then
-        kind = 'hook'
-      end
-      if kind then
-        local token = ARGV[5] .. '.' .. got
-        h.o = ARGV[1]
-        local encoded = cjson.encode(h)
-        redis.call('HSET', K.runs, id, encoded)
-        leases[#leases + 1] = id
-        leases[#leases + 1] = token
-        owned[#owned + 1] = id
-        out[#out + 1] = id
-        out[#out + 1] = kind
-        out[#out + 1] = token
-        out[#out + 1] = encoded
-        out[#out + 1] = redis.call('HGET', K.inputs, id) or 'null'
-        out[#out + 1] = fresh and '' or history_read(K.steps, id)
-        out[#out + 1] = kind == 'hook' and (redis.call('HGET', K.errors, id) or '') or ''
-        got = got + 1
+        if kind then
+          local token = ARGV[5] .. '.' .. got
+          h.o = ARGV[1]
+          local encoded = cjson.encode(h)
+          headers[#headers + 1] = id
+          headers[#headers + 1] = encoded
+          leases[#leases + 1] = id
+          leases[#leases + 1] = token
+          owned[#owned + 1] = id
+          out[#out + 1] = id
+          out[#out + 1] = kind
+          out[#out + 1] = token
+          out[#out + 1] = encoded
+          out[#out + 1] = false  -- the input, read below for the whole claim
+          out[#out + 1] = fresh and '' or history_read(K.steps, id)
+          out[#out + 1] = kind == 'hook' and (redis.call('HGET', K.errors, id) or '') or ''
+          got = got + 1
+        end
       end
     end
   end
@@ -143,8 +162,15 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
   end
 end
 if #leases > 0 then
-  redis.call('HSET', K.leases, unpack(leases))
-  redis.call('SADD', K.owned, unpack(owned))
+  each_slice(headers, 1000, function(...) return redis.call('HSET', K.runs, ...) end)
+  each_slice(leases, 1000, function(...) return redis.call('HSET', K.leases, ...) end)
+  each_slice(owned, 1000, function(...) return redis.call('SADD', K.owned, ...) end)
+  local inputs = each_slice(owned, 1000, function(...) return redis.call('HMGET', K.inputs, ...) end)
+  for i = 1, #owned do out[3 + (i - 1) * 7 + 4] = inputs[i] or 'null' end
+end
+if #indexed > 0 then
+  each_slice(unindexed, 1000, function(...) return redis.call('ZREM', K.index, ...) end)
+  each_slice(indexed, 1000, function(...) return redis.call('ZADD', K.index, ...) end)
 end
 if next_due then
   out[2] = math.max(0, next_due - now)

@@ -42,13 +42,6 @@ for i = 1, n do
   end
 end
 local created = #ids
--- unpack() is bounded by the Lua stack: write in slices.
-local function each_slice(list, width, fn)
-  for start = 1, #list, width do
-    local stop = math.min(#list, start + width - 1)
-    fn(unpack(list, start, stop))
-  end
-end
 if created > 0 then
   each_slice(members, 1500, function(...) redis.call('ZADD', KEYS[3], ...) end)
   each_slice(records, 1000, function(...) redis.call('HSET', KEYS[1], ...) end)

@@ -35,6 +35,20 @@ local function set_status(index_key, id, h, status)
   h.s = status
 end
 
+-- Calls fn on slices of `list` of at most `width` elements (unpack() is bounded by the Lua stack),
+-- collecting what each call returns into one list.
+local function each_slice(list, width, fn)
+  local out = {}
+  for start = 1, #list, width do
+    local stop = math.min(#list, start + width - 1)
+    local reply = fn(unpack(list, start, stop))
+    if type(reply) == 'table' then
+      for _, v in ipairs(reply) do out[#out + 1] = v end
+    end
+  end
+  return out
+end
+
 -- Leaves one token in a queue's bell list, waking one worker blocked on it.
 local function ring(bell_key)
   if redis.call('LLEN', bell_key) == 0 then
