@@ -84,3 +84,38 @@ async def test_third_lapse_fails_run_as_crashed_and_queues_its_hook(
     assert await store.hook_done(handle.id, runs[0].token, "boss") is Code.OK
     assert await client.redis.execute("HGET", client.keys.leases, handle.id) is None
     assert await client.redis.execute("SCARD", client.keys.owned("boss")) == 0
+
+
+async def test_a_run_listed_twice_in_its_ready_list_is_claimed_once(
+    client: RedflowClient, registry: WorkflowRegistry
+) -> None:
+    # A claim takes its batch with one RPOP and one HMGET: a second copy of an id in that batch (or
+    # a later one of the same call) reads a header from before the claim wrote its own.
+    wf = define_workflow("twice", handler=_noop, registry=registry, max_concurrency=5)
+    store = client.store
+    first = await client.enqueue_definition(wf, 1)
+    second = await client.enqueue_definition(wf, 2)
+    ready = client.keys.ready("default")
+    await client.redis.execute("LPUSH", ready, first.id, second.id, first.id)
+    await store.heartbeat("w", 60_000, 60_000, False)
+    code, _, runs = await store.claim("w", ["default"], 10, 10)
+    assert code is Code.OK and sorted(r.id for r in runs) == sorted([first.id, second.id])
+    assert await client.redis.execute("LLEN", ready) == 0
+    running = await client.redis.execute(
+        "ZLEXCOUNT", client.keys.index, b"[ws:5:twice:running:", b"[ws:5:twice:running:\xff"
+    )
+    assert running == 2  # the index says two running runs, as the leases do
+    assert await client.redis.execute("HLEN", client.keys.leases) == 2
+
+
+async def test_max_concurrency_counts_the_runs_one_claim_starts(
+    client: RedflowClient, registry: WorkflowRegistry
+) -> None:
+    wf = define_workflow("capped", handler=_noop, registry=registry, max_concurrency=2)
+    await client.sync_registry()  # what a starting worker records: the limit
+    store = client.store
+    handles = [await client.enqueue_definition(wf, n) for n in range(5)]
+    await store.heartbeat("w", 60_000, 60_000, False)
+    code, _, runs = await store.claim("w", ["default"], 10, 10)
+    assert code is Code.OK and [r.id for r in runs] == [h.id for h in handles[:2]]
+    assert await client.redis.execute("ZCARD", client.keys.held) == 3  # the rest wait outside the queue
