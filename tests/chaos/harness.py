@@ -84,6 +84,7 @@ class Slot:
     probe_queue: str | None = None
     proc: asyncio.subprocess.Process | None = None
     pids: list[int] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # added to worker_env() for this slot's next spawn
 
 
 class Harness:
@@ -143,7 +144,7 @@ class Harness:
             args = [slot.url, self.prefix, str(self.logs), str(CONCURRENCY), str(LEASE_MS)]
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tests.chaos.workload", *args, *([slot.probe_queue] if slot.probe_queue else []),
-                cwd=ROOT, env=self.worker_env(), stdout=asyncio.subprocess.PIPE, stderr=err,
+                cwd=ROOT, env={**self.worker_env(), **slot.env}, stdout=asyncio.subprocess.PIPE, stderr=err,
             )
             err.close()
             assert proc.stdout is not None
@@ -316,14 +317,15 @@ class Harness:
             await self._cancels
 
     # --- after the faults ---------------------------------------------------------------------------------
-    async def drain(self, timeout_s: float) -> None:
+    async def drain(self, timeout_s: float, reserve_s: float = 90) -> None:
         """Wait until every run is terminal: the bound is 2 leases + a reaper interval + 3 x the time to
-        drain what was left at the throughput measured under faults + 10 s."""
+        drain what was left at the throughput measured under faults + 10 s. Gives up ``reserve_s``
+        before the test's ``timeout_s``, so that the report comes before the pytest timeout."""
         throughput = max(self.done_before, 1) / max(self.faults_stopped - self.chaos_started, 0.1)
         remaining = len(self.top_ids) - self.done_before
         self.bound_s = 2 * LEASE_MS / 1000 + REAPER_MS / 1000 + 3 * remaining / throughput + 10
         # Past the bound, wait a little to tell slow from stuck, but report before the pytest timeout.
-        hard_deadline = min(self.faults_stopped + self.bound_s + 60, self.started + timeout_s - 90)
+        hard_deadline = min(self.faults_stopped + self.bound_s + 60, self.started + timeout_s - reserve_s)
         while time.monotonic() < hard_deadline:
             headers = await self.all_headers()
             if all(hd.status in TERMINAL for hd in headers.values()) and all(

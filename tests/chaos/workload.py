@@ -45,8 +45,14 @@ registry = WorkflowRegistry()
 EVENT = "chaos.ping"
 CANCEL_SLEEP = "120s"  # runs of chaos-cancel only end when the driver cancels them
 STEP_S = float(os.environ.get("CHAOS_STEP_MS", "20")) / 1000  # mean duration of a step body
+# With CHAOS_HANDOFF_FILE set, while that file exists, the first run of the process (of a workflow the
+# driver never cancels) to record its last step logs ``handoff`` and waits before it returns, i.e.
+# before its finish is written: a test can SIGKILL the process between a step record and the finish.
+HANDOFF_FILE = os.environ.get("CHAOS_HANDOFF_FILE")
+HANDOFF_PAUSE_S = 600.0
 _fd: int | None = None
 _seq = 0
+_handoff_done = False
 
 
 def _log(phase: str, run_id: str, step: str, token: str = "-") -> None:
@@ -79,16 +85,34 @@ async def steps(ctx: WorkflowHandlerContext[Any]) -> list[str]:
     return [await ctx.step.run(name, body(ctx, name)) for name in ("a", "b", "c")]
 
 
+def _handoff_armed() -> bool:
+    return bool(HANDOFF_FILE) and not _handoff_done and os.path.exists(HANDOFF_FILE)  # type: ignore[arg-type]
+
+
+async def handoff(ctx: WorkflowHandlerContext[Any]) -> None:
+    """Once per process, with CHAOS_HANDOFF_FILE only, while the file exists: log ``handoff`` and
+    wait (see above). Called by chaos-sleep, chaos-event and chaos-retry, which the driver never
+    cancels, so the paused run stays running until its worker dies (or loses its lease)."""
+    global _handoff_done
+    if _handoff_armed():
+        _handoff_done = True
+        _log("handoff", ctx.run.id, "-")
+        await asyncio.sleep(HANDOFF_PAUSE_S)
+
+
 async def sleeper(ctx: WorkflowHandlerContext[Any]) -> list[str]:
     first = await ctx.step.run("a", body(ctx, "a"))
     await ctx.step.wait_for("nap", f"{ctx.input.get('nap_ms', 300)}ms")
-    return [first, await ctx.step.run("b", body(ctx, "b"))]
+    out = [first, await ctx.step.run("b", body(ctx, "b"))]
+    await handoff(ctx)
+    return out
 
 
 async def waiter(ctx: WorkflowHandlerContext[Any]) -> Any:
     first = await ctx.step.run("a", body(ctx, "a"))
     event = await ctx.step.wait_for_event("ev", EVENT, ctx.run.id, "90s")
     second = await ctx.step.run("b", body(ctx, "b"))
+    await handoff(ctx)
     return [first, second, None if event is None else event["data"]]
 
 
@@ -106,7 +130,9 @@ async def parent(ctx: WorkflowHandlerContext[Any]) -> list[str]:
 
 async def flaky(ctx: WorkflowHandlerContext[Any]) -> list[str]:
     first = await ctx.step.run("a", body(ctx, "a"))
-    return [first, await ctx.step.run("flaky", body(ctx, "flaky", fail_first_attempt=True))]
+    out = [first, await ctx.step.run("flaky", body(ctx, "flaky", fail_first_attempt=True))]
+    await handoff(ctx)
+    return out
 
 
 async def doomed(ctx: WorkflowHandlerContext[Any]) -> None:
