@@ -34,7 +34,7 @@ failover loses. Seeded pauses of 1-2.5 s come before each fault.
   yes``, the default). Each round also SIGKILLs a random worker and restarts it from the URL of the
   restarted ex-master, a replica by then. No loss at all is allowed.
 
-Two strict xfail tests at the end pin engine misbehaviour these runs found (see their reasons).
+Two regression tests at the end cover engine misbehaviour these runs found.
 
 Environment: REDFLOW_CHAOS_SCALE (default 1: CI size, each test 20-40 s), REDFLOW_CHAOS_SEED,
 REDFLOW_TEST_REDIS_SERVER. Run: ``.venv/bin/pytest -q tests/chaos/test_cluster_failover.py -s``.
@@ -416,14 +416,9 @@ async def test_chaos_cluster_other_master_failover(tmp_path: Path) -> None:
 
 
 
-# --- engine misbehaviour found by the runs above, pinned until fixed ---------------------------------
+# --- regressions: engine misbehaviour the runs above found -------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "ClusterRouter._refresh asks every known node at once and returns on the first answer, cancelling only "
-    "the asks still pending: an ask that failed in the same asyncio.wait batch as the winner is never "
-    "retrieved, and asyncio logs 'Task exception was never retrieved' (seen in every worker's stderr and in "
-    "the driver after each failover above: ConnectionClosedError from RedisClient.execute to the dead node)"))
 @pytest.mark.timeout(60)
 async def test_a_slot_map_refresh_leaves_no_failed_ask_unretrieved(tmp_path: Path) -> None:
     from redflow._redis.client import RedisClient, ServerAddress
@@ -457,13 +452,6 @@ async def test_a_slot_map_refresh_leaves_no_failed_ask_unretrieved(tmp_path: Pat
         plain.stop()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "A client or worker of a prefix cannot start while a master that holds none of the prefix's data is "
-    "down, although the master holding all of it answers (cluster-require-full-coverage no): "
-    "Store._prepare reads the old-layout markers (PartitionKeys.foreign_markers(), previous_version()), "
-    "whose slots live on other masters, even when the prefix's own version key is there, and "
-    "ScriptRunner.load_all loads the scripts on every master; both raise ConnectionClosedError "
-    "'cannot connect to Redis at <the dead master>' for as long as it is down"))
 @pytest.mark.timeout(60)
 async def test_a_process_starts_while_a_master_without_its_data_is_down(tmp_path: Path) -> None:
     from redflow import StartWorkerOptions, create_client, start_worker

@@ -13,6 +13,7 @@ from redflow.errors import ConfigurationError
 from redflow.ids import run_id_time_ms
 from redflow.leader.cron import CronScheduler, cron_records, cron_run_id, trigger_id
 from redflow.storage.codes import Code
+from redflow.storage.index import index_prefixes
 
 from ..conftest import wait_until
 
@@ -24,9 +25,7 @@ async def _noop(ctx: WorkflowHandlerContext) -> Any:
 
 
 async def _runs_of(client: RedflowClient, workflow: str) -> list[str]:
-    prefix = f"w:{len(workflow)}:{workflow}:".encode()
-    members = await client.redis.execute("ZRANGEBYLEX", client.keys.index, b"[" + prefix, b"[" + prefix + b"\xff")
-    return [m[len(prefix):].decode() for m in members]
+    return await client.store.index.merged_page(index_prefixes(None, workflow), None, 100_000, False)
 
 
 async def test_two_leaders_racing_over_100_slots_fire_exactly_100_runs(

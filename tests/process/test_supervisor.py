@@ -15,6 +15,7 @@ import psutil
 
 from redflow import RedflowClient
 from redflow.embedded import free_port
+from redflow.storage.index import index_prefixes
 
 from ..conftest import wait_until
 from .conftest import ROOT, counter
@@ -151,9 +152,8 @@ async def test_two_supervisors_elect_one_leader_and_cron_survives_its_death(
 
 
 async def _cron_runs(client: RedflowClient, n: int) -> list[str] | None:
-    prefix = b"w:8:sup-tick:"
-    members = await client.redis.execute("ZRANGEBYLEX", client.keys.index, b"[" + prefix, b"[" + prefix + b"\xff")
-    return [m[len(prefix):].decode() for m in members] if len(members) >= n else None
+    ids = await client.store.index.merged_page(index_prefixes(None, "sup-tick"), None, 100_000, False)
+    return ids if len(ids) >= n else None
 
 
 def test_bad_options_and_failing_import_exit_nonzero_before_forking() -> None:

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConnectionClosedError, RedisError, ResponseError
+from .errors import ConnectionClosedError, ResponseError
 
 if TYPE_CHECKING:
     from .client import RedisClient, ServerAddress
@@ -181,8 +181,12 @@ class ClusterRouter:
                         return
                     errors.append(f"{asks[fut].address.describe()}: {exc}")
         finally:
-            for fut in pending:
-                fut.cancel()
+            for fut in asks:
+                if fut.done():
+                    if not fut.cancelled():
+                        fut.exception()  # retrieved: a failed ask beside the winner is not an error
+                else:
+                    fut.cancel()
         raise ClusterUnavailableError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
 
     def _apply(self, reply: list[Any], answered_by: RedisClient) -> None:

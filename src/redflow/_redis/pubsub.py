@@ -116,7 +116,7 @@ class Subscriber:
             except RedisError as exc:
                 outage.failed(exc)  # one line when it starts, a summary while it lasts
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, 1.0)
                 continue
             outage.succeeded()
             for channel in channels:

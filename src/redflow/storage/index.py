@@ -15,14 +15,15 @@ STATUSES = ("scheduled", "queued", "running", "succeeded", "failed", "canceled")
 
 
 def index_prefixes(status: str | None, workflow: str | None) -> list[bytes]:
-    """Member prefixes of the index entries of runs with that status and/or workflow (every status's
-    when neither is given: those are merged)."""
+    """Member prefixes of the index entries of runs with that status and/or workflow; several (one
+    per status) when no status is given, merged by the caller. A run has two members, s:<status>:<id>
+    and ws:<workflow>:<status>:<id>: a workflow's runs are listed from the second."""
     if status and workflow:
         return [f"ws:{tag(workflow)}{status}:".encode()]
     if status:
         return [f"s:{status}:".encode()]
     if workflow:
-        return [f"w:{tag(workflow)}".encode()]
+        return [f"ws:{tag(workflow)}{s}:".encode() for s in STATUSES]
     return [f"s:{s}:".encode() for s in STATUSES]
 
 

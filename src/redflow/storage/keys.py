@@ -19,7 +19,7 @@ Key (type) — contents — lifetime:
                           append-only (a wait's line is replaced by its resolution)  until retention
   attempts (hash)         <run id>:<attempt> -> how that attempt ended (JSON)  until retention
   leases (hash)           run id -> fencing token of the current attempt  while running
-  index (zset, lex)       s:<status>:<id>, w:<n>:<wf>:<id>, ws:<n>:<wf>:<status>:<id>  until retention
+  index (zset, lex)       s:<status>:<id>, ws:<n>:<wf>:<status>:<id>       until retention
                           (<n> = length of the workflow name, so no name is a prefix of another)
   expiry (zset)           run id -> retention deadline (ms)               until retention
   workflows (hash)        workflow name -> metadata JSON                  permanent

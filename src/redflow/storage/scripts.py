@@ -171,11 +171,10 @@ class ScriptRunner:
         self._templates: dict[str, tuple[list[str | None], dict[str, int]]] = {}
 
     async def load_all(self) -> None:
-        """Load every script on every master (on one server, on it)."""
-        masters = await self._redis.masters()
-        await asyncio.gather(*(
-            node.execute("SCRIPT", "LOAD", s.source) for node in masters for s in self.scripts.values()
-        ))
+        """Load every script on the server that holds this runner's partition (on a cluster, its
+        master now: a later owner answers NOSCRIPT once and gets the script by EVAL, see ``call``)."""
+        node = await self._redis.node_for(self._keys.base) if self._keys is not None else self._redis
+        await asyncio.gather(*(node.execute("SCRIPT", "LOAD", s.source) for s in self.scripts.values()))
 
     def _template(self, script: Script) -> tuple[list[str | None], dict[str, int]]:
         """The script's KEYS with every partition-wide key filled in, and the position of each name;

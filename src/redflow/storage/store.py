@@ -82,13 +82,14 @@ class Store:
 
     async def _prepare(self) -> None:
         k = self.keys
-        # One EXISTS per key: on a cluster the markers live in different slots.
-        version, previous, *foreign = await asyncio.gather(
-            self.redis.execute("GET", k.version),
-            self.redis.execute("GET", k.previous_version()),
-            *(self.redis.execute("EXISTS", marker) for marker in k.foreign_markers()),
-        )
+        version = await self.redis.execute("GET", k.version)
         if version is None:
+            # Only a prefix not claimed yet is checked for other layouts' markers. One EXISTS per
+            # key: on a cluster they live in other slots, on masters that may be down later on.
+            previous, *foreign = await asyncio.gather(
+                self.redis.execute("GET", k.previous_version()),
+                *(self.redis.execute("EXISTS", marker) for marker in k.foreign_markers()),
+            )
             if previous is not None:
                 raise StorageLayoutError(
                     f"the key prefix {k.prefix!r} holds storage layout {previous.decode()!r} (its keys "

@@ -30,6 +30,7 @@ from .executor import Execution, execute
 from .options import WorkerSettings, resolve_settings
 
 log = logging.getLogger("redflow.worker")
+CLAIM_BACKOFF_MAX_S = 1.0
 
 HEARTBEAT_DEADLINE_SHARE = 0.5  # of the lease: the longest a renewal may take before the connection is reset
 RECONCILE_EVERY_BEATS = 3  # also after a claim error, a failed renewal, and a lapsed-but-not-reaped one
@@ -240,7 +241,9 @@ class Worker:
                     return
                 self.outage.failed(exc)  # one line when the outage starts, a summary, one when it ends
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                # At most 1 s between attempts: a failover is over in a few seconds and the claim
+                # loop should notice within about one more.
+                backoff = min(backoff * 2, CLAIM_BACKOFF_MAX_S)
                 # The claim may have been applied with its reply lost: hand back what we do not run.
                 with contextlib.suppress(RedisError):
                     await self.reconcile()

@@ -33,8 +33,7 @@ for _, id in ipairs(ids) do
   if raw then
     local h = cjson.decode(raw)
     local wf = wf_tag(h)
-    redis.call('ZREM', KEYS[7], 's:' .. h.s .. ':' .. id, 'ws:' .. wf .. ':' .. h.s .. ':' .. id,
-      'w:' .. wf .. ':' .. id)
+    redis.call('ZREM', KEYS[7], 's:' .. h.s .. ':' .. id, 'ws:' .. wf .. ':' .. h.s .. ':' .. id)
     if h.p then redis.call('ZREM', KEYS[9], h.p .. ':' .. id) end
     for a = 1, h.a do redis.call('HDEL', KEYS[15], id .. ':' .. a) end
   end

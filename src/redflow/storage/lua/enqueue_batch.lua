@@ -29,8 +29,6 @@ for i = 1, n do
   local id = ARGV[5 + i]
   if redis.call('HEXISTS', KEYS[1], id) == 0 then
     members[#members + 1] = 0
-    members[#members + 1] = 'w:' .. wf .. ':' .. id
-    members[#members + 1] = 0
     members[#members + 1] = 's:' .. status .. ':' .. id
     members[#members + 1] = 0
     members[#members + 1] = 'ws:' .. wf .. ':' .. status .. ':' .. id

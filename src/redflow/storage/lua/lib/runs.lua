@@ -13,8 +13,7 @@ local function create_run(k, id, workflow, queue, input, max_attempts, run_at, p
   end
   local status = run_at > now and 'scheduled' or 'queued'
   local wf = wf_tag(h)
-  redis.call('ZADD', k.index, 0, 'w:' .. wf .. ':' .. id, 0, 's:' .. status .. ':' .. id,
-    0, 'ws:' .. wf .. ':' .. status .. ':' .. id)
+  redis.call('ZADD', k.index, 0, 's:' .. status .. ':' .. id, 0, 'ws:' .. wf .. ':' .. status .. ':' .. id)
   h.s = status
   if run_at > now then
     h.av = run_at
