@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConnectionClosedError, ResponseError
@@ -138,7 +139,6 @@ class ClusterRouter:
     def _node(self, host: str, port: int) -> RedisClient:
         node = self._nodes.get((host, port))
         if node is None:
-            from dataclasses import replace
             node = self._nodes[(host, port)] = self._make_node(replace(self._seed, host=host, port=port, db=0))
         return node
 
