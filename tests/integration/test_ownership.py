@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
 
 from ..conftest import wait_until
@@ -48,3 +50,47 @@ async def test_a_run_the_server_no_longer_gives_this_worker_stops_here(
     await client.redis.execute("SREM", client.keys.owned(worker.id), handle.id)
     await wait_until(lambda: handle.id not in worker.active, timeout_s=10, what="the local execution stopped")
     assert finished == []
+
+
+async def test_a_claim_answered_after_renewals_failed_starts_nothing_and_hands_back(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by the chaos workload: a claim sent just before the connection froze was answered after
+    # the freeze, and the worker started an on_failure hook the lease guard then cut short; the
+    # reaper handed it to another worker and it ran twice. A late answer now starts nothing.
+    from redflow._redis.errors import ConnectionClosedError
+
+    starts: list[float] = []
+
+    async def handler(ctx: WorkflowHandlerContext) -> str:
+        starts.append(asyncio.get_running_loop().time())
+        return "ran"
+
+    wf = define_workflow("late-claim", handler=handler, registry=registry)
+    worker = await make_worker(lease_ms=1500)
+    store = worker.store
+    real_claim, real_heartbeat = store.claim, store.heartbeat
+    outage = asyncio.Event()
+    late_claims: list[int] = []
+
+    async def heartbeat(*args: object, **kwargs: object) -> object:
+        if outage.is_set():
+            raise ConnectionClosedError("frozen (test)")
+        return await real_heartbeat(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def claim(*args: object, **kwargs: object) -> object:
+        reply = await real_claim(*args, **kwargs)  # type: ignore[arg-type]
+        if reply[2] and not late_claims:  # the first claim that takes a run is answered late
+            late_claims.append(len(reply[2]))
+            outage.set()
+            await asyncio.sleep(0.9)  # past half the lease since the last renewal
+            outage.clear()
+        return reply
+
+    store.heartbeat, store.claim = heartbeat, claim  # type: ignore[method-assign]
+    caplog.set_level("INFO", logger="redflow.worker")
+    handle = await client.enqueue_definition(wf, None)
+    assert await handle.result(timeout_ms=15_000) == "ran"
+    assert late_claims == [1] and len(starts) == 1  # handed back unstarted, then run once
+    assert "handing back 1 run(s) unstarted" in caplog.text
+    assert f"handed back run {handle.id}" in caplog.text

@@ -31,6 +31,7 @@ from .options import WorkerSettings, resolve_settings
 
 log = logging.getLogger("redflow.worker")
 CLAIM_BACKOFF_MAX_S = 1.0
+LATE_START_SHARE = 0.5  # of the lease: a claim answered later than this after a renewal starts nothing
 
 HEARTBEAT_DEADLINE_SHARE = 0.5  # of the lease: the longest a renewal may take before the connection is reset
 RECONCILE_EVERY_BEATS = 3  # also after a claim error, a failed renewal, and a lapsed-but-not-reaped one
@@ -221,8 +222,19 @@ class Worker:
                     code, next_due_ms, runs = await self.store.claim(self.id, self.queues, want, s.promote_batch)
                     if code is not Code.STALE_WORKER:
                         self.runs_claimed += len(runs)
+                        # A reply that comes late (renewals failing meanwhile) must not start runs the
+                        # lease guard would cut short: they are handed back by the next renewal.
+                        late = self._lease_running_out()
                         for claimed in runs:
-                            self._spawn(Execution(claimed=claimed, signal=asyncio.Event()))
+                            ex = Execution(claimed=claimed, signal=asyncio.Event())
+                            if late:
+                                self._to_release[claimed.id] = ex
+                            else:
+                                self._spawn(ex)
+                        if late and runs:
+                            log.warning("worker %s: claim answered %.1fs after the last lease renewal; handing "
+                                        "back %d run(s) unstarted", self.id,
+                                        asyncio.get_running_loop().time() - self._last_renewal, len(runs))
                         self._early_cancels.clear()  # any request older than this claim is for a run not ours
                 if code is Code.STALE_WORKER:
                     await self._heartbeat_once()
@@ -395,6 +407,12 @@ class Worker:
             except Exception:
                 self.ready = False
                 log.exception("worker %s: heartbeat raised; the loop goes on", self.id)
+
+    def _lease_running_out(self) -> bool:
+        """Whether the lease is too old to start a run on: past LATE_START_SHARE of it since the last
+        renewal (renewals run every third of a lease; the guard cuts runs at 0.7 of it)."""
+        since = asyncio.get_running_loop().time() - self._last_renewal
+        return since * 1000 > self.settings.lease_ms * LATE_START_SHARE
 
     def _on_lease_guard(self) -> None:
         if self.active and not self._stopping:
