@@ -31,6 +31,7 @@ from .options import WorkerSettings, resolve_settings
 
 log = logging.getLogger("redflow.worker")
 CLAIM_BACKOFF_MAX_S = 1.0
+HEARTBEAT_RETRY_S = 0.1  # the first retry after a failed renewal; doubles while they fail
 LATE_START_SHARE = 0.5  # of the lease: a claim answered later than this after a renewal starts nothing
 
 HEARTBEAT_DEADLINE_SHARE = 0.5  # of the lease: the longest a renewal may take before the connection is reset
@@ -219,24 +220,28 @@ class Worker:
                 async with self._claim_lock:
                     if self._stopping:  # a stop began meanwhile: it counts on no claim starting after it
                         return
+                    late = False
                     code, next_due_ms, runs = await self.store.claim(self.id, self.queues, want, s.promote_batch)
                     if code is not Code.STALE_WORKER:
                         self.runs_claimed += len(runs)
                         # A reply that comes late (renewals failing meanwhile) must not start runs the
-                        # lease guard would cut short: they are handed back by the next renewal.
-                        late = self._lease_running_out()
+                        # lease guard would cut short: they are handed back by the renewal below.
+                        late = bool(runs) and self._lease_running_out()
                         for claimed in runs:
                             ex = Execution(claimed=claimed, signal=asyncio.Event())
                             if late:
                                 self._to_release[claimed.id] = ex
                             else:
                                 self._spawn(ex)
-                        if late and runs:
+                        if late:
                             log.warning("worker %s: claim answered %.1fs after the last lease renewal; handing "
                                         "back %d run(s) unstarted", self.id,
                                         asyncio.get_running_loop().time() - self._last_renewal, len(runs))
                         self._early_cancels.clear()  # any request older than this claim is for a run not ours
-                if code is Code.STALE_WORKER:
+                if code is Code.STALE_WORKER or late:
+                    # Renew at once: that also hands back what a late claim took, and the next claim
+                    # starts its runs on a fresh lease (a bell may never come: the blocking
+                    # connection could be the one that froze).
                     await self._heartbeat_once()
                     continue
                 if len(runs) == want:
@@ -394,11 +399,17 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         s = self.settings
         loop = asyncio.get_running_loop()
+        pause, retry = s.heartbeat_interval_s, HEARTBEAT_RETRY_S
         while not self._stopping:
-            await asyncio.sleep(s.heartbeat_interval_s)
+            await asyncio.sleep(pause)
             try:
                 await self._heartbeat_once()
+                pause, retry = s.heartbeat_interval_s, HEARTBEAT_RETRY_S
             except RedisError as exc:
+                # Renew again soon (0.1 s, doubling up to the interval), not a whole interval later:
+                # once the connection is back, the lease guard must not cut runs short for want of a
+                # renewal.
+                pause, retry = min(s.heartbeat_interval_s, retry), retry * 2
                 self.ready = False
                 silent_for = loop.time() - self._last_renewal
                 self.outage.failed(exc)
