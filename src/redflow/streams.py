@@ -8,11 +8,13 @@ stream ends with an end entry written when the run ends; it expires with the ret
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from ._redis.connection import Connection
+from ._redis.errors import ConnectionClosedError, ResponseError
 from .encoding import decode, encode_output
 from .errors import ConfigurationError
 from .step import LeaseLostError
@@ -26,6 +28,9 @@ MAX_STREAM_ENTRIES = 10_000
 DEFAULT_READ_LIMIT = 256
 DEFAULT_BLOCK_MS = 30_000
 
+
+MOVE_RETRY_S = 30.0  # how long a blocking stream read keeps retrying across a cluster change
+_MOVE_REPLIES = ("MOVED ", "UNBLOCKED", "TRYAGAIN", "CLUSTERDOWN")
 
 class RunStreamRecord(TypedDict):
     attempt: int
@@ -99,10 +104,7 @@ class RunStreamReader:
                 if self._drain:
                     entries = await store.stream_read(self._run_id, self._after, self._limit)
                 else:
-                    if self._conn is None or self._conn.closed:
-                        self._conn = await store.blocking_connection(self._run_id)
-                    entries = await store.stream_read(self._run_id, self._after, self._limit, self._block_ms,
-                                                      self._conn)
+                    entries = await self._blocking_read()
                 for entry_id, fields in entries:
                     self._after = entry_id.decode()
                     record = stream_record(fields)
@@ -124,6 +126,27 @@ class RunStreamReader:
                         return  # ended without streaming anything after the cursor
         finally:
             await self.aclose()
+
+    async def _blocking_read(self) -> list[tuple[bytes, list[bytes]]]:
+        """One blocking XREAD from the cursor. Reads change nothing, so when the stream's node stops
+        holding it (MOVED, UNBLOCKED, TRYAGAIN, CLUSTERDOWN: a resharding or failover) or the
+        connection drops, the read is made again on a fresh connection, for up to MOVE_RETRY_S."""
+        store, pause, waited = self._store, 0.05, 0.0
+        while True:
+            if self._conn is None or self._conn.closed:
+                self._conn = await store.blocking_connection(self._run_id)
+            try:
+                return await store.stream_read(self._run_id, self._after, self._limit, self._block_ms, self._conn)
+            except (ResponseError, ConnectionClosedError) as exc:
+                retriable = isinstance(exc, ConnectionClosedError) or str(exc).startswith(_MOVE_REPLIES)
+                if not retriable or waited >= MOVE_RETRY_S or self._closed:
+                    raise
+                self._conn.close()
+                self._conn = None
+                store.redis.routes_stale()
+                await asyncio.sleep(pause)
+                waited += pause
+                pause = min(pause * 2, 1.0)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -4,17 +4,15 @@ slot moved to another master, half-moved slots answering ASK and TRYAGAIN) under
 scripts and a worker's finish; slot-map refreshes and the connections they open. Claim batching (one
 claim against one-at-a-time claiming, a 2000-run claim) and workflow-filtered listings run on either.
 
-Strict xfails mark engine bugs; each reason says what goes wrong and where.
+Each test that failed on the engine when it was written names the bug it covers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -28,29 +26,12 @@ from redflow import (
     create_client,
     define_workflow,
 )
-from redflow._redis.connection import Connection
 from redflow.encoding import decode
 from redflow.storage.codes import Code
 from redflow.storage.keys import PartitionKeys
 
 from ..cluster_harness import ClusterNode, LocalCluster, key_slot
 from ..conftest import ServerInfo, WorkerFactory, wait_until
-
-
-@pytest.fixture(autouse=True)
-async def _close_orphaned_connections() -> AsyncIterator[None]:
-    """After each test (its clients closed), close redflow connections nobody holds any more.
-
-    They are the orphans of a shared connection whose opener was cancelled (see
-    test_slot_map_refreshes_leave_no_orphaned_connections): open sockets the closed client never
-    closes, which the session loop would report as unclosed at exit, failing the whole session
-    (filterwarnings = error). Closing them here keeps the other tests' outcomes their own."""
-    yield
-    await asyncio.sleep(0)
-    gc.collect()
-    for obj in gc.get_objects():
-        if isinstance(obj, Connection) and not obj.closed:
-            obj.close()
 
 
 @pytest.fixture
@@ -94,12 +75,6 @@ def _finish_move(cluster: LocalCluster, slot: int, source: ClusterNode, target: 
 # --- blocking stream reads across a planned slot move ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "read_stream's XREAD BLOCK runs on a dedicated connection to the node that held the stream when "
-    "the reader opened it (Store.blocking_connection -> node_for(...).dedicated()); after the slot moves "
-    "(a planned reshard, no fault) the server unblocks it with '-MOVED <slot> <new owner>', and "
-    "RunStreamReader._iterate neither follows it nor reopens on the new owner: the raw ResponseError "
-    "'MOVED ...' reaches the caller's async for"))
 async def test_read_stream_keeps_reading_across_a_slot_move(
     cluster: LocalCluster, client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory,
 ) -> None:
@@ -254,16 +229,6 @@ def _connected_clients(cluster: LocalCluster) -> dict[int, int]:
     return {n.port: int(n.info("clients")["connected_clients"]) for n in cluster.masters()}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ClusterRouter._refresh asks every known master for CLUSTER SLOTS and cancels the asks that lose; a "
-    "node client whose shared connection is not open (never used, or closed by the server: idle "
-    "timeout, CLIENT KILL, a restart) is then inside RedisClient._shared, whose opener is the cancelled "
-    "caller: the shielded _open_shared task goes on, opens the connection and nobody stores it "
-    "(self._connecting is reset in the finally), so each refresh orphans one open connection to such a "
-    "node. They outlive RedisClient.close() (leaked sockets and server-side clients); reported as "
-    "unclosed at loop exit they make REDFLOW_TEST_CLUSTER=3 pytest tests/integration (the CI cluster "
-    "stage) exit 1 under filterwarnings=error. Any other cancellation of the first caller of _shared "
-    "mid-connect (the heartbeat's asyncio.timeout, a stop) orphans a connection the same way"))
 async def test_slot_map_refreshes_leave_no_orphaned_connections(cluster: LocalCluster, redis_url: str,
                                                                  prefix: str) -> None:
     c = create_client(url=redis_url, prefix=prefix)

@@ -5,7 +5,7 @@ nothing, and its replica takes over after cluster-node-timeout) — while a hand
 worker blocks in BRPOP, a worker's control channel waits for cancellations. Also: the seed node of
 the URL dead at start, and the supervisor forking after a client detected the cluster.
 
-Strict xfails mark engine bugs; each reason says what goes wrong and where.
+Each test that failed on the engine when it was written names the bug it covers.
 
 This module doubles as the supervisor's app module (``--import tests.process.test_review_cluster_processes``)
 when REVIEW_SUP_URL is set: it then defines the workflows below in the default registry and uses its
@@ -15,7 +15,6 @@ client at import time, so the supervisor forks a process whose client already de
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import signal
 import subprocess
@@ -37,7 +36,6 @@ from redflow import (
     define_workflow,
     start_worker,
 )
-from redflow._redis.connection import Connection
 from redflow._redis.errors import ConnectionClosedError
 from redflow.errors import CanceledError
 from redflow.storage.keys import PartitionKeys
@@ -74,20 +72,6 @@ from ..conftest import wait_until  # noqa: E402
 from .supervised import _children  # noqa: E402
 
 # --- fixtures and helpers ---------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-async def _close_orphaned_connections() -> AsyncIterator[None]:
-    """Close redflow connections left open after a test's clients closed: orphans of a shared
-    connection whose opener was cancelled (a slot-map refresh cancels the asks it did not need; see
-    tests/integration/test_review_cluster.py::test_slot_map_refreshes_leave_no_orphaned_connections).
-    Left open, the session loop reports them at exit and filterwarnings=error fails the session."""
-    yield
-    await asyncio.sleep(0)
-    gc.collect()
-    for obj in gc.get_objects():
-        if isinstance(obj, Connection) and not obj.closed:
-            obj.close()
 
 
 def _binary() -> str | None:
@@ -203,13 +187,6 @@ async def _is(client: RedflowClient, run_id: str, status: str) -> bool:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason=(
-    "Subscriber (redflow/_redis/pubsub.py) keeps its connection on the node that held route_key when it "
-    "subscribed and has no liveness check (no PING, no deadline while nothing is pending, TCP keepalive "
-    "is answered by the frozen node's kernel). After a SIGSTOPped master fails over, the run finishes on "
-    "the new master, whose completion message never reaches the frozen node: handle.result() sleeps "
-    "until its own timeout, then re-reads the outcome through the stale slot map (nothing refreshed it) "
-    "and raises CommandTimeoutError after another command deadline instead of returning the output"))
 async def test_result_returns_after_a_half_open_master_fails_over(setup: Setup) -> None:
     async def echo(ctx: WorkflowHandlerContext) -> Any:
         return await ctx.step.run("echo", lambda: ctx.input)
@@ -254,14 +231,6 @@ async def test_idle_worker_resumes_soon_after_a_killed_master_fails_over(setup: 
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason=(
-    "After a half-open (SIGSTOPped) master fails over, an idle worker takes ~15-20 s to claim again: its "
-    "heartbeat times out every time (asyncio.timeout cancels the routed call, so ClusterRouter.execute "
-    "never reaches its ConnectionClosedError branch and schedules no slot-map refresh; Worker."
-    "_heartbeat_once's drop_shared does not either) and keeps going to the frozen node, and BellWaiter's "
-    "BRPOP on the frozen node ends only at the watchdog (blmove_timeout_sec + watchdog_stalled_for_ms = "
-    "20 s), whose TimeoutError branch closes the connection without routes_stale(). Runs enqueued on the "
-    "new master meanwhile wait, and the worker's lease lapses"))
 async def test_idle_worker_resumes_soon_after_a_half_open_master_fails_over(setup: Setup) -> None:
     async def echo(ctx: WorkflowHandlerContext) -> Any:
         return ctx.input
@@ -281,11 +250,6 @@ async def test_idle_worker_resumes_soon_after_a_half_open_master_fails_over(setu
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.xfail(strict=True, reason=(
-    "The worker's control Subscriber (Worker.start: Subscriber(redis, route_key=keys.base)) stays on the "
-    "frozen ex-master after a half-open failover and never notices (no liveness check; it reconnects only "
-    "on a lost connection, and only a reconnect re-checks cancellations): cancel_run publishes on the new "
-    "master, the message never reaches the worker, and the running run is not stopped (it runs to its end)"))
 async def test_worker_hears_a_cancel_after_a_half_open_master_fails_over(setup: Setup) -> None:
     async def long_running(ctx: WorkflowHandlerContext) -> str:
         for _ in range(1200):  # 60 s unless canceled

@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlparse
 
 from .cluster import ClusterRouter
 from .connection import Connection, Counters
-from .errors import ConnectionClosedError, RedisError, ResponseError
+from .errors import ConnectError, ConnectionClosedError, RedisError, ResponseError
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +195,7 @@ class RedisClient:
                 if addr.db:
                     await conn.execute("SELECT", addr.db)
         except (OSError, TimeoutError) as exc:
-            raise ConnectionClosedError(
+            raise ConnectError(
                 f"cannot connect to Redis at {addr.describe()}: {exc or type(exc).__name__}"
             ) from exc
         except RedisError:
@@ -203,19 +203,33 @@ class RedisClient:
         return conn
 
     async def _shared(self) -> Connection | None:
-        """The shared connection, opened when needed; None once this client routes over a cluster."""
+        """The shared connection, opened when needed; None once this client routes over a cluster.
+
+        The connect runs as a task of its own that every caller shares, and its result is adopted
+        when it completes even if every caller was cancelled meanwhile (a timed-out heartbeat, a
+        lost race of a slot-map refresh), so no opened connection is ever left unowned."""
         conn = self._conn
         if conn is not None and not conn.closed:
             return conn
-        if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._open_shared())
-            try:
-                self._conn = await asyncio.shield(self._connecting)
-            finally:
-                self._connecting = None
-        else:
-            self._conn = await asyncio.shield(self._connecting)
-        return None if self._router is not None else self._conn
+        fut = self._connecting
+        if fut is None:
+            fut = self._connecting = asyncio.ensure_future(self._open_shared())
+            fut.add_done_callback(self._adopt)
+        conn = await asyncio.shield(fut)
+        return None if self._router is not None else conn
+
+    def _adopt(self, fut: asyncio.Future[Connection]) -> None:
+        if self._connecting is fut:
+            self._connecting = None
+        if fut.cancelled() or fut.exception() is not None:
+            return  # the exception reaches the callers; retrieved here for the case there are none
+        conn = fut.result()
+        if self._closed or self._router is not None:
+            conn.close()
+        elif self._conn is None or self._conn.closed:
+            self._conn = conn
+        elif self._conn is not conn:
+            conn.close()
 
     async def _open_shared(self) -> Connection:
         conn = await self.open_connection()
@@ -285,6 +299,13 @@ class RedisClient:
                 await self._router.refresh()
             return self._router.masters()
         return [self]
+
+    def on_routes_changed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever the slot map changes (never on a single server): holders of
+        connections pinned to a node (blocking waits, subscriptions) check they still hold the
+        right one."""
+        if self._router is not None:
+            self._router.listeners.append(callback)
 
     def routes_stale(self) -> None:
         """A node reached outside ``execute`` (a blocking or subscriber connection) failed: on a

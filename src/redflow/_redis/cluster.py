@@ -7,10 +7,12 @@ names by key (``execute_at``) or to any master.
 
 Redirections: ``MOVED`` updates that slot at once, schedules a full map refresh and sends the command
 again; ``ASK`` sends ``ASKING`` and the command back to back on the target's connection. Both mean the
-command did not run, so resending is safe. ``TRYAGAIN`` and ``CLUSTERDOWN`` are retried briefly, then
-raised as :class:`ClusterUnavailableError` (a connection error: the command did not run and the caller
-treats it as an outage). A lost connection to a node schedules a refresh and is raised as is: the
-command may have run, so it is never resent here.
+command did not run, so resending is safe. ``TRYAGAIN``, ``CLUSTERDOWN`` and a connection that could
+not be opened (nothing was sent) are retried for up to ``BUSY_BUDGET_S``, reading the map again, then
+raised as :class:`ClusterUnavailableError` or the connect error (connection errors: the command did
+not run and the caller treats it as an outage). A connection lost with the command on it schedules a
+refresh and is raised as is: the command may have run, so it is never resent here. Listeners hear of
+every change of the map, so connections pinned to a node (blocking waits, subscriptions) move with it.
 
 redis-py's cluster client is not used because it sends each command on a pooled connection and waits
 for its reply before the connection carries another, so concurrent commands never share a write.
@@ -24,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConnectionClosedError, ResponseError
+from .errors import ConnectError, ConnectionClosedError, RedisError, ResponseError
 
 if TYPE_CHECKING:
     from .client import RedisClient, ServerAddress
@@ -33,7 +35,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("redflow.redis")
 
 SLOTS = 16384
-MAX_REDIRECTS = 8
+MAX_REDIRECTS = 8  # MOVED and ASK answers one command may follow
+BUSY_BUDGET_S = 10.0  # how long a command waits out TRYAGAIN, CLUSTERDOWN or an unreachable owner
+BUSY_RETRY_MAX_S = 1.0
 REFRESH_MIN_INTERVAL_S = 0.2  # background refreshes after a redirection or a lost node, at most this often
 BUSY_RETRY_S = 0.05  # first pause after TRYAGAIN or CLUSTERDOWN; doubles each time
 
@@ -134,6 +138,7 @@ class ClusterRouter:
         self._refresh_handle: asyncio.TimerHandle | None = None
         self._refreshed_at = 0.0
         self._closed = False
+        self.listeners: list[Callable[[], None]] = []  # called when the slot map changes
 
     # --- slot map ------------------------------------------------------------------------------------
     def _node(self, host: str, port: int) -> RedisClient:
@@ -200,7 +205,17 @@ class ClusterRouter:
             node = self._node(host, int(master[1]))
             for slot in range(start, end + 1):
                 slots[slot] = node
+        changed = slots != self._slots
         self._slots = slots
+        if changed:
+            self._changed()
+
+    def _changed(self) -> None:
+        for callback in list(self.listeners):
+            try:
+                callback()
+            except Exception:  # a listener's bug must not break routing
+                log.exception("cluster route listener failed")
 
     def schedule_refresh(self) -> None:
         """Refresh soon in the background, at most every REFRESH_MIN_INTERVAL_S."""
@@ -237,9 +252,9 @@ class ClusterRouter:
             key = command_key(args)
             if key is None and _name(args[0]) == "KEYS":
                 return await self._keys_everywhere(args)
-        pause = BUSY_RETRY_S
+        pause, busy_s, redirects = BUSY_RETRY_S, 0.0, 0
         asking: RedisClient | None = None
-        for _ in range(MAX_REDIRECTS):
+        while True:
             node = asking or await self.node_for(key)
             try:
                 if asking is not None:
@@ -248,27 +263,52 @@ class ClusterRouter:
                 return await node.execute(*args)
             except ResponseError as exc:
                 message = str(exc)
-                if message.startswith("MOVED "):
+                if message.startswith(("MOVED ", "ASK ")):
+                    redirects += 1
+                    if redirects > MAX_REDIRECTS:
+                        raise ClusterUnavailableError(
+                            f"{_name(args[0])} was redirected {MAX_REDIRECTS} times; the cluster is unsettled"
+                        ) from exc
                     slot, host, port = _redirect_target(message)
-                    self._slots[slot] = self._node(host, port)
-                    self.schedule_refresh()
-                    continue
-                if message.startswith("ASK "):
-                    _, host, port = _redirect_target(message)
-                    asking = self._node(host, port)
+                    if message.startswith("MOVED "):
+                        self._slots[slot] = self._node(host, port)
+                        self._changed()
+                        self.schedule_refresh()
+                    else:
+                        asking = self._node(host, port)
                     continue
                 if message.startswith(("TRYAGAIN", "CLUSTERDOWN")):
+                    # A slot half-way through a move, or a failover not decided yet: it passes.
+                    if busy_s >= BUSY_BUDGET_S:
+                        raise ClusterUnavailableError(
+                            f"{_name(args[0])}: the cluster kept answering {message.split()[0]} for "
+                            f"{busy_s:.1f}s ({message})"
+                        ) from exc
                     self.schedule_refresh()
                     await asyncio.sleep(pause)
-                    pause *= 2
+                    busy_s += pause
+                    pause = min(pause * 2, BUSY_RETRY_MAX_S)
                     continue
                 raise
+            except ConnectError:
+                # Nothing was sent, so nothing ran: read the map again and retry on its owner (a
+                # failover may be over), as long as the busy budget lasts.
+                if busy_s >= BUSY_BUDGET_S:
+                    raise
+                await self._refresh_quietly()
+                await asyncio.sleep(pause)
+                busy_s += pause
+                pause = min(pause * 2, BUSY_RETRY_MAX_S)
+                continue
             except ConnectionClosedError:
                 self.schedule_refresh()
                 raise
-        raise ClusterUnavailableError(
-            f"{_name(args[0])} was redirected {MAX_REDIRECTS} times; the cluster is unsettled"
-        )
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except RedisError:
+            pass  # the command's own retry reports the outage
 
     async def _keys_everywhere(self, args: tuple[Any, ...]) -> list[Any]:
         """KEYS on every master, merged (a debugging aid, as on one server)."""
@@ -299,6 +339,7 @@ class ClusterRouter:
     def drop_shared(self, exc: Exception) -> None:
         for node in self._nodes.values():
             node.drop_shared(exc)
+        self.schedule_refresh()  # a deadline passed: the node may be gone for good (a failover)
 
     async def close(self) -> None:
         self._closed = True

@@ -15,6 +15,10 @@ class ConnectionClosedError(RedisError, ConnectionError):
     """The connection to the server is closed or could not be opened."""
 
 
+class ConnectError(ConnectionClosedError):
+    """A connection could not be opened: nothing was sent on it, so no command ran."""
+
+
 class CommandTimeoutError(ConnectionClosedError):
     """The server did not answer within the command deadline; the connection was closed."""
 

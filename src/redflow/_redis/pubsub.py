@@ -21,9 +21,12 @@ from typing import Any
 from ..observability.logs import OutageLog
 from .client import RedisClient
 from .connection import Connection
-from .errors import RedisError
+from .errors import CommandTimeoutError, ConnectionClosedError, RedisError
 
 Handler = Callable[[bytes | None], None]
+
+KEEPALIVE_S = 10.0
+KEEPALIVE_DEADLINE_S = 3.0
 
 log = logging.getLogger("redflow.pubsub")
 
@@ -36,6 +39,8 @@ def _forget_after_fork() -> None:
         sub._conn = None
         sub._connecting = None
         sub._handlers = {}
+        sub._keepalive = None
+        sub._listening = False
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -50,6 +55,10 @@ class Subscriber:
         self._connecting: asyncio.Task[Connection] | None = None
         self._handlers: dict[bytes, set[Handler]] = {}
         self._closed = False
+        self._node = client  # the server the connection is open to
+        self._listening = False
+        self._keepalive: asyncio.Future[None] | None = None
+        self._checks: set[asyncio.Future[None]] = set()
 
     async def subscribe(self, channel: bytes, handler: Handler) -> None:
         """Register ``handler``; returns once the server confirmed the subscription."""
@@ -84,14 +93,65 @@ class Subscriber:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         if self._connecting is None:
-            self._connecting = asyncio.ensure_future(
-                self._client.open_connection(on_push=self._on_push, on_lost=self._on_lost, at=self._route_key)
-            )
+            self._connecting = asyncio.ensure_future(self._open())
         try:
             self._conn = await asyncio.shield(self._connecting)
         finally:
             self._connecting = None
+        if self._keepalive is None or self._keepalive.done():
+            self._keepalive = asyncio.ensure_future(self._keep_alive())
         return self._conn
+
+    async def _open(self) -> Connection:
+        client = self._client
+        node = await client.node_for(self._route_key) if self._route_key is not None else client
+        try:
+            conn = await node.open_connection(on_push=self._on_push, on_lost=self._on_lost)
+        except RedisError:
+            client.routes_stale()
+            raise
+        self._node = node
+        if not self._listening:
+            client.on_routes_changed(self._check_route)
+            self._listening = client.is_cluster
+        return conn
+
+    async def _keep_alive(self) -> None:
+        """While subscribed: a PING every KEEPALIVE_S (answered within KEEPALIVE_DEADLINE_S, or the
+        connection is replaced: a frozen or half-open node never closes it), and on a cluster a
+        check that the node still holds ``route_key`` (else messages would only come late)."""
+        while not self._closed and self._handlers:
+            await asyncio.sleep(KEEPALIVE_S)
+            conn = self._conn
+            if conn is None or conn.closed:
+                continue
+            try:
+                async with asyncio.timeout(KEEPALIVE_DEADLINE_S):
+                    await conn.execute("PING")
+            except TimeoutError:
+                conn.abort(CommandTimeoutError(f"no answer to a keepalive PING within {KEEPALIVE_DEADLINE_S}s"))
+                self._client.routes_stale()
+            except RedisError:
+                continue  # the connection is being replaced already
+            else:
+                await self._check_route_now()
+
+    def _check_route(self) -> None:
+        task = asyncio.ensure_future(self._check_route_now())
+        self._checks.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._checks.discard)
+
+    async def _check_route_now(self) -> None:
+        """Move the subscriptions when the node that publishes them is not the one listened to."""
+        conn, key = self._conn, self._route_key
+        if key is None or conn is None or conn.closed or not self._client.is_cluster:
+            return
+        try:
+            owner = await self._client.node_for(key)
+        except RedisError:
+            return
+        if owner is not self._node and conn is self._conn:
+            conn.abort(ConnectionClosedError("the subscribed channels' partition moved to another node"))
 
     def _on_push(self, message: list[Any]) -> None:
         channel, payload = message[-2], message[-1]
@@ -127,6 +187,8 @@ class Subscriber:
     async def close(self) -> None:
         self._closed = True
         self._handlers.clear()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if self._connecting is not None:
             self._connecting.cancel()
             with contextlib.suppress(BaseException):

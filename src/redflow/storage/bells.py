@@ -24,6 +24,8 @@ class BellWaiter:
         self._bells = [keys.bell(q) for q in queues]
         self._conn: Connection | None = None
         self._node = redis  # the server the blocking connection is open to
+        self._listening = False
+        self._checks: set[asyncio.Task[RedisClient]] = set()
         self._client_id = 0
         self._closed = False
 
@@ -39,6 +41,9 @@ class BellWaiter:
             async with asyncio.timeout(deadline):
                 # The bells share one hash tag: on a cluster, one node holds them all.
                 self._node = await self._redis.node_for(self._bells[0])
+                if not self._listening:
+                    self._redis.on_routes_changed(self._check_route)
+                    self._listening = True
                 fresh = await self._node.dedicated()
                 self._client_id = int(await fresh.execute("CLIENT", "ID"))
         except TimeoutError:
@@ -68,6 +73,7 @@ class BellWaiter:
         except TimeoutError:
             log.warning("%s: blocking wait exceeded %.1fs; reopening its connection", who, watchdog_s)
             conn.close()
+            self._redis.routes_stale()
         except ResponseError:
             # MOVED or UNBLOCKED: on a cluster the node no longer holds the bells (a failover); the
             # next wait opens a connection to the node that does.
@@ -77,6 +83,22 @@ class BellWaiter:
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _check_route(self) -> None:
+        """The slot map changed: a wait on a node that no longer holds the bells ends now (the next
+        one opens on the new owner) rather than at the watchdog."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return
+        task = asyncio.ensure_future(self._redis.node_for(self._bells[0]))
+
+        def moved(fut: asyncio.Task[RedisClient]) -> None:
+            if not fut.cancelled() and fut.exception() is None and fut.result() is not self._node:
+                conn.abort(ConnectionClosedError("the bells moved to another cluster node"))
+
+        task.add_done_callback(moved)
+        self._checks.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._checks.discard)
 
     def _unblock(self, client_id: int) -> None:
         fut = self._node.send_now(("CLIENT", "UNBLOCK", client_id))
