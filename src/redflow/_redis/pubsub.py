@@ -73,6 +73,7 @@ class Subscriber:
         except BaseException:
             self._discard(channel, handler)
             raise
+        self._ensure_keepalive()
 
     def unsubscribe(self, channel: bytes, handler: Handler) -> None:
         if self._discard(channel, handler) and self._conn is not None and not self._conn.closed:
@@ -98,9 +99,13 @@ class Subscriber:
             self._conn = await asyncio.shield(self._connecting)
         finally:
             self._connecting = None
-        if self._keepalive is None or self._keepalive.done():
-            self._keepalive = asyncio.ensure_future(self._keep_alive())
+        self._ensure_keepalive()
         return self._conn
+
+    def _ensure_keepalive(self) -> None:
+        # The loop ends when the last subscription goes; a later one on the same connection starts it again.
+        if not self._closed and (self._keepalive is None or self._keepalive.done()):
+            self._keepalive = asyncio.ensure_future(self._keep_alive())
 
     async def _open(self) -> Connection:
         client = self._client
