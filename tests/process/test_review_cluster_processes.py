@@ -323,6 +323,9 @@ async def test_supervisor_forks_after_a_client_detected_the_cluster(replicated: 
         await wait_until(lambda: len(_children(sup.pid)) == 2 or sup.poll() is not None, timeout_s=30,
                          interval_s=0.1, what="two worker processes")
         assert sup.poll() is None, sup.stderr.read() if sup.stderr else ""
+        # A forked worker registers its workflows once it has started: wait for that, not only for the fork.
+        await wait_until(lambda: c.get_workflow_meta("review-sup-counted"), timeout_s=30, interval_s=0.1,
+                         what="the workflow registered by a worker")
         handles = [await c.run_by_name("review-sup-counted", n) for n in range(40)]
         results = await asyncio.gather(*(h.result(timeout_ms=40_000) for h in handles))
         assert all(r["cluster"] for r in results)
