@@ -32,14 +32,13 @@ from typing import Any
 
 from redflow import create_client
 from redflow.embedded import EmbeddedServer
-from redflow.storage.keys import PartitionKeys
 
 from .server import server_cpu_s
 from .workflows import echo, registry
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.cluster_harness import LocalCluster, key_slot  # noqa: E402  (the suite's cluster, not a copy)
+from tests.cluster_harness import LocalCluster, prefix_slot  # noqa: E402  (the suite's cluster, not a copy)
 
 
 def _prefixes(count: int, owner_of_slot: Any | None) -> list[str]:
@@ -50,7 +49,7 @@ def _prefixes(count: int, owner_of_slot: Any | None) -> list[str]:
     chosen: dict[int, str] = {}
     for i in range(10_000):
         prefix = f"{base}:{i}"
-        chosen.setdefault(owner_of_slot(key_slot(PartitionKeys(prefix).runs)).port, prefix)
+        chosen.setdefault(owner_of_slot(prefix_slot(prefix)).port, prefix)
         if len(chosen) == count:
             return list(chosen.values())
     raise RuntimeError("could not place one prefix on each master")

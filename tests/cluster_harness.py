@@ -46,6 +46,13 @@ from redis.retry import Retry
 from redflow._redis.cluster import SLOTS, crc16, key_slot  # noqa: F401  (re-exported for the tests)
 from redflow.embedded import EmbeddedServer, free_port, valkey_binary
 from redflow.errors import RedflowError
+from redflow.storage.keys import PartitionKeys
+
+
+def prefix_slot(prefix: str) -> int:
+    """The hash slot that holds every key of ``prefix`` (one partition: one slot)."""
+    return key_slot(PartitionKeys(prefix).runs)
+
 
 BUS_PORT_OFFSET = 10000  # the cluster bus listens on port + 10000 (Redis 6.2 cannot move it)
 ADDSLOTS_CHUNK = 1000  # slots per CLUSTER ADDSLOTS command

@@ -55,6 +55,14 @@ def redis_server() -> Iterator[ServerInfo]:
 
 
 @pytest.fixture
+def cluster(redis_server: ServerInfo) -> LocalCluster:
+    """The session's cluster; tests that need one are skipped on a single server."""
+    if redis_server.cluster is None:
+        pytest.skip("needs the suite's cluster (REDFLOW_TEST_CLUSTER=3)")
+    return redis_server.cluster
+
+
+@pytest.fixture
 def redis_url(redis_server: ServerInfo) -> str:
     return redis_server.url
 

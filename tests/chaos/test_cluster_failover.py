@@ -55,7 +55,7 @@ import pytest
 
 from redflow.storage.keys import PartitionKeys
 
-from ..cluster_harness import ClusterHarnessError, ClusterNode, LocalCluster, key_slot
+from ..cluster_harness import ClusterHarnessError, ClusterNode, LocalCluster, key_slot, prefix_slot
 from ..conftest import wait_until
 from .checker import check, read_logs, report_and_assert
 from .harness import SCALE, TERMINAL, Fault, Harness, Slot, server_binary
@@ -70,10 +70,6 @@ TIMEOUT_S = 1200 if SCALE > 1 else 120
 DRAIN_RESERVE_S = 90 if SCALE > 1 else 30
 TRICKLE_EVERY_S = 0.1
 NODE_TIMEOUT_MS = 2000  # cluster-node-timeout: a dead master is marked failed after about this long
-
-
-def prefix_slot(prefix: str) -> int:
-    return key_slot(PartitionKeys(prefix).runs)
 
 
 async def start_cluster(tmp: Path) -> LocalCluster:

@@ -18,21 +18,9 @@ import pytest
 import redis
 
 from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, create_client, define_workflow
-from redflow.storage.keys import PartitionKeys
 
-from ..cluster_harness import LocalCluster, key_slot
-from ..conftest import ServerInfo, WorkerFactory
-
-
-@pytest.fixture
-def cluster(redis_server: ServerInfo) -> LocalCluster:
-    if redis_server.cluster is None:
-        pytest.skip("needs the suite's cluster (REDFLOW_TEST_CLUSTER=3)")
-    return redis_server.cluster
-
-
-def _slot(prefix: str) -> int:
-    return key_slot(PartitionKeys(prefix).runs)
+from ..cluster_harness import LocalCluster, key_slot, prefix_slot
+from ..conftest import WorkerFactory
 
 
 async def test_one_node_url_reaches_every_master_and_prefixes_spread(
@@ -46,7 +34,7 @@ async def test_one_node_url_reaches_every_master_and_prefixes_spread(
     base = f"rft:{uuid.uuid4().hex[:8]}"
     prefixes: dict[int, str] = {}  # one prefix on each master
     for i in range(500):
-        prefixes.setdefault(cluster.slot_owner(_slot(f"{base}:{i}")).port, f"{base}:{i}")
+        prefixes.setdefault(cluster.slot_owner(prefix_slot(f"{base}:{i}")).port, f"{base}:{i}")
         if len(prefixes) == len(masters):
             break
     assert set(prefixes) == masters
@@ -85,7 +73,7 @@ async def test_slot_resharded_mid_traffic_loses_and_repeats_nothing(
 
     define_workflow("cluster-move", handler=two_steps, registry=registry)
     await client.store.ensure_ready()
-    slot = _slot(client.keys.prefix)
+    slot = prefix_slot(client.keys.prefix)
     source = cluster.slot_owner(slot)
     target = next(m for m in cluster.masters() if m is not source)
     await make_worker(concurrency=20)

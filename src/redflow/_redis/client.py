@@ -157,8 +157,8 @@ class RedisClient:
         master holding key ``at`` (or, without one, to any master that accepts it)."""
         if self._closed:
             raise ConnectionClosedError("client is closed")
-        if self._router is None and self._detect and at is not None:
-            await self._shared()
+        if at is not None:
+            await self._know_mode()
         if self._router is not None:
             if at is None:
                 return await self._router.open_any(lambda node: node.open_connection(on_push, on_lost, deadline))
@@ -268,32 +268,34 @@ class RedisClient:
                 return await self._routed(args)
         return await conn.send(args)
 
-    async def _routed(self, args: tuple[Any, ...], key: Any = None) -> Any:
+    async def _routed(self, args: tuple[Any, ...]) -> Any:
         router = self._router
         assert router is not None
-        return await router.execute(args, key)
+        return await router.execute(args)
+
+    async def _know_mode(self) -> None:
+        """Connect once if this client has not yet learnt whether it talks to a cluster."""
+        if self._router is None and self._detect:
+            await self._shared()
 
     async def execute_at(self, key: Any, *args: Any) -> Any:
         """Run a keyless command (TIME, INFO, CONFIG ...) on the node that holds ``key``; on one
         server, the same as :meth:`execute`."""
-        if self._router is None and self._detect:
-            await self._shared()
+        await self._know_mode()
         if self._router is not None:
             return await self._router.execute(args, key)
         return await self.execute(*args)
 
     async def node_for(self, key: Any) -> RedisClient:
         """The single-server client that holds ``key`` now: this client itself unless on a cluster."""
-        if self._router is None and self._detect:
-            await self._shared()
+        await self._know_mode()
         if self._router is not None:
             return await self._router.node_for(key)
         return self
 
     async def masters(self) -> list[RedisClient]:
         """One single-server client per master (this client itself unless on a cluster)."""
-        if self._router is None and self._detect:
-            await self._shared()
+        await self._know_mode()
         if self._router is not None:
             if not self._router.masters():
                 await self._router.refresh()
@@ -306,6 +308,11 @@ class RedisClient:
         right one."""
         if self._router is not None:
             self._router.listeners.append(callback)
+
+    async def refresh_routes(self) -> None:
+        """On a cluster, read the slot map again now; nothing on a single server."""
+        if self._router is not None:
+            await self._router.refresh()
 
     def routes_stale(self) -> None:
         """A node reached outside ``execute`` (a blocking or subscriber connection) failed: on a
