@@ -28,21 +28,9 @@ from redflow import (
 )
 from redflow.encoding import decode
 from redflow.storage.codes import Code
-from redflow.storage.keys import PartitionKeys
 
-from ..cluster_harness import ClusterNode, LocalCluster, key_slot
-from ..conftest import ServerInfo, WorkerFactory, wait_until
-
-
-@pytest.fixture
-def cluster(redis_server: ServerInfo) -> LocalCluster:
-    if redis_server.cluster is None:
-        pytest.skip("needs the suite's cluster (REDFLOW_TEST_CLUSTER=3)")
-    return redis_server.cluster
-
-
-def _slot(prefix: str) -> int:
-    return key_slot(PartitionKeys(prefix).runs)
+from ..cluster_harness import ClusterNode, LocalCluster, prefix_slot
+from ..conftest import WorkerFactory, wait_until
 
 
 def _other_master(cluster: LocalCluster, node: ClusterNode) -> ClusterNode:
@@ -96,9 +84,10 @@ async def test_read_stream_keeps_reading_across_a_slot_move(
     first = await asyncio.wait_for(chunks.__anext__(), 15)
     assert first.record["value"] == 1
     second = asyncio.ensure_future(chunks.__anext__())  # blocks in XREAD BLOCK on the current owner
-    await asyncio.sleep(0.2)
-    slot = _slot(client.prefix)
+    slot = prefix_slot(client.prefix)
     source = cluster.slot_owner(slot)
+    await wait_until(lambda: "cmd=xread" in str(source.execute("CLIENT", "LIST")), timeout_s=10,
+                     what="the reader blocked on the owner")
     await asyncio.to_thread(cluster.move_slot, slot, _other_master(cluster, source), 10)
     go.set()
     try:
@@ -127,7 +116,7 @@ async def test_result_wait_and_an_idle_worker_follow_a_slot_move(
     gated_run = await client.enqueue_definition(wf, "gated")
     waiting = asyncio.ensure_future(gated_run.result(timeout_ms=30_000))
     assert await (await client.enqueue_definition(wf, "warm")).result(timeout_ms=15_000) == "warm"
-    slot = _slot(client.prefix)
+    slot = prefix_slot(client.prefix)
     source = cluster.slot_owner(slot)
     await asyncio.to_thread(cluster.move_slot, slot, _other_master(cluster, source), 10)
     began = time.monotonic()
@@ -155,7 +144,7 @@ async def test_script_after_ask_to_a_node_without_it_falls_back_to_eval_with_ask
     handle = await client.enqueue_definition(wf, 5)
     assert await handle.result(timeout_ms=15_000) == 5
     await worker.stop(grace_period_ms=0)
-    slot = _slot(client.prefix)
+    slot = prefix_slot(client.prefix)
     source, target = _begin_move(cluster, slot)
     try:
         target.execute("SCRIPT", "FLUSH")
@@ -200,7 +189,7 @@ async def test_finish_refused_by_tryagain_is_recorded_after_the_move_completes(
     worker = await make_worker(lease_ms=lease_ms)
     handle = await client.enqueue_definition(wf, 3)
     await wait_until(lambda: executed["a"] == 1, timeout_s=15, what="step a recorded")
-    slot = _slot(client.prefix)
+    slot = prefix_slot(client.prefix)
     source, target = _begin_move(cluster, slot)
     try:
         # Split the slot: the run headers go, everything else stays.
@@ -237,7 +226,7 @@ async def test_slot_map_refreshes_leave_no_orphaned_connections(cluster: LocalCl
         router = c.redis._router
         assert router is not None
         seed_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-        owner = cluster.slot_owner(_slot(prefix))
+        owner = cluster.slot_owner(prefix_slot(prefix))
         quiet = next((m for m in cluster.masters() if m.port != seed_port and m is not owner),
                      next(m for m in cluster.masters() if m.port != seed_port))
         node = next(n for n in await c.redis.masters() if n.address.port == quiet.port)

@@ -161,22 +161,9 @@ async def _status(client: RedflowClient, run_id: str) -> str | None:
 # --- handle.result() across a failover ----------------------------------------------------------------
 
 
-@pytest.mark.timeout(120)
-async def test_result_returns_after_a_killed_master_fails_over(setup: Setup) -> None:
-    async def echo(ctx: WorkflowHandlerContext) -> Any:
-        return await ctx.step.run("echo", lambda: ctx.input)
-
-    wf = define_workflow("review-echo", handler=echo, registry=setup.registry)
-    waiting = setup.client()
-    handle = await waiting.enqueue_definition(wf, 7)
-    result = asyncio.ensure_future(handle.result(timeout_ms=60_000))  # subscribed on the owner
-    await asyncio.sleep(0.3)
-    await asyncio.to_thread(setup.cluster.failover_after_kill, setup.owner)
-    await setup.worker()  # claims the run on the new master
-    checker = setup.client()
-    await wait_until(lambda: _status(checker, handle.id), timeout_s=30, interval_s=0.1, what="run seen")
-    await wait_until(lambda: _is(checker, handle.id, "succeeded"), timeout_s=30, interval_s=0.1, what="run done")
-    assert await asyncio.wait_for(result, 10) == 7
+async def _subscribed(node: ClusterNode, channel: bytes) -> bool:
+    reply = await asyncio.to_thread(node.execute, "PUBSUB", "NUMSUB", channel)
+    return int(reply[1]) > 0
 
 
 async def _is(client: RedflowClient, run_id: str, status: str) -> bool:
@@ -186,17 +173,22 @@ async def _is(client: RedflowClient, run_id: str, status: str) -> bool:
         return False  # the first command after a failover may meet the dead master once
 
 
+FAULTS = {"killed": LocalCluster.failover_after_kill, "half-open": _freeze_and_fail_over}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
 @pytest.mark.timeout(120)
-async def test_result_returns_after_a_half_open_master_fails_over(setup: Setup) -> None:
+async def test_result_returns_after_a_master_fails_over(setup: Setup, fault: str) -> None:
     async def echo(ctx: WorkflowHandlerContext) -> Any:
         return await ctx.step.run("echo", lambda: ctx.input)
 
     wf = define_workflow("review-echo", handler=echo, registry=setup.registry)
     waiting = setup.client()
     handle = await waiting.enqueue_definition(wf, 7)
-    result = asyncio.ensure_future(handle.result(timeout_ms=60_000))  # subscribed on the owner
-    await asyncio.sleep(0.3)
-    await asyncio.to_thread(_freeze_and_fail_over, setup.cluster, setup.owner)
+    result = asyncio.ensure_future(handle.result(timeout_ms=60_000))
+    await wait_until(lambda: _subscribed(setup.owner, waiting.keys.done_channel(handle.id)), timeout_s=10,
+                     interval_s=0.05, what="the waiter subscribed on the owner")
+    await asyncio.to_thread(FAULTS[fault], setup.cluster, setup.owner)
     await setup.worker()  # a worker started after the failover claims it on the new master
     checker = setup.client()
     await wait_until(lambda: _is(checker, handle.id, "succeeded"), timeout_s=30, interval_s=0.1, what="run done")

@@ -26,7 +26,8 @@ from .errors import CommandTimeoutError, ConnectionClosedError, RedisError
 Handler = Callable[[bytes | None], None]
 
 KEEPALIVE_S = 10.0
-KEEPALIVE_DEADLINE_S = 3.0
+KEEPALIVE_CLUSTER_S = 5.0  # a failover moves the partition: notice a frozen old owner sooner
+KEEPALIVE_DEADLINE_S = 2.0
 
 log = logging.getLogger("redflow.pubsub")
 
@@ -122,11 +123,12 @@ class Subscriber:
         return conn
 
     async def _keep_alive(self) -> None:
-        """While subscribed: a PING every KEEPALIVE_S (answered within KEEPALIVE_DEADLINE_S, or the
-        connection is replaced: a frozen or half-open node never closes it), and on a cluster a
-        check that the node still holds ``route_key`` (else messages would only come late)."""
+        """While subscribed: a PING every KEEPALIVE_S (KEEPALIVE_CLUSTER_S on a cluster) that must be
+        answered within KEEPALIVE_DEADLINE_S, or the connection is replaced (a frozen or half-open
+        node never closes it); on a cluster, also a check that the node still holds ``route_key``
+        (else messages would only come late)."""
         while not self._closed and self._handlers:
-            await asyncio.sleep(KEEPALIVE_S)
+            await asyncio.sleep(KEEPALIVE_CLUSTER_S if self._client.is_cluster else KEEPALIVE_S)
             conn = self._conn
             if conn is None or conn.closed:
                 continue
@@ -134,8 +136,11 @@ class Subscriber:
                 async with asyncio.timeout(KEEPALIVE_DEADLINE_S):
                     await conn.execute("PING")
             except TimeoutError:
+                # Read the slot map first, so the subscriptions move to the node that holds them now
+                # rather than back to the silent one.
+                with contextlib.suppress(RedisError):
+                    await self._client.refresh_routes()
                 conn.abort(CommandTimeoutError(f"no answer to a keepalive PING within {KEEPALIVE_DEADLINE_S}s"))
-                self._client.routes_stale()
             except RedisError:
                 continue  # the connection is being replaced already
             else:
