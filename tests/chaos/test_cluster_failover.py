@@ -8,7 +8,7 @@ prefix, whose keys all share one hash tag and so live on one master: the prefix'
 also enqueued during the faults (a trickle, with idempotency keys), to count acknowledged writes a
 failover loses. Seeded pauses of 1-2.5 s come before each fault.
 
-- ``test_chaos_cluster_owner_failover`` (``1500 x REDFLOW_CHAOS_SCALE`` runs; ``max(2, 2 x SCALE)``
+- ``test_chaos_cluster_owner_failover`` (``1000 x REDFLOW_CHAOS_SCALE`` runs; ``max(2, 2 x SCALE)``
   rounds of two faults): ``worker_kill``, a SIGKILL of worker slot 0 while one of its runs sits
   between its last step record and its finish (workload.py's CHAOS_HANDOFF_FILE: the test arms it,
   the process holds the next run that records its last step and logs ``handoff``; then a new worker
@@ -26,7 +26,7 @@ failover loses. Seeded pauses of 1-2.5 s come before each fault.
   back to run again (counted). Everything else is the checker's (checker.py): nothing lost, no
   recorded step run twice, every run ends exactly once, as designed, nothing stuck within the bound.
 
-- ``test_chaos_cluster_other_master_failover`` (``1000 x REDFLOW_CHAOS_SCALE`` runs, as many rounds):
+- ``test_chaos_cluster_other_master_failover`` (``600 x REDFLOW_CHAOS_SCALE`` runs, as many rounds):
   the same, but the master that fails over holds none of the prefix's data (it is the seed node of the
   driver and of worker slot 0, and the master of slot 0). Every process had connections to it
   (scripts load on every master); they break and the slot maps must be refreshed; while it is marked
@@ -62,8 +62,8 @@ from .harness import SCALE, TERMINAL, Fault, Harness, Slot, server_binary
 from .workload import STEP_NAMES, registry
 
 N_WORKERS = 3
-OWNER_RUNS = max(200, int(1500 * SCALE))
-OTHER_RUNS = max(200, int(1000 * SCALE))
+OWNER_RUNS = max(200, int(1000 * SCALE))
+OTHER_RUNS = max(200, int(600 * SCALE))
 # CI size: each test takes 20-40 s on a 2-core machine (the timeout leaves room for a loaded one); the
 # drain gives up DRAIN_RESERVE_S before it, so that the counts and violations are printed first.
 TIMEOUT_S = 1200 if SCALE > 1 else 120

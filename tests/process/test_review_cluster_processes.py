@@ -193,7 +193,8 @@ async def test_result_returns_after_a_master_fails_over(setup: Setup, fault: str
     checker = setup.client()
     await wait_until(lambda: _is(checker, handle.id, "succeeded"), timeout_s=30, interval_s=0.1, what="run done")
     try:
-        assert await asyncio.wait_for(result, 10) == 7
+        # A frozen owner is noticed by the subscriber's keepalive: a PING every 10 s, 2 s to answer.
+        assert await asyncio.wait_for(result, 10 + 2 + 8) == 7
     finally:
         result.cancel()
 

@@ -25,8 +25,7 @@ from .errors import CommandTimeoutError, ConnectionClosedError, RedisError
 
 Handler = Callable[[bytes | None], None]
 
-KEEPALIVE_S = 10.0
-KEEPALIVE_CLUSTER_S = 5.0  # a failover moves the partition: notice a frozen old owner sooner
+KEEPALIVE_S = 10.0  # one PING per interval keeps an idle worker within its command budget
 KEEPALIVE_DEADLINE_S = 2.0
 
 log = logging.getLogger("redflow.pubsub")
@@ -123,12 +122,12 @@ class Subscriber:
         return conn
 
     async def _keep_alive(self) -> None:
-        """While subscribed: a PING every KEEPALIVE_S (KEEPALIVE_CLUSTER_S on a cluster) that must be
+        """While subscribed: a PING every KEEPALIVE_S that must be
         answered within KEEPALIVE_DEADLINE_S, or the connection is replaced (a frozen or half-open
         node never closes it); on a cluster, also a check that the node still holds ``route_key``
         (else messages would only come late)."""
         while not self._closed and self._handlers:
-            await asyncio.sleep(KEEPALIVE_CLUSTER_S if self._client.is_cluster else KEEPALIVE_S)
+            await asyncio.sleep(KEEPALIVE_S)
             conn = self._conn
             if conn is None or conn.closed:
                 continue

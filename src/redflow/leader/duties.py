@@ -57,7 +57,8 @@ class LeaderDuties:
         budget = max(0.5, worker.settings.lease_ms / 1000)
         if beat.lapsed_workers:
             await self._duty("reap", self.reap(), budget)
-        await self._duty("cancel cascades", self.cancel_cascades(), budget)
+        if beat.cascades_pending:
+            await self._duty("cancel cascades", self.cancel_cascades(), budget)
         await self._duty("cron", self.cron.on_beat(beat), budget)
         if beat.next_event_due_ms >= 0:
             await self._duty("delayed events", self.deliver_due_events(beat.server_ms, beat.next_event_due_ms), budget)

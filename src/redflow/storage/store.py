@@ -43,6 +43,7 @@ class Heartbeat(NamedTuple):
     server_ms: int
     cron_version: int
     next_event_due_ms: int  # -1 when no delayed event is pending
+    cascades_pending: int  # cancel cascades a client left half done
 
 
 _stores: weakref.WeakSet[Store] = weakref.WeakSet()
@@ -347,7 +348,8 @@ class Store:
     ) -> Heartbeat:
         reply = await self.scripts.run("heartbeat", (worker_id, lease_ms, leader_lease_ms, 1 if stand else 0))
         return Heartbeat(
-            int(reply[1]), reply[2].decode(), int(reply[3]), int(reply[4]), int(reply[5]), int(reply[6])
+            int(reply[1]), reply[2].decode(), int(reply[3]), int(reply[4]), int(reply[5]), int(reply[6]),
+            int(reply[7]),
         )
 
     async def resign(self, worker_id: str) -> None:

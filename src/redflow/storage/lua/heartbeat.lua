@@ -5,12 +5,13 @@
 -- KEYS[3] epoch
 -- KEYS[4] cron_version
 -- KEYS[5] events_due
+-- KEYS[6] cascade
 -- ARGV[1] worker id
 -- ARGV[2] liveness lease in ms
 -- ARGV[3] leader lease in ms
 -- ARGV[4] 1 to stand for leader, 0 to stay out
 -- RETURNS {C.OK, state, leader value or '', workers whose lease lapsed, server time ms,
---          cron version, due time of the next delayed event or -1}
+--          cron version, due time of the next delayed event or -1, cancel cascades left pending}
 --         state: 0 = no entry (first registration, or the worker was reaped: its runs were taken
 --         over), 1 = renewed in time, 2 = the lease had lapsed but the worker was not reaped yet
 --!include common
@@ -42,4 +43,4 @@ end
 local dead = redis.call('ZCOUNT', KEYS[1], '-inf', '(' .. now)
 local due = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
 return {C.OK, state, leader or '', dead, now, tonumber(redis.call('GET', KEYS[4]) or '0'),
-  due[2] and tonumber(due[2]) or -1}
+  due[2] and tonumber(due[2]) or -1, redis.call('ZCARD', KEYS[6])}
