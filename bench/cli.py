@@ -18,8 +18,10 @@ from .baselines_runner import BASELINES, Baseline, DriverParams, drain_n, prepar
 from .redflow_scenarios import SCENARIOS as BASE_SCENARIOS
 from .redflow_scenarios import Params, Scenarios
 from .report import Results
-from .step_history import EXTRA_SCENARIOS
+from .step_history import EXTRA_SCENARIOS as STEP_SCENARIOS
+from .timers import EXTRA_SCENARIOS as TIMER_SCENARIOS
 
+EXTRA_SCENARIOS = {**STEP_SCENARIOS, **TIMER_SCENARIOS}
 SCENARIOS = (*BASE_SCENARIOS, *EXTRA_SCENARIOS)  # the extra ones are functions of a Scenarios object
 
 QUICK = Params(n=3000, serial_n=1000, batched_n=5000, latency_n=200, latency_budget_s=10.0, idle_s=5.0,
@@ -42,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-n", type=int)
     p.add_argument("--idle-s", type=float)
     p.add_argument("--cleanup-n", type=int, help="expired runs the retention-cleanup scenario deletes")
+    p.add_argument("--timers-n", type=int, help="delayed runs and sleeping runs of the timers scenario")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="results folder")
     return p.parse_args(argv)
 
@@ -76,7 +79,7 @@ def select(only: str | None, no_baselines: bool) -> tuple[set[str] | None, bool,
 async def run(args: argparse.Namespace) -> Results:
     started = time.monotonic()
     params = QUICK if args.quick else FULL
-    for name in ("n", "serial_n", "batched_n", "latency_n", "idle_s", "cleanup_n"):
+    for name in ("n", "serial_n", "batched_n", "latency_n", "idle_s", "cleanup_n", "timers_n"):
         if getattr(args, name) is not None:
             setattr(params, name, getattr(args, name))
     scenarios, run_ours, baselines = select(args.only, args.no_baselines)

@@ -34,6 +34,7 @@ class Params:
     idle_s: float = 30.0
     concurrency: int = 100
     cleanup_n: int = 100_000
+    timers_n: int = 100_000  # delayed runs and sleeping runs (bench/timers.py)
     ceiling_rounds: int = 5  # rounds the minimal-lifecycle probe drains (bench/ceiling.py), of 10 n runs each
     ceiling_batch: int = 100  # runs per claim of the probe (the bench worker's concurrency)
 

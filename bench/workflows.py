@@ -38,6 +38,15 @@ async def _sleeper(ctx: WorkflowHandlerContext[Any]) -> Any:
     return int(time.time() * 1000)
 
 
+async def _timer(ctx: WorkflowHandlerContext[Any]) -> Any:
+    """Sleeps durably until ``at`` (unix ms); returns when it woke (unix ms, this machine's clock)."""
+    import time
+    from datetime import UTC, datetime
+
+    await ctx.step.wait_for("nap", datetime.fromtimestamp(ctx.input["at"] / 1000, tz=UTC))
+    return int(time.time() * 1000)
+
+
 async def _wait_for_cancel(ctx: WorkflowHandlerContext[Any]) -> Any:
     import asyncio
 
@@ -49,10 +58,11 @@ async def _subscriber(ctx: WorkflowHandlerContext[Any]) -> Any:
 
 
 sleeper = define_workflow("bench-sleeper", handler=_sleeper, queue=QUEUE, registry=registry)
+timer = define_workflow("bench-timer", handler=_timer, queue=QUEUE, registry=registry)
 cancelable = define_workflow("bench-cancelable", handler=_wait_for_cancel, queue=QUEUE, registry=registry)
 FANOUT_EVENT = "bench.fanout"
 for _i in range(10):
     define_workflow(f"bench-subscriber-{_i}", handler=_subscriber, queue=QUEUE, registry=registry,
                     event=[EventTrigger(name=FANOUT_EVENT)])
 
-WORKFLOWS.update({"sleeper": sleeper, "cancelable": cancelable})
+WORKFLOWS.update({"sleeper": sleeper, "timer": timer, "cancelable": cancelable})

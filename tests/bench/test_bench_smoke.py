@@ -17,7 +17,7 @@ def test_harness_runs_every_redflow_scenario(redis_url: str, tmp_path: Path) -> 
     argv = [
         sys.executable, "-m", "bench", "--url", redis_url, "--no-baselines", "--reps", "1", "--n", "200",
         "--serial-n", "100", "--batched-n", "200", "--latency-n", "20", "--idle-s", "1", "--cleanup-n", "300",
-        "--out", str(tmp_path),
+        "--timers-n", "300", "--out", str(tmp_path),
     ]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -32,7 +32,8 @@ def test_harness_runs_every_redflow_scenario(redis_url: str, tmp_path: Path) -> 
         "enqueue_serial_per_s", "enqueue_batched_per_s", "drain_per_s", "drain_3step_per_s", "latency_p50_ms",
         "latency_p99_ms", "server_cmds_per_run", "worker_cmds_per_run", "bytes_per_run", "idle_cmds_per_s",
         "sleep_lateness_p50_ms", "cancel_latency_p50_ms", "fanout_10_ms", "cleanup_runs_per_s",
-        "supervisor_procs1_drain_per_s", "supervisor_procs2_drain_per_s",
+        "supervisor_procs1_drain_per_s", "supervisor_procs2_drain_per_s", "timers_delayed_enqueue_per_s",
+        "timers_bytes_per_delayed_run", "timers_bytes_per_sleeping_run", "timers_wake_p99_ms", "timers_sleepers",
     ):
         assert metric in medians, f"{metric} missing from {sorted(medians)}"
     assert all(r["git_sha"] and r["repetitions"] == 1 for r in data["results"])

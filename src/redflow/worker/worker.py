@@ -201,6 +201,7 @@ class Worker:
     async def _claim_loop(self) -> None:
         s = self.settings
         backoff = 0.05
+        loop = asyncio.get_running_loop()
         if not self.queues:  # StartWorkerOptions(queues=[]): registration and leader duties only
             log.info("worker %s polls no queue: it runs no runs", self.id)
             return
@@ -221,6 +222,7 @@ class Worker:
                     if self._stopping:  # a stop began meanwhile: it counts on no claim starting after it
                         return
                     late = False
+                    sent_at = loop.time()
                     code, next_due_ms, runs = await self.store.claim(self.id, self.queues, want, s.promote_batch)
                     if code is not Code.STALE_WORKER:
                         self.runs_claimed += len(runs)
@@ -250,8 +252,11 @@ class Worker:
                     continue
                 timeout = s.block_timeout_s
                 if next_due_ms > 0:
-                    timeout = min(timeout, next_due_ms / 1000)
-                await self._block(max(timeout, 0.01))
+                    # Counted from when the claim was sent: the server read its clock after that, so
+                    # the wait ends at the due time or just before it (a claim that comes early finds
+                    # the run 1 ms away and waits that long), never a reply's delay after it.
+                    timeout = min(timeout, next_due_ms / 1000 - (loop.time() - sent_at))
+                await self._block(max(timeout, 0.001))
                 backoff = 0.05
             except RedisError as exc:
                 if self._stopping:
