@@ -43,6 +43,8 @@ BASELINES: tuple[Baseline, ...] = (
              ("--concurrency", "100")),
     Baseline("celery", "Celery (Redis broker, threads 100)", "celery", "celery_driver.py",
              ("enqueue_serial", "latency", "drain"), ("--concurrency", "100")),
+    Baseline("bullmq", "BullMQ for Python (concurrency 100)", "bullmq", "bullmq_driver.py",
+             ("enqueue_serial", "latency", "drain"), ("--concurrency", "100")),
     Baseline("raw", "raw Redis (EVALSHA return 1)", "raw", "raw_driver.py", ("raw", "redispy")),
 )
 

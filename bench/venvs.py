@@ -30,6 +30,8 @@ SPECS: dict[str, VenvSpec] = {
     "saq": VenvSpec("saq", ("saq[redis,hiredis]==0.26.4", "typing_extensions"), "saq"),
     "arq": VenvSpec("arq", ("arq==0.28.0", "hiredis"), "arq"),
     "celery": VenvSpec("celery", ("celery[redis]==5.7.0", "hiredis"), "celery"),
+    # redis-py pinned too: the driver relies on its asyncio client's timeout handling (see bullmq_driver.py)
+    "bullmq": VenvSpec("bullmq", ("bullmq==3.4.4", "redis==8.1.0", "hiredis==3.5.0"), "bullmq"),
     "raw": VenvSpec("raw", ("redis[hiredis]>=5",), "redis"),
 }
 
