@@ -81,7 +81,9 @@ async def test_concurrent_runs_share_socket_writes(
     await wait_until(lambda: not worker.active, what="100 runs finished")
     sent = counters.commands - commands
     written = counters.writes - writes
-    assert sent >= 200  # a step record and a finish per run
+    # A step record per run; the finishes of one loop tick share one call (finish_many.lua), so the
+    # hundred finishes cost a handful of commands, not a hundred.
+    assert 100 < sent < 150, f"{sent} commands for 100 step records and 100 finishes"
     # How many writes the replies split into depends on the scheduler, and heartbeats and ownership
     # checks share the socket; what pipelining guarantees is many commands per write, not a count.
     assert written * 10 <= sent, f"{sent} commands went out in {written} socket writes"

@@ -44,6 +44,8 @@ def test_script_header_matches_body(name: str) -> None:
     declared = set(script.key_names)
     by_index = {int(i) for i in re.findall(r"KEYS\[(\d+)\]", body)}
     by_name = set(re.findall(r"\bK\.(\w+)", body))
+    if script.variadic_keys:  # a key the body takes from the variadic tail of KEYS (one per run, ...)
+        declared |= set(re.findall(r"\bK\.(\w+) = KEYS\[", body))
     assert by_name <= declared, f"{name} uses undeclared keys {by_name - declared}"
     if script.variadic_keys:
         assert max(by_index, default=0) <= len(script.key_names) - 1 or "#KEYS" in body or "KEYS[k" in body

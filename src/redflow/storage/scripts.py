@@ -41,6 +41,7 @@ SCRIPT_NAMES = (
     "claim",
     "step",
     "finish",
+    "finish_many",
     "hook_done",
     "retry",
     "release",

@@ -14,6 +14,7 @@ from .._redis.connection import Connection
 from .._redis.errors import ConnectionClosedError
 from ..errors import StorageLayoutError
 from .codes import Code
+from .finishes import FinishBatcher, FinishRequest
 from .index import RunIndex
 from .keys import STORAGE_VERSION, PartitionKeys, tag
 from .records import (
@@ -53,6 +54,7 @@ def _forget_after_fork() -> None:
     for store in list(_stores):
         store._ready = None  # a future of the parent's event loop
         store._is_ready = False
+        store._finishes.reset()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -65,6 +67,7 @@ class Store:
         self.keys = keys
         self.scripts = ScriptRunner(redis, keys)
         self.index = RunIndex(redis, keys)
+        self._finishes = FinishBatcher(self)
         self._ready: asyncio.Future[None] | None = None
         self._is_ready = False
 
@@ -189,14 +192,35 @@ class Store:
         self, run_id: str, token: bytes, worker_id: str, status: str, payload: bytes, hook: bool,
         retention_ms: int, queue: str,
     ) -> tuple[Code, str]:
-        """End a running run; returns the final status (canceled when cancellation was requested)."""
+        """End a running run; returns the final status (canceled when cancellation was requested).
+        Finishes called in the same loop tick leave in one script call (see :mod:`.finishes`)."""
+        return await self._finishes.submit(
+            FinishRequest(run_id, token, worker_id, status, payload, hook, retention_ms, queue)
+        )
+
+    async def finish_one(self, r: FinishRequest) -> tuple[Code, str]:
         k = self.keys
         reply = await self.scripts.run(
-            "finish", (run_id, token, status, payload, 1 if hook else 0, retention_ms, k.done_channel(run_id)),
-            queues=self._queues(queue), owned=k.owned(worker_id), stream=k.stream(run_id),
+            "finish",
+            (r.run_id, r.token, r.status, r.payload, 1 if r.hook else 0, r.retention_ms, k.done_channel(r.run_id)),
+            queues=self._queues(r.queue), owned=k.owned(r.worker_id), stream=k.stream(r.run_id),
         )
         code = Code(reply[0])
         return code, reply[1].decode() if code is Code.OK else ""
+
+    async def finish_many(self, requests: Sequence[FinishRequest]) -> list[tuple[Code, str]]:
+        """``finish_many.lua`` for runs of one worker and one retention: a (code, detail) per run."""
+        k = self.keys
+        first = requests[0]
+        queues = list(dict.fromkeys(q for r in requests for q in self._queues(r.queue)))
+        script = self.scripts.scripts["finish_many"]
+        keys = [*self.scripts.key_list(script, {"owned": k.owned(first.worker_id)}, queues),
+                *(k.stream(r.run_id) for r in requests)]
+        args: list[Any] = [first.retention_ms, k.done_channel_prefix(), "\n".join(queues)]
+        for r in requests:
+            args += (r.run_id, r.token, r.status, r.payload, 1 if r.hook else 0)
+        reply = await self.scripts.call("finish_many", keys, args)
+        return [(Code(reply[i]), reply[i + 1].decode()) for i in range(1, len(reply), 2)]
 
     async def hook_done(self, run_id: str, token: bytes, worker_id: str) -> Code:
         reply = await self.scripts.run("hook_done", (run_id, token), owned=self.keys.owned(worker_id))

@@ -1,0 +1,131 @@
+"""Finishes of one loop tick leave in one ``finish_many.lua`` call, and each run is decided as
+``finish.lua`` alone decides it: a stale token, a run already ended, a cancel request, a failure with a
+hook, a stream to close, a held run to hand on to another queue, parents waiting on the children."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
+from redflow.storage.codes import Code
+from redflow.storage.finishes import FinishRequest
+from redflow.storage.records import ClaimedRun
+from redflow.storage.store import Store
+
+LONG = 600_000
+
+
+async def _noop(ctx: WorkflowHandlerContext) -> None:
+    return None
+
+
+async def _claim(store: Store, queue: str, n: int) -> list[ClaimedRun]:
+    code, _, runs = await store.claim("w", [queue], n, 10)
+    assert code is Code.OK
+    return runs
+
+
+@pytest.fixture
+def calls(client: RedflowClient, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many finish_many and finish script calls the store made (the real calls are made)."""
+    seen = {"many": 0, "one": 0}
+    store = client.store
+    many, one = store.finish_many, store.finish_one
+
+    async def counted_many(requests):  # type: ignore[no-untyped-def]
+        seen["many"] += 1
+        return await many(requests)
+
+    async def counted_one(request):  # type: ignore[no-untyped-def]
+        seen["one"] += 1
+        return await one(request)
+
+    monkeypatch.setattr(store, "finish_many", counted_many)
+    monkeypatch.setattr(store, "finish_one", counted_one)
+    return seen
+
+
+async def test_every_run_of_a_batch_ends_as_it_would_alone(
+    client: RedflowClient, registry: WorkflowRegistry, calls: dict[str, int]
+) -> None:
+    plain = define_workflow("fb-plain", handler=_noop, registry=registry)
+    capped = define_workflow("fb-capped", handler=_noop, registry=registry, max_concurrency=1)
+    await client.sync_registry()
+    store = client.store
+    await store.heartbeat("w", LONG, LONG, False)
+    ok, stale, ended, canceled, hooked, streamed = [await client.enqueue_definition(plain, i) for i in range(6)]
+    first = await client.enqueue_definition(capped, "first")
+    tokens = {r.id: r.token for r in await _claim(store, "default", 10)}
+    assert len(tokens) == 7
+    second = await client.run_by_name(capped.name, "second", queue_override="other")
+    assert await _claim(store, "other", 1) == []  # held: its workflow's one slot is taken by `first`
+    assert await client.redis.execute("ZCARD", client.keys.held) == 1
+
+    assert await store.finish_one(FinishRequest(ended.id, tokens[ended.id], "w", "succeeded", b"1", False, LONG,
+                                                "default")) == (Code.OK, "succeeded")
+    assert await client.cancel_run(canceled.id) is True
+    assert (await store.stream_write(streamed.id, tokens[streamed.id], 1, b'"v"', LONG, 100))[0] is Code.OK
+    calls["one"] = 0
+
+    def finish(run_id: str, status: str = "succeeded", payload: bytes = b"1", hook: bool = False,
+               token: bytes | None = None, queue: str = "default"):  # type: ignore[no-untyped-def]
+        return store.finish(run_id, tokens[run_id] if token is None else token, "w", status, payload, hook, LONG,
+                            queue)
+
+    replies = await asyncio.gather(
+        finish(ok.id), finish(stale.id, token=b"not-the-token"), finish(ended.id), finish(canceled.id),
+        finish(hooked.id, "failed", b'{"message":"boom"}', hook=True), finish(streamed.id), finish(first.id),
+    )
+    assert replies == [
+        (Code.OK, "succeeded"), (Code.STALE, ""), (Code.STALE, ""), (Code.OK, "canceled"), (Code.OK, "failed"),
+        (Code.OK, "succeeded"), (Code.OK, "succeeded"),
+    ]
+    # One call for the seven; `first` had a held run to hand on to a queue the call did not name, so it
+    # was finished alone after the batch left it untouched.
+    assert calls == {"many": 1, "one": 1}
+
+    states = {h.id: await client.get_run(h.id) for h in (ok, stale, canceled, hooked, streamed, first, second)}
+    assert {i: s["status"] for i, s in states.items() if s} == {
+        ok.id: "succeeded", stale.id: "running", canceled.id: "canceled", hooked.id: "failed",
+        streamed.id: "succeeded", first.id: "succeeded", second.id: "queued",
+    }
+    assert states[ok.id]["output"] == 1  # type: ignore[index]
+    owned = {m.decode() for m in await client.redis.execute("SMEMBERS", client.keys.owned("w"))}
+    assert owned == {stale.id, hooked.id}  # a failure whose hook must run stays owned until it ran
+    assert await client.redis.execute("ZCARD", client.keys.held) == 0
+    assert await client.redis.execute("LRANGE", client.keys.ready("other"), 0, -1) == [second.id.encode()]
+    entries = await client.redis.execute("XRANGE", client.keys.stream(streamed.id), "-", "+")
+    assert len(entries) == 2 and entries[-1][1][:2] == [b"end", b"succeeded"]  # readers learn it ended
+
+
+async def test_parents_waiting_on_children_finished_in_one_batch_are_all_resumed(
+    client: RedflowClient, registry: WorkflowRegistry, calls: dict[str, int]
+) -> None:
+    parent = define_workflow("fb-parent", handler=_noop, registry=registry)
+    child = define_workflow("fb-child", handler=_noop, queue="kids", registry=registry)
+    store = client.store
+    await store.heartbeat("w", LONG, LONG, False)
+    parents = [await client.enqueue_definition(parent, i) for i in range(3)]
+    ptokens = {r.id: r.token for r in await _claim(store, "default", 3)}
+    kids = []
+    for p in parents:
+        kid = await client.run_by_name(child.name, None, parent_run_id=p.id)
+        code, _, _ = await store.suspend(p.id, ptokens[p.id], "w", "default", "kid", 1, "child", child_id=kid.id)
+        assert code is Code.OK
+        kids.append(kid)
+    ktokens = {r.id: r.token for r in await _claim(store, "kids", 3)}
+    outs = [json.dumps({"kid": i}).encode() for i in range(3)]
+    replies = await asyncio.gather(*(
+        store.finish(kid.id, ktokens[kid.id], "w", "succeeded", out, False, LONG, "kids")
+        for kid, out in zip(kids, outs, strict=True)
+    ))
+    assert replies == [(Code.OK, "succeeded")] * 3
+    assert calls["many"] == 1
+    resumed = {r.id: r for r in await _claim(store, "default", 10)}
+    assert set(resumed) == {p.id for p in parents}
+    for p, out in zip(parents, outs, strict=True):
+        assert [s.resolution for s in resumed[p.id].steps] == ["succeeded"]
+        assert bytes(resumed[p.id].steps[0].output) == out
