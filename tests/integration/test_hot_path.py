@@ -45,9 +45,9 @@ async def test_one_step_run_costs_at_most_three_worker_commands(
     evalsha_server = await _evalsha_calls(client) - evalsha_before
     assert evalsha_server == n + counters.by_name["EVALSHA"], "server and client counts disagree"
     assert per_run <= 3.0, f"{per_run:.3f} worker commands per run ({dict(counters.by_name)})"
-    assert counters.writes <= counters.commands / 5, (
-        f"{counters.writes} socket writes for {counters.commands} commands: not pipelined"
-    )
+    # Step records and finishes of one loop tick share a call (step_many, finish_many), and the
+    # calls of a tick share a socket write: far fewer writes than runs.
+    assert counters.writes <= n / 5, f"{counters.writes} socket writes for {n} runs: not batched"
     assert [await h.result(timeout_ms=1000) for h in handles[:5]] == [0, 1, 2, 3, 4]
 
 
@@ -81,12 +81,10 @@ async def test_concurrent_runs_share_socket_writes(
     await wait_until(lambda: not worker.active, what="100 runs finished")
     sent = counters.commands - commands
     written = counters.writes - writes
-    # A step record per run; the finishes of one loop tick share one call (finish_many.lua), so the
-    # hundred finishes cost a handful of commands, not a hundred.
-    assert 100 < sent < 150, f"{sent} commands for 100 step records and 100 finishes"
-    # How many writes the replies split into depends on the scheduler, and heartbeats and ownership
-    # checks share the socket; what pipelining guarantees is many commands per write, not a count.
-    assert written * 10 <= sent, f"{sent} commands went out in {written} socket writes"
+    # The hundred step records leave in a few step_many calls and the hundred finishes in a few
+    # finish_many calls (how many depends on how the wake-ups fall into loop ticks), not 200 calls.
+    assert 2 <= sent <= 30, f"{sent} commands for 100 step records and 100 finishes ({dict(counters.by_name)})"
+    assert written <= sent, f"{sent} commands went out in {written} socket writes"
     assert all([await h.result(timeout_ms=2000) == 1 for h in handles])
 
 

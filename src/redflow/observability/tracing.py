@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,8 +27,11 @@ _enabled: bool | None = None
 _tracer: Any = None
 _trace: Any = None  # the opentelemetry.trace module, once tracing is on
 _propagate: Any = None
+_provider_seen = False  # a tracer provider was configured (kept: a global provider is set once)
+_next_check = 0.0  # monotonic time of the next provider lookup while none was seen
 
 SYSTEM = "redflow"
+PROVIDER_RECHECK_S = 1.0
 
 
 def enabled() -> bool:
@@ -50,16 +54,29 @@ def enabled() -> bool:
 
 def recording() -> bool:
     """Tracing is on and the application configured a tracer provider (until it does, spans would
-    record nothing: none are made and no context is stored)."""
+    record nothing: none are made and no context is stored). A global provider is set once and for
+    good, so once one is seen the answer is kept; until then it is looked up again at most every
+    PROVIDER_RECHECK_S (the lookup reads the environment, a few microseconds on every step)."""
+    global _provider_seen, _next_check
     if not enabled():
         return False
-    return not isinstance(_trace.get_tracer_provider(), (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider))
+    if _provider_seen:
+        return True
+    now = time.monotonic()
+    if now < _next_check:
+        return False
+    _next_check = now + PROVIDER_RECHECK_S
+    _provider_seen = not isinstance(
+        _trace.get_tracer_provider(), (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider)
+    )
+    return _provider_seen
 
 
 def reset() -> None:
     """Decide again on next use (tests switching ``REDFLOW_TRACING``)."""
-    global _enabled, _tracer, _trace, _propagate
+    global _enabled, _tracer, _trace, _propagate, _provider_seen, _next_check
     _enabled, _tracer, _trace, _propagate = None, None, None, None
+    _provider_seen, _next_check = False, 0.0
 
 
 def _attributes(operation: str, queue: str, workflow: str, **extra: Any) -> dict[str, Any]:

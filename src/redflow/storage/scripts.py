@@ -40,6 +40,7 @@ SCRIPT_NAMES = (
     "enqueue",
     "claim",
     "step",
+    "step_many",
     "finish",
     "finish_many",
     "hook_done",

@@ -13,8 +13,8 @@ from .._redis.client import RedisClient
 from .._redis.connection import Connection
 from .._redis.errors import ConnectionClosedError
 from ..errors import StorageLayoutError
+from .batches import Coalescer, FinishRequest, StepRequest
 from .codes import Code
-from .finishes import FinishBatcher, FinishRequest
 from .index import RunIndex
 from .keys import STORAGE_VERSION, PartitionKeys, tag
 from .records import (
@@ -55,6 +55,7 @@ def _forget_after_fork() -> None:
         store._ready = None  # a future of the parent's event loop
         store._is_ready = False
         store._finishes.reset()
+        store._steps.reset()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -67,7 +68,13 @@ class Store:
         self.keys = keys
         self.scripts = ScriptRunner(redis, keys)
         self.index = RunIndex(redis, keys)
-        self._finishes = FinishBatcher(self)
+        self._finishes: Coalescer[FinishRequest, tuple[Code, str]] = Coalescer(
+            lambda r: self.finish_one(r), lambda rs: self._finish_batch(rs), lambda r: (r.worker_id, r.retention_ms),
+            lambda r: len(r.payload),
+        )
+        self._steps: Coalescer[StepRequest, Code] = Coalescer(
+            lambda r: self.record_step_one(r), lambda rs: self.record_steps(rs), lambda r: 0, lambda r: len(r.line)
+        )
         self._ready: asyncio.Future[None] | None = None
         self._is_ready = False
 
@@ -181,8 +188,21 @@ class Store:
         return code, next_due, runs
 
     async def record_step(self, run_id: str, token: bytes, line: bytes) -> Code:
-        reply = await self.scripts.run("step", (run_id, token, line))
+        """Append a step record if ``token`` is the run's current one and it is running. Records
+        written in the same loop tick leave in one script call (see :mod:`.batches`)."""
+        return await self._steps.submit(StepRequest(run_id, token, line))
+
+    async def record_step_one(self, r: StepRequest) -> Code:
+        reply = await self.scripts.run("step", (r.run_id, r.token, r.line))
         return Code(reply[0])
+
+    async def record_steps(self, requests: Sequence[StepRequest]) -> list[Code]:
+        """``step_many.lua``: a code per record."""
+        args: list[Any] = []
+        for r in requests:
+            args += (r.run_id, r.token, r.line)
+        reply = await self.scripts.run("step_many", args)
+        return [Code(c) for c in reply[1:]]
 
     def _queues(self, queue: str) -> list[str]:
         """The queues a transition of a run on ``queue`` is given up front; others it asks for."""
@@ -193,7 +213,7 @@ class Store:
         retention_ms: int, queue: str,
     ) -> tuple[Code, str]:
         """End a running run; returns the final status (canceled when cancellation was requested).
-        Finishes called in the same loop tick leave in one script call (see :mod:`.finishes`)."""
+        Finishes called in the same loop tick leave in one script call (see :mod:`.batches`)."""
         return await self._finishes.submit(
             FinishRequest(run_id, token, worker_id, status, payload, hook, retention_ms, queue)
         )
@@ -221,6 +241,11 @@ class Store:
             args += (r.run_id, r.token, r.status, r.payload, 1 if r.hook else 0)
         reply = await self.scripts.call("finish_many", keys, args)
         return [(Code(reply[i]), reply[i + 1].decode()) for i in range(1, len(reply), 2)]
+
+    async def _finish_batch(self, requests: list[FinishRequest]) -> list[tuple[Code, str] | None]:
+        """A reply per run for the batcher; None for a run to finish alone (it needs more queues)."""
+        return [None if code is Code.NEED_QUEUES else (code, detail if code is Code.OK else "")
+                for code, detail in await self.finish_many(requests)]
 
     async def hook_done(self, run_id: str, token: bytes, worker_id: str) -> Code:
         reply = await self.scripts.run("hook_done", (run_id, token), owned=self.keys.owned(worker_id))

@@ -1,6 +1,7 @@
-"""Finishes of one loop tick leave in one ``finish_many.lua`` call, and each run is decided as
-``finish.lua`` alone decides it: a stale token, a run already ended, a cancel request, a failure with a
-hook, a stream to close, a held run to hand on to another queue, parents waiting on the children."""
+"""Transitions of one loop tick leave in one call, each decided as alone. Finishes
+(``finish_many.lua``): a stale token, a run already ended, a cancel request, a failure with a hook, a
+stream to close, a held run to hand on to another queue, parents waiting on the children. Step records
+(``step_many.lua``): a stale token, a run no longer running, two records of one run in order."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import json
 import pytest
 
 from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
+from redflow.storage.batches import FinishRequest
 from redflow.storage.codes import Code
-from redflow.storage.finishes import FinishRequest
-from redflow.storage.records import ClaimedRun
+from redflow.storage.records import ClaimedRun, StepRecord, encode_step
 from redflow.storage.store import Store
 
 LONG = 600_000
@@ -129,3 +130,38 @@ async def test_parents_waiting_on_children_finished_in_one_batch_are_all_resumed
     for p, out in zip(parents, outs, strict=True):
         assert [s.resolution for s in resumed[p.id].steps] == ["succeeded"]
         assert bytes(resumed[p.id].steps[0].output) == out
+
+
+async def test_step_records_of_one_tick_are_decided_each_as_alone(
+    client: RedflowClient, registry: WorkflowRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wf = define_workflow("fb-steps", handler=_noop, registry=registry)
+    store = client.store
+    batches = []
+    many = store.record_steps
+
+    async def counted(requests):  # type: ignore[no-untyped-def]
+        batches.append(len(requests))
+        return await many(requests)
+
+    monkeypatch.setattr(store, "record_steps", counted)
+    await store.heartbeat("w", LONG, LONG, False)
+    a, b, hooked = [await client.enqueue_definition(wf, i) for i in range(3)]
+    tokens = {r.id: r.token for r in await _claim(store, "default", 3)}
+    assert await store.finish(hooked.id, tokens[hooked.id], "w", "failed", b'{"message":"x"}', True, LONG,
+                              "default") == (Code.OK, "failed")  # keeps its lease until its hook ran
+
+    def line(name: str, position: int) -> bytes:
+        return encode_step(StepRecord(name=name, position=position, attempt=1))
+
+    codes = await asyncio.gather(
+        store.record_step(a.id, tokens[a.id], line("one", 1)),
+        store.record_step(b.id, b"not-the-token", line("x", 1)),
+        store.record_step(a.id, tokens[a.id], line("two", 2)),  # two records of one run keep their order
+        store.record_step(hooked.id, tokens[hooked.id], line("late", 1)),
+    )
+    assert codes == [Code.OK, Code.STALE, Code.OK, Code.WRONG_STATUS]
+    assert batches == [4]
+    history = await client.get_run_steps(a.id)
+    assert [s["name"] for s in history] == ["one", "two"]
+    assert await client.get_run_steps(b.id) == [] and await client.get_run_steps(hooked.id) == []
