@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,13 @@ async def total_commands(redis: RedisClient) -> int:
 
 
 async def used_memory(redis: RedisClient) -> int:
-    """``used_memory`` right after MEMORY PURGE."""
+    """``used_memory`` right after MEMORY PURGE, once the server has freed what UNLINK handed to its
+    background thread (a prefix deleted just before would still be counted otherwise)."""
+    for _ in range(200):  # up to ~10 s
+        info = parse_info(await redis.execute("INFO", "memory"))
+        if int(info.get("lazyfree_pending_objects", "0")) == 0:
+            break
+        await asyncio.sleep(0.05)
     await redis.execute("MEMORY", "PURGE")
     return int(parse_info(await redis.execute("INFO", "memory"))["used_memory"])
 
