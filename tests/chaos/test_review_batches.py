@@ -148,27 +148,18 @@ async def _nothing_held(client: RedflowClient) -> list[str]:
     return problems
 
 
-# --- 1. a step record overtaken by a later write of the same run --------------------------------------
+# --- 1. a step record must not be overtaken by a later write of the same run -------------------------
 #
-# StepApi records a step (record_step, now coalesced) and a parallel branch of the same handler
-# suspends the run (suspend.lua, sent at once). Before this change the record's EVALSHA was queued on
-# the connection in the loop iteration the step returned, ahead of the suspend. Now: iteration 0
-# Coalescer.submit (call_soon(_flush)); 1 _flush starts a task; 2 the task reaches Connection.send;
-# 3 Connection._flush writes it. The suspend, sent in iteration 0, is written in iteration 1 and
-# applied first: step_many.lua finds the run no longer running (WRONG_STATUS), the completed step's
-# output is dropped (LeaseLostError in the step's task) and the step body runs again when the run
-# wakes. The same for retry.lua when the handler fails while a step task it did not await records.
+# StepApi records a step (record_step, coalesced: it leaves a few loop iterations after submission)
+# and a parallel branch of the same handler suspends the run (suspend.lua, a direct call), or the
+# handler fails while a step task it did not await records (retry.lua). The direct call waits for the
+# run's batched records to be answered (Coalescer.settled), so the record is applied first and the
+# step's body never runs a second time when the run wakes. Without that wait step_many.lua found the
+# run no longer running (WRONG_STATUS), the output was dropped and the body ran again.
 
 PARALLEL_WAITS = ["wait_for", "wait_for_event", "wait_for_input_in_step", "unawaited_step_then_retry"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "step records are coalesced (Store.record_step -> Coalescer.submit) and reach the socket three loop "
-    "iterations after submission, so a script the same run sends directly meanwhile overtakes the "
-    "record of a step that already returned: suspend.lua (a parallel ctx.step.wait_for / "
-    "wait_for_event / wait_for_input raised in a step) or retry.lua (the handler failing while a step "
-    "task it did not await records): step_many.lua then answers WRONG_STATUS, the output is dropped "
-    "and the step body runs a second time when the run resumes (once before this change)"))
 @pytest.mark.parametrize("wait", PARALLEL_WAITS)
 async def test_a_step_that_returned_before_a_parallel_wait_is_kept(
     client: RedflowClient, registry: WorkflowRegistry, make_worker: Any, wait: str,
@@ -221,10 +212,6 @@ async def test_a_step_that_returned_before_a_parallel_wait_is_kept(
     assert ran[handle.id] == 1, f"the step body ran {ran[handle.id]} times"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Coalescer: a step record submitted before a direct script call of the same run is sent after it "
-    "(submit -> call_soon(_flush) -> task -> EVALSHA), so suspend.lua wins and step_many.lua answers "
-    "WRONG_STATUS for a record that step.lua, queued first, would have appended"))
 async def test_a_record_submitted_before_a_suspend_is_decided_before_it(
     client: RedflowClient, registry: WorkflowRegistry,
 ) -> None:

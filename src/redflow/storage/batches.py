@@ -8,7 +8,9 @@ decide each request on its own, exactly as the single script decides it, in the 
 were made, so each caller gets the reply it would have had alone.
 
 A request is committed when ``submit`` is called, as a single call's command is when it is queued:
-the batch leaves on the next loop iteration whether or not the caller still waits. A lost
+the batch leaves within the next loop iterations whether or not the caller still waits. A direct
+transition of a run (suspend, retry, release, finish) first waits for the replies to that run's
+batched requests (``settled``), so the server sees a run's writes in the order they were made. A lost
 connection fails every caller of the batch, as it fails every command pipelined with it. A request
 the batch script leaves untouched (a finish that hands work on to a queue the call did not name) is
 made again alone.
@@ -57,15 +59,18 @@ class Coalescer(Generic[Req, Res]):
         many: Callable[[list[Req]], Awaitable[Sequence[Res | None]]],
         group: Callable[[Req], Hashable],
         size: Callable[[Req], int],
+        run_of: Callable[[Req], str],
     ) -> None:
-        self._one, self._many, self._group, self._size = one, many, group, size
+        self._one, self._many, self._group, self._size, self._run_of = one, many, group, size, run_of
         self._pending: list[tuple[Req, asyncio.Future[Res]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._unanswered: dict[str, set[asyncio.Future[Res]]] = {}  # run id -> requests not answered yet
 
     def reset(self) -> None:
         """Forget requests of another event loop (after a fork)."""
         self._pending = []
         self._tasks = set()
+        self._unanswered = {}
 
     def submit(self, request: Req) -> asyncio.Future[Res]:
         loop = asyncio.get_running_loop()
@@ -73,7 +78,25 @@ class Coalescer(Generic[Req, Res]):
         if not self._pending:
             loop.call_soon(self._flush)
         self._pending.append((request, fut))
+        run_id = self._run_of(request)
+        self._unanswered.setdefault(run_id, set()).add(fut)
+        fut.add_done_callback(lambda f: self._answered(run_id, f))
         return fut
+
+    def _answered(self, run_id: str, fut: asyncio.Future[Res]) -> None:
+        futs = self._unanswered.get(run_id)
+        if futs is not None:
+            futs.discard(fut)
+            if not futs:
+                del self._unanswered[run_id]
+
+    async def settled(self, run_id: str) -> None:
+        """Wait until every request submitted for ``run_id`` has its reply (whatever it is). A direct
+        transition of the run waits here, so it never overtakes a batched one made before it: a
+        batch leaves a few loop iterations after its requests, a direct call at once."""
+        futs = self._unanswered.get(run_id)
+        if futs:
+            await asyncio.wait(list(futs))
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []

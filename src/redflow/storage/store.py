@@ -70,10 +70,11 @@ class Store:
         self.index = RunIndex(redis, keys)
         self._finishes: Coalescer[FinishRequest, tuple[Code, str]] = Coalescer(
             lambda r: self.finish_one(r), lambda rs: self._finish_batch(rs), lambda r: (r.worker_id, r.retention_ms),
-            lambda r: len(r.payload),
+            lambda r: len(r.payload), lambda r: r.run_id,
         )
         self._steps: Coalescer[StepRequest, Code] = Coalescer(
-            lambda r: self.record_step_one(r), lambda rs: self.record_steps(rs), lambda r: 0, lambda r: len(r.line)
+            lambda r: self.record_step_one(r), lambda rs: self.record_steps(rs), lambda r: 0, lambda r: len(r.line),
+            lambda r: r.run_id,
         )
         self._ready: asyncio.Future[None] | None = None
         self._is_ready = False
@@ -214,6 +215,7 @@ class Store:
     ) -> tuple[Code, str]:
         """End a running run; returns the final status (canceled when cancellation was requested).
         Finishes called in the same loop tick leave in one script call (see :mod:`.batches`)."""
+        await self._steps.settled(run_id)
         return await self._finishes.submit(
             FinishRequest(run_id, token, worker_id, status, payload, hook, retention_ms, queue)
         )
@@ -255,6 +257,7 @@ class Store:
         self, run_id: str, token: bytes, worker_id: str, queue: str, delay_ms: int, error: bytes,
         keep_attempt: bool = False,
     ) -> Code:
+        await self._steps.settled(run_id)
         reply = await self.scripts.run(
             "retry", (run_id, token, delay_ms, error, 1 if keep_attempt else 0),
             queues=self._queues(queue), owned=self.keys.owned(worker_id),
@@ -281,6 +284,7 @@ class Store:
     ) -> tuple[Code, str, bytes]:
         """Start a durable wait: (OK, '', b'') when suspended, (RESOLVED, resolution, output) when it
         was satisfied at once, or (STALE | CANCELED | WRONG_STATUS, '', b'')."""
+        await self._steps.settled(run_id)
         reply = await self.scripts.run(
             "suspend",
             (run_id, token, step, position, kind, delay_ms, due_ms, waiter_member, child_id, buffer_prefix, info,
@@ -366,6 +370,7 @@ class Store:
         return [m.decode().split(":", 1)[1] for m in members]
 
     async def release(self, run_id: str, token: bytes, worker_id: str, queue: str, retention_ms: int) -> Code:
+        await self._steps.settled(run_id)
         k = self.keys
         reply = await self.scripts.run(
             "release", (run_id, token, retention_ms, k.done_channel(run_id)),
