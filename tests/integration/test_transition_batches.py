@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import msgspec
 import pytest
 
 from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
@@ -165,3 +166,26 @@ async def test_step_records_of_one_tick_are_decided_each_as_alone(
     history = await client.get_run_steps(a.id)
     assert [s["name"] for s in history] == ["one", "two"]
     assert await client.get_run_steps(b.id) == [] and await client.get_run_steps(hooked.id) == []
+
+
+async def test_a_record_too_big_to_batch_keeps_its_place_in_the_history(
+    client: RedflowClient, registry: WorkflowRegistry
+) -> None:
+    wf = define_workflow("fb-big", handler=_noop, registry=registry)
+    store = client.store
+    await store.heartbeat("w", LONG, LONG, False)
+    handle = await client.enqueue_definition(wf, None)
+    token = (await _claim(store, "default", 1))[0].token
+    big = "x" * 100_000  # over a quarter of a batch's byte budget: it goes in a call of its own
+
+    def line(name: str, position: int, output: bytes = b"null") -> bytes:
+        return encode_step(StepRecord(name=name, position=position, attempt=1, output=msgspec.Raw(output)))
+
+    codes = await asyncio.gather(
+        store.record_step(handle.id, token, line("a", 1)),
+        store.record_step(handle.id, token, line("b", 2, json.dumps(big).encode())),
+        store.record_step(handle.id, token, line("c", 3)),
+    )
+    assert codes == [Code.OK] * 3
+    raw = [await client.redis.execute("HGET", client.keys.steps, f"{handle.id}:{n}") for n in (1, 2, 3)]
+    assert [json.loads(r)["n"] for r in raw] == ["a", "b", "c"]  # the history lines in submission order

@@ -108,6 +108,11 @@ class Coalescer(Generic[Req, Res]):
         for item in pending:
             size = self._size(item[0])
             if size > MAX_BYTES // 4:
+                # Sent alone, after what was submitted before it: requests leave in submission order.
+                for batch in batches.values():
+                    self._start(self._alone(*batch[0]) if len(batch) == 1 else self._together(batch))
+                batches.clear()
+                sizes.clear()
                 self._start(self._alone(*item))
                 continue
             key = self._group(item[0])
