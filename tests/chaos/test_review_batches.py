@@ -459,9 +459,10 @@ async def test_one_tick_of_every_kind_of_finish_in_a_real_worker(
         await ends.settle()
         assert {h.id: ends.counts[h.id] for h in [*every, held]} == {h.id: 1 for h in [*every, held]}
         assert await _nothing_held(client) == []
-        # The change was exercised: several requests per call, big ones alone.
-        assert max(script_calls["finish_many"]) >= 10, dict(script_calls)
-        assert max(script_calls["step_many"]) >= 10, dict(script_calls)
+        # The change was exercised: several requests per call, big ones alone (a big request also ends
+        # the batch before it, so requests leave in submission order: the batches between them are small).
+        assert max(script_calls["finish_many"]) >= 3, dict(script_calls)
+        assert max(script_calls["step_many"]) >= 3, dict(script_calls)
         assert sum(1 for n in script_calls["finish_one"] if n > BIG) == 4, dict(script_calls)
         assert sum(1 for n in script_calls["step_one"] if n > BIG) == 3, dict(script_calls)
     finally:
