@@ -8,24 +8,14 @@ checks the same for a half-open *replacement* of the blocking connection.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
 from redflow import RedflowClient, StartWorkerOptions, WorkflowHandlerContext, WorkflowRegistry, define_workflow
 from redflow import start_worker as start_redflow_worker
-from redflow._redis.client import ServerAddress
 
 from ..conftest import wait_until
 from .proxy import FaultProxy
-
-
-@pytest.fixture
-async def proxy(redis_url: str) -> AsyncIterator[FaultProxy]:
-    address = ServerAddress.from_url(redis_url)
-    p = await FaultProxy(address.host, address.port).start()
-    yield p
-    await p.close()
 
 
 async def _echo(ctx: WorkflowHandlerContext) -> object:

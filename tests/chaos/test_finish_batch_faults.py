@@ -5,12 +5,10 @@ the connection is back, with the same tokens) ends each run exactly once."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
 from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, create_client, define_workflow
-from redflow._redis.client import ServerAddress
 from redflow._redis.errors import RedisError
 from redflow.storage.codes import Code
 
@@ -19,14 +17,6 @@ from .proxy import FaultProxy
 
 LONG = 600_000
 RUNS = 6
-
-
-@pytest.fixture
-async def proxy(redis_url: str) -> AsyncIterator[FaultProxy]:
-    address = ServerAddress.from_url(redis_url)
-    p = await FaultProxy(address.host, address.port).start()
-    yield p
-    await p.close()
 
 
 async def _noop(ctx: WorkflowHandlerContext) -> None:

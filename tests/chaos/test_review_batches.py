@@ -25,7 +25,6 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,6 @@ from redflow import (
     start_worker,
     wait_for_input,
 )
-from redflow._redis.client import ServerAddress
 from redflow._redis.connection import Connection
 from redflow._redis.errors import RedisError
 from redflow.embedded import EmbeddedServer
@@ -92,14 +90,6 @@ class Ends:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
-
-
-@pytest.fixture
-async def proxy(redis_url: str) -> AsyncIterator[FaultProxy]:
-    address = ServerAddress.from_url(redis_url)
-    p = await FaultProxy(address.host, address.port).start()
-    yield p
-    await p.close()
 
 
 async def _claim(store: Store, worker: str, queue: str, n: int) -> list[ClaimedRun]:
