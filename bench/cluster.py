@@ -56,13 +56,13 @@ def _prefixes(count: int, owner_of_slot: Any | None) -> list[str]:
 
 
 async def _drain(url: str, masters: list[str], prefixes: list[str], n: int) -> dict[str, Any]:
-    clients = [create_client(url=url, prefix=p) for p in prefixes]
+    clients = [create_client(url=url, prefix=p, partitions=1) for p in prefixes]
     for c in clients:
         c.registry = registry
         await c.enqueue_many(echo, [{"i": i} for i in range(n)])
     nodes = [create_client(url=m, prefix="bench-cl").redis for m in masters]
     cpu0 = [await server_cpu_s(r) for r in nodes]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + str(REPO)}
+    env = {**os.environ, "REDFLOW_PARTITIONS": "1", "PYTHONPATH": str(REPO / "src") + os.pathsep + str(REPO)}
     procs = [await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.worker_proc", url, p, cwd=REPO, env=env, stdout=subprocess.PIPE,
     ) for p in prefixes]

@@ -66,3 +66,30 @@ for _i in range(10):
                     event=[EventTrigger(name=FANOUT_EVENT)])
 
 WORKFLOWS.update({"sleeper": sleeper, "timer": timer, "cancelable": cancelable})
+
+HANDOFF_EVENT = "bench.handoff"
+
+
+async def _event_waiter(ctx: WorkflowHandlerContext[Any]) -> Any:
+    got = await ctx.step.wait_for_event("wait", HANDOFF_EVENT, ctx.input, timeout=120_000)
+    return None if got is None else got["data"]
+
+
+event_waiter = define_workflow("bench-event-waiter", handler=_event_waiter, queue=QUEUE, registry=registry)
+
+
+async def _limited_child(ctx: WorkflowHandlerContext[Any]) -> Any:
+    return ctx.input
+
+
+# A limit it never reaches: under a partitioned prefix its runs live in p0, so a parent in another
+# partition starts it and awaits it across partitions (two hand-offs).
+limited_child = define_workflow("bench-limited-child", handler=_limited_child, queue=QUEUE, registry=registry,
+                                max_concurrency=100_000)
+
+
+async def _child_parent(ctx: WorkflowHandlerContext[Any]) -> Any:
+    return await ctx.step.run_workflow("kid", limited_child, ctx.input)
+
+
+child_parent = define_workflow("bench-child-parent", handler=_child_parent, queue=QUEUE, registry=registry)

@@ -78,6 +78,15 @@ def registry() -> WorkflowRegistry:
 
 
 @pytest.fixture
+def one_partition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """REDFLOW_PARTITIONS=1 for the test's prefix (its clients and workers), for a test about one
+    prefix's slot (moved between masters, owned by one master): a cluster's default of 16 partitions
+    puts the prefix's keys on every master. Name it before ``client`` (or with ``usefixtures``), since
+    a client reads the variable when it is created."""
+    monkeypatch.setenv("REDFLOW_PARTITIONS", "1")
+
+
+@pytest.fixture
 async def client(redis_url: str, prefix: str, registry: WorkflowRegistry) -> AsyncIterator[RedflowClient]:
     c = create_client(url=redis_url, prefix=prefix)
     c.registry = registry

@@ -12,8 +12,10 @@ from redflow.ids import new_run_id
 from redflow.storage.keys import PartitionKeys, tag
 from redflow.storage.records import StepRecord, decode_header, decode_steps, encode_step, parse_claim
 
-HEADER = b'{"w":"send-welcome-email","q":"default","s":"running","a":1,"m":3,"c":1732690000000,' \
-         b'"av":1732690000000,"st":1732690000100,"sa":1732690000100,"o":"host:123:abcd1234"}'
+# As the scripts write it: a MessagePack map with the wire names of records.RunHeader.
+HEADER = msgspec.msgpack.encode({"w": "send-welcome-email", "q": "default", "s": "running", "a": 1, "m": 3,
+                                 "c": 1732690000000, "av": 1732690000000, "st": 1732690000100,
+                                 "sa": 1732690000100, "o": "host:123:abcd1234"})
 STEPS = b"".join(
     encode_step(StepRecord(name=f"step-{i}", position=i + 1, attempt=1, output=msgspec.Raw(b'{"ok":true}'),
                            started_at_ms=1, finished_at_ms=2))

@@ -199,6 +199,21 @@ async def check(h: Harness, kinds: list[str]) -> Report:
                 counts["on_failure repeated without a fault"] += 1
                 violations.append(f"run {run_id} ({wf}): on_failure ran again at {nxt[0]:.3f} (pid {nxt[2]}) "
                                   f"after pid {pid} ran it at {start:.3f}-{end}, no fault in between")
+    # The index and the running counts agree with the headers, whatever faults landed between the
+    # writes of a transition: every run not running has its two members, and each workflow's running
+    # count is the number of its running runs.
+    # Each partition keeps its own counts and index, of its own runs.
+    for k in await h.partitions():
+        mine = {r: hd for r, hd in headers.items() if r.endswith("-" + k.partition)}
+        running = Counter(hd.workflow for hd in mine.values() if hd.status == "running")
+        flat = await h.retry("running counts", client.redis.execute, "HGETALL", k.running)
+        counted = {flat[i].decode(): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        if counted != dict(running):
+            violations.append(f"{k.partition}: running counts {counted} disagree with the headers' {dict(running)}")
+        members = int(await h.retry("index size", client.redis.execute, "ZCARD", k.index))
+        if members != 2 * (len(mine) - sum(running.values())):
+            violations.append(f"{k.partition}: the index has {members} members for {len(mine)} runs, "
+                              f"{sum(running.values())} of them running")
     known = set(headers)
     orphans = {r for (r, _s) in execs if r not in known}
     if orphans and not data_loss_times:

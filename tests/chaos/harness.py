@@ -25,6 +25,7 @@ from redflow import create_client
 from redflow._redis.errors import RedisError
 from redflow.client import RedflowClient
 from redflow.embedded import EmbeddedServer
+from redflow.storage.keys import PartitionKeys
 from redflow.storage.records import decode_header
 
 from ..conftest import wait_until
@@ -210,24 +211,38 @@ class Harness:
 
         await wait_until(done, timeout_s=30, interval_s=0.05, what=f"INFO persistence {fields}")
 
-    async def all_headers(self) -> dict[str, Any]:
+    async def partitions(self) -> list[PartitionKeys]:
+        """The keys of every partition of the prefix (one unless it was created with several)."""
         assert self.client is not None
+        await self.retry("prepare", self.client.store.ensure_ready)
+        return [s.keys for s in self.client.store.partitions]
+
+    async def all_headers(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        cursor = b"0"
-        while True:
-            cursor, items = await self.redis("HSCAN", self.client.keys.runs, cursor, "COUNT", 2000)
-            for i in range(0, len(items), 2):
-                out[items[i].decode()] = decode_header(items[i + 1])
-            if cursor in (b"0", 0, "0"):
-                return out
+        for keys in await self.partitions():
+            cursor = b"0"
+            while True:
+                cursor, items = await self.redis("HSCAN", keys.runs, cursor, "COUNT", 2000)
+                for i in range(0, len(items), 2):
+                    out[items[i].decode()] = decode_header(items[i + 1])
+                if cursor in (b"0", 0, "0"):
+                    break
+        return out
 
     async def statuses(self, ids: list[str]) -> list[str | None]:
         assert self.client is not None
-        out: list[str | None] = []
-        for i in range(0, len(ids), 2000):
-            raw = await self.redis("HMGET", self.client.keys.runs, *ids[i:i + 2000])
-            out += [None if r is None else decode_header(r).status for r in raw]
-        return out
+        ids = list(ids)  # a copy: the trickle appends to top_ids while this awaits
+        parts = await self.partitions()
+        by_partition: dict[int, list[str]] = {}
+        for run_id in ids:
+            by_partition.setdefault(parts.index(self.client.store.of(run_id).keys), []).append(run_id)
+        found: dict[str, str | None] = {}
+        for index, mine in by_partition.items():
+            for i in range(0, len(mine), 2000):
+                raw = await self.redis("HMGET", parts[index].runs, *mine[i:i + 2000])
+                found.update((r, None if h is None else decode_header(h).status)
+                             for r, h in zip(mine[i:i + 2000], raw, strict=True))
+        return [found[r] for r in ids]
 
     # --- the workload -----------------------------------------------------------------------------------
     async def enqueue_workload(self) -> None:

@@ -69,6 +69,7 @@ OTHER_RUNS = max(200, int(600 * SCALE))
 TIMEOUT_S = 1200 if SCALE > 1 else 120
 DRAIN_RESERVE_S = 90 if SCALE > 1 else 30
 TRICKLE_EVERY_S = 0.1
+PARTITIONED = 8  # the partitioned variant's count: every master holds some of them
 NODE_TIMEOUT_MS = 2000  # cluster-node-timeout: a dead master is marked failed after about this long
 
 
@@ -206,14 +207,37 @@ async def teardown(h: Harness, trickle: Trickle | None, cluster: LocalCluster | 
         cluster.stop()
 
 
+def spread_prefix(cluster: LocalCluster, base: str, partitions: int) -> str:
+    """A prefix named after ``base`` whose ``partitions`` partitions live on every master."""
+    masters = {m.name for m in cluster.nodes[:3]}
+    for n in range(1000):
+        prefix = f"{base}:{n}"
+        owners = {cluster.slot_owner(key_slot(PartitionKeys(prefix, f"p{i}").runs)).name for i in range(partitions)}
+        if owners == masters:
+            return prefix
+    raise AssertionError(f"no prefix of {partitions} partitions spread over {sorted(masters)}")
+
+
+async def outboxes_empty(h: Harness) -> bool:
+    counts = [await h.redis("ZCARD", k.outbox) for k in await h.partitions()]
+    return not any(counts)
+
+
 @pytest.mark.timeout(TIMEOUT_S)
-async def test_chaos_cluster_owner_failover(tmp_path: Path) -> None:
-    h = Harness(tmp_path, name="cluster_failover", runs=OWNER_RUNS)
+@pytest.mark.parametrize("partitions", [1, PARTITIONED])
+async def test_chaos_cluster_owner_failover(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, partitions: int) -> None:
+    """With one partition the owner holds the whole prefix. With several, one queue is spread over all
+    three masters and the owner is p0's master (limited children and the driver's events live there):
+    parents and waiters in the other partitions cross to it through the outboxes while it fails over."""
+    monkeypatch.setenv("REDFLOW_PARTITIONS", str(partitions))  # driver and workers alike
+    h = Harness(tmp_path, name=f"cluster_failover_{partitions}", runs=OWNER_RUNS)
     cluster: LocalCluster | None = None
     trickle: Trickle | None = None
     try:
         cluster = await start_cluster(tmp_path)
         masters = cluster.nodes[:3]
+        if partitions > 1:
+            h.prefix = spread_prefix(cluster, h.prefix, partitions)
         owner = cluster.slot_owner(prefix_slot(h.prefix))
         h.connect(cluster.url)
         trickle = Trickle(h)
@@ -246,6 +270,9 @@ async def test_chaos_cluster_owner_failover(tmp_path: Path) -> None:
                 status = (await h.statuses([run_id]))[0]
                 assert status == "running", f"the hand-off run {run_id} is {status}, not running"
                 fault.pids = [pid]
+                # The kill's own time, not when the fault began waiting for a run at its hand-off: what
+                # the process started meanwhile (an on_failure hook, say) was cut short by this kill.
+                fault.start = time.time()
                 slot.proc.kill()
                 await slot.proc.wait()
                 handoffs.append((run_id, time.time()))
@@ -273,11 +300,19 @@ async def test_chaos_cluster_owner_failover(tmp_path: Path) -> None:
                 h.lost_allowed[run_id] = "acknowledged enqueue lost with the unreplicated tail"
         await h.drain(TIMEOUT_S, reserve_s=DRAIN_RESERVE_S)
         probe_violations = await h.probe(h.slots)
+        if partitions > 1:  # nothing stuck between partitions: every hand-off applied by someone
+            await wait_until(lambda: outboxes_empty(h), timeout_s=30, what="every outbox applied")
         await h.stop_workers()
 
         final = await h.all_headers()
         execs, _hooks = read_logs(h.logs)
         violations = list(probe_violations)
+        if partitions > 1:
+            crossed = [r for r, hd in final.items() if hd.workflow == "chaos-child" and hd.parent_id
+                       and not hd.parent_id.endswith("-p0")]
+            h.extra_rows.append(("children in p0 of parents in other partitions (hand-offs)", len(crossed)))
+            if not crossed:
+                violations.append("no child crossed partitions: the hand-offs were not exercised")
         takeovers: list[float] = []
         for run_id, killed in handoffs:
             hd = final.get(run_id)
@@ -335,7 +370,8 @@ async def test_chaos_cluster_owner_failover(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(TIMEOUT_S)
-async def test_chaos_cluster_other_master_failover(tmp_path: Path) -> None:
+async def test_chaos_cluster_other_master_failover(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDFLOW_PARTITIONS", "1")  # the prefix on one master (a cluster's default is 16)
     h = Harness(tmp_path, name="cluster_other_failover", runs=OTHER_RUNS)
     cluster: LocalCluster | None = None
     trickle: Trickle | None = None
@@ -449,7 +485,10 @@ async def test_a_slot_map_refresh_leaves_no_failed_ask_unretrieved(tmp_path: Pat
 
 
 @pytest.mark.timeout(60)
-async def test_a_process_starts_while_a_master_without_its_data_is_down(tmp_path: Path) -> None:
+async def test_a_process_starts_while_a_master_without_its_data_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDFLOW_PARTITIONS", "1")  # one master holds the prefix (a cluster's default is 16)
     from redflow import StartWorkerOptions, create_client, start_worker
     from redflow._redis.errors import RedisError
 

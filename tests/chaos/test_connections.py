@@ -33,10 +33,13 @@ async def test_a_frozen_connection_is_replaced_and_work_goes_on(
     ))
     try:
         assert await (await client.enqueue_definition(wf, 1)).result(timeout_ms=5000) == 1
+        # Frozen while blocked in BRPOP: the bell of the next run is popped at the server and its reply
+        # never arrives. The blocking wait (5 s) plus the watchdog (15 s) would end only after 20 s.
+        await wait_until(lambda: _blocked_client_ids(client), timeout_s=10, what="the worker in BRPOP")
         frozen = proxy.freeze()  # every open connection goes silent; the sockets stay open
         assert frozen >= 2
         handle = await client.enqueue_definition(wf, 2)  # enqueued directly, not through the proxy
-        assert await handle.result(timeout_ms=15_000) == 2
+        assert await handle.result(timeout_ms=12_000) == 2
         await wait_until(lambda: worker.ready, timeout_s=10, what="the worker ready again")
         assert proxy.accepted > frozen  # it reconnected
     finally:
@@ -95,9 +98,15 @@ async def test_half_open_connections_and_black_holed_reconnects_are_abandoned(
 
 
 async def _blocked_client_ids(client: RedflowClient) -> list[str]:
+    """Ids of the connections blocked in BRPOP now (``cmd`` names only the last command; ``flags=b``
+    says the client is blocked)."""
     listing = (await client.redis.execute("CLIENT", "LIST")).decode()
-    return [field[3:] for line in listing.splitlines() if "cmd=brpop" in line
-            for field in line.split() if field.startswith("id=")]
+    blocked = []
+    for line in listing.splitlines():
+        fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
+        if fields.get("cmd") == "brpop" and "b" in fields.get("flags", ""):
+            blocked.append(fields["id"])
+    return blocked
 
 
 async def test_a_half_open_replacement_of_the_blocking_connection_is_abandoned(

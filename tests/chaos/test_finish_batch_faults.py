@@ -64,7 +64,7 @@ async def test_a_batch_on_a_failing_connection_ends_its_runs_once(
         assert await statuses() == {"succeeded"}
         index = client.keys.index
         assert await client.redis.execute("ZLEXCOUNT", index, "[s:succeeded:", "(s:succeeded;") == RUNS
-        assert await client.redis.execute("ZLEXCOUNT", index, "[s:running:", "(s:running;") == 0
+        assert await client.redis.execute("HLEN", client.keys.running) == 0  # no workflow counts a running run
         assert await client.redis.execute("SCARD", client.keys.owned("w")) == 0
     finally:
         await via.close()

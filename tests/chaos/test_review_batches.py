@@ -50,8 +50,8 @@ from redflow.storage.store import Store
 
 from ..conftest import wait_until
 from .proxy import FaultProxy
+from .worker_procs import WorkerProcs
 
-ROOT = Path(__file__).resolve().parents[2]
 LONG = 600_000
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 
@@ -781,38 +781,12 @@ async def _worker_main(url: str, prefix: str, concurrency: int, lease_ms: int) -
     await _proc_client.close()
 
 
-class Procs:
+class Procs(WorkerProcs):
     def __init__(self, url: str, prefix: str, logs: Path) -> None:
-        self.url, self.prefix, self.logs = url, prefix, logs
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def _popen(self, concurrency: int, lease_ms: int) -> subprocess.Popen[str]:
-        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-        env["REDFLOW_COMMAND_TIMEOUT_MS"] = "1500"
-        with open(self.logs / f"worker-{len(self.procs)}.log", "w") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.chaos.test_review_batches", self.url, self.prefix, str(concurrency),
-                 str(lease_ms)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-            )
-        self.procs.append(proc)
-        return proc
+        super().__init__("tests.chaos.test_review_batches", url, prefix, logs)
 
     async def spawn(self, concurrency: int = 16, lease_ms: int = 1500) -> subprocess.Popen[str]:
-        proc = self._popen(concurrency, lease_ms)
-        assert proc.stdout is not None
-        # Read off the loop: a proxy of this loop may stand between the worker and the server.
-        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 20)
-        assert line.strip() == "ready", f"worker did not start: {line!r}"
-        return proc
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.kill()
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+        return await self.start(str(concurrency), str(lease_ms))
 
 
 @pytest.fixture

@@ -18,11 +18,13 @@ import pytest
 import redis
 
 from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, create_client, define_workflow
+from redflow.storage.keys import PartitionKeys, partition_of
 
 from ..cluster_harness import LocalCluster, key_slot, prefix_slot
 from ..conftest import WorkerFactory
 
 
+@pytest.mark.usefixtures("one_partition")  # one prefix, one slot
 async def test_one_node_url_reaches_every_master_and_prefixes_spread(
     cluster: LocalCluster, redis_url: str, registry: WorkflowRegistry, make_worker: WorkerFactory,
 ) -> None:
@@ -61,6 +63,7 @@ async def test_one_node_url_reaches_every_master_and_prefixes_spread(
             await c.close()
 
 
+@pytest.mark.usefixtures("one_partition")  # one prefix, one slot
 async def test_slot_resharded_mid_traffic_loses_and_repeats_nothing(
     cluster: LocalCluster, client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory,
 ) -> None:
@@ -128,4 +131,41 @@ async def test_ask_during_a_move_and_moved_after_are_followed(cluster: LocalClus
     finally:
         await c.redis.execute("DEL", f"{{{tag}}}:moved")
         await c.redis.execute("DEL", f"{{{tag}}}:stays")
+        await c.close()
+
+
+async def test_one_queue_of_a_partitioned_prefix_spreads_over_every_master(
+    cluster: LocalCluster, redis_url: str, registry: WorkflowRegistry, make_worker: WorkerFactory,
+) -> None:
+    """Eight partitions: their slots land on all three masters (the test picks such a prefix), the
+    runs of one queue spread over them, and one worker drains them all."""
+    partitions = 8
+    masters = {m.port for m in cluster.masters()}
+    base = f"rft:{uuid.uuid4().hex[:8]}"
+    prefix = next(
+        f"{base}:{i}" for i in range(200)
+        if {cluster.slot_owner(key_slot(PartitionKeys(f"{base}:{i}", f"p{n}").runs)).port
+            for n in range(partitions)} == masters
+    )
+
+    async def echo(ctx: WorkflowHandlerContext) -> Any:
+        return await ctx.step.run("echo", lambda: ctx.input)
+
+    define_workflow("cluster-spread", handler=echo, registry=registry)
+    c = create_client(url=redis_url, prefix=prefix, partitions=partitions)
+    c.registry = registry
+    try:
+        await c.store.ensure_ready()
+        await make_worker(prefix=prefix, concurrency=8)
+        handles = [await c.run_by_name("cluster-spread", n) for n in range(96)]
+        assert {partition_of(h.id) for h in handles} == {f"p{n}" for n in range(partitions)}
+        assert await asyncio.gather(*(h.result(timeout_ms=20_000) for h in handles)) == list(range(96))
+        per_master: collections.Counter[int] = collections.Counter()
+        for s in c.store.partitions:
+            owner = cluster.slot_owner(key_slot(s.keys.runs))
+            per_master[owner.port] += owner.execute("HLEN", s.keys.runs)
+        assert set(per_master) == masters and sum(per_master.values()) == 96
+        assert all(n >= 12 for n in per_master.values()), per_master  # at least one partition (12 runs) each
+        assert (await c.get_stats())["by_status"]["succeeded"] == 96
+    finally:
         await c.close()

@@ -6,6 +6,8 @@ from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, def
 from redflow.storage.codes import Code
 from redflow.storage.records import StepRecord, encode_step
 
+from ..partitioned import store_of
+
 
 async def _noop(ctx: WorkflowHandlerContext) -> None:
     return None
@@ -15,10 +17,10 @@ async def test_a_stale_worker_is_fenced_after_the_server_lost_its_claim(
     client: RedflowClient, registry: WorkflowRegistry
 ) -> None:
     wf = define_workflow("forgotten", handler=_noop, registry=registry)
-    store = client.store
     redis = client.redis
-    k = client.keys
     handle = await client.enqueue_definition(wf, None)
+    store = store_of(client, handle.id)  # the run's partition: claims read its ready list
+    k = store.keys
     await store.heartbeat("a", 60_000, 60_000, False)
     await store.heartbeat("b", 60_000, 60_000, False)
     # A snapshot of the partition as it is before worker a's claim.

@@ -7,12 +7,15 @@ renewing its worker), and a run whose claim the server forgot kept executing on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
 from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
+from redflow.storage.store import Store
 
 from ..conftest import wait_until
+from ..partitioned import keys_of, sibling_of, store_of
 
 
 async def test_a_claim_whose_reply_was_lost_is_handed_back_and_runs(
@@ -23,9 +26,12 @@ async def test_a_claim_whose_reply_was_lost_is_handed_back_and_runs(
 
     wf = define_workflow("lost-reply", handler=handler, registry=registry)
     worker = await make_worker(lease_ms=1500)
-    async with worker._claim_lock:  # the worker's own claim loop waits while the "lost" claim happens
+    async with contextlib.AsyncExitStack() as locks:
+        for w in worker.group:  # the claim loops (one per partition) wait while the "lost" claim happens
+            await locks.enter_async_context(w._claim_lock)
         handle = await client.enqueue_definition(wf, None)
-        _, _, runs = await client.store.claim(worker.id, ["default"], 1, 10)  # the reply never reaches it
+        claimer = sibling_of(worker, handle.id)  # the sibling that claims from the run's partition
+        _, _, runs = await store_of(client, handle.id).claim(claimer.id, ["default"], 1, 10)  # the reply is lost
         assert [r.id for r in runs] == [handle.id]
     assert await handle.result(timeout_ms=15_000) == "ran"
 
@@ -46,9 +52,12 @@ async def test_a_run_the_server_no_longer_gives_this_worker_stops_here(
     handle = await client.enqueue_definition(wf, None)
     await asyncio.wait_for(started.wait(), 10)
     # The server restarts without the claim: the lease and the owned entry are gone.
-    await client.redis.execute("HDEL", client.keys.leases, handle.id)
-    await client.redis.execute("SREM", client.keys.owned(worker.id), handle.id)
-    await wait_until(lambda: handle.id not in worker.active, timeout_s=10, what="the local execution stopped")
+    runner = sibling_of(worker, handle.id)  # the sibling of the run's partition runs it
+    assert handle.id in runner.active
+    k = keys_of(client, handle.id)
+    await client.redis.execute("HDEL", k.leases, handle.id)
+    await client.redis.execute("SREM", k.owned(runner.id), handle.id)
+    await wait_until(lambda: handle.id not in runner.active, timeout_s=10, what="the local execution stopped")
     assert finished == []
 
 
@@ -68,26 +77,30 @@ async def test_a_claim_answered_after_renewals_failed_starts_nothing_and_hands_b
 
     wf = define_workflow("late-claim", handler=handler, registry=registry)
     worker = await make_worker(lease_ms=1500)
-    store = worker.store
-    real_claim, real_heartbeat = store.claim, store.heartbeat
-    outage = asyncio.Event()
+    outage = asyncio.Event()  # one connection freezes for every partition's sibling
     late_claims: list[int] = []
 
-    async def heartbeat(*args: object, **kwargs: object) -> object:
-        if outage.is_set():
-            raise ConnectionClosedError("frozen (test)")
-        return await real_heartbeat(*args, **kwargs)  # type: ignore[arg-type]
+    def patch(store: Store) -> None:
+        real_claim, real_heartbeat = store.claim, store.heartbeat
 
-    async def claim(*args: object, **kwargs: object) -> object:
-        reply = await real_claim(*args, **kwargs)  # type: ignore[arg-type]
-        if reply[2] and not late_claims:  # the first claim that takes a run is answered late
-            late_claims.append(len(reply[2]))
-            outage.set()
-            await asyncio.sleep(0.9)  # past half the lease since the last renewal
-            outage.clear()
-        return reply
+        async def heartbeat(*args: object, **kwargs: object) -> object:
+            if outage.is_set():
+                raise ConnectionClosedError("frozen (test)")
+            return await real_heartbeat(*args, **kwargs)  # type: ignore[arg-type]
 
-    store.heartbeat, store.claim = heartbeat, claim  # type: ignore[method-assign]
+        async def claim(*args: object, **kwargs: object) -> object:
+            reply = await real_claim(*args, **kwargs)  # type: ignore[arg-type]
+            if reply[2] and not late_claims:  # the first claim that takes a run is answered late
+                late_claims.append(len(reply[2]))
+                outage.set()
+                await asyncio.sleep(0.9)  # past half the lease since the last renewal
+                outage.clear()
+            return reply
+
+        store.heartbeat, store.claim = heartbeat, claim  # type: ignore[method-assign]
+
+    for w in worker.group:
+        patch(w.store)
     caplog.set_level("INFO", logger="redflow.worker")
     handle = await client.enqueue_definition(wf, None)
     assert await handle.result(timeout_ms=15_000) == "ran"

@@ -12,6 +12,8 @@ import pytest
 from redflow import CronTrigger, RedflowClient, WorkflowHandlerContext, WorkflowRegistry, create_client, define_workflow
 from redflow.leader.cron import CronScheduler, cron_records, cron_run_id
 
+from ..partitioned import total
+
 MINUTE = 60_000
 
 
@@ -49,14 +51,14 @@ async def test_reset_touches_only_its_own_prefix(redis_url: str, special: str, l
 
         runs_deleted = (await mine.reset_runs())["deleted"]
         assert isinstance(runs_deleted, int) and runs_deleted > 0
-        assert int(await mine.redis.execute("HLEN", mine.keys.runs)) == 0
+        assert await total(mine, lambda k: ("HLEN", k.runs)) == 0  # every partition's runs
         assert sorted(await _prefix_keys(theirs)) == theirs_before
 
         state_deleted = (await mine.reset_state())["deleted"]
         assert isinstance(state_deleted, int) and state_deleted > 0
         assert await _prefix_keys(mine) == []
         assert sorted(await _prefix_keys(theirs)) == theirs_before
-        assert int(await theirs.redis.execute("HLEN", theirs.keys.runs)) == 1
+        assert await total(theirs, lambda k: ("HLEN", k.runs)) == 1
     finally:
         await theirs.reset_state()
         await mine.close()

@@ -23,6 +23,7 @@ from redflow import (
 from redflow.storage.codes import Code
 
 from ..conftest import wait_until
+from ..partitioned import keys_of, sibling_of, store_of
 
 
 async def _status(client: RedflowClient, run_id: str) -> str | None:
@@ -58,7 +59,8 @@ async def test_cancel_while_a_failure_becomes_a_retry_ends_the_run_canceled(
     await asyncio.wait_for(deciding.wait(), 10)
     assert await client.cancel_run(handle.id) is True
     # The request reaches the worker while the policy is still deciding.
-    await wait_until(lambda: worker.active[handle.id].cancel_requested, what="cancel request delivered")
+    runner = sibling_of(worker, handle.id)  # the sibling of the run's partition runs it
+    await wait_until(lambda: runner.active[handle.id].cancel_requested, what="cancel request delivered")
     release.set()
     await _reaches(client, handle.id, "canceled")
     with pytest.raises(CanceledError):
@@ -139,13 +141,14 @@ async def test_cancel_during_admission_does_not_resurrect_the_run(
 async def test_reaper_ends_a_cancel_requested_run_canceled_without_on_failure(
     client: RedflowClient, registry: WorkflowRegistry
 ) -> None:
-    store = client.store
     wf = define_workflow("reaped-cancel", handler=_noop, registry=registry)
     handle = await client.enqueue_definition(wf, None)
+    store = store_of(client, handle.id)  # claims and reaps are the run's partition's
     await store.heartbeat("w", 60_000, 60_000, False)
-    await store.claim("w", ["default"], 1, 10)
+    _, _, runs = await store.claim("w", ["default"], 1, 10)
+    assert [r.id for r in runs] == [handle.id]
     assert await client.cancel_run(handle.id) is True  # requested: w holds it
-    await client.redis.execute("ZADD", client.keys.workers, 0, "w")  # w dies
+    await client.redis.execute("ZADD", store.keys.workers, 0, "w")  # w dies
     leader = (await store.heartbeat("boss", 60_000, 60_000, True)).leader
     code, _, crashed, _ = await store.reap(leader, "w", 1, 60_000, 10)  # 1 lapse would fail it as crashed
     assert code is Code.OK and crashed == 0
@@ -162,16 +165,16 @@ async def _noop(ctx: WorkflowHandlerContext) -> None:
 async def test_three_lapses_across_separate_resumes_do_not_crash_a_healthy_run(
     client: RedflowClient, registry: WorkflowRegistry
 ) -> None:
-    store = client.store
     wf = define_workflow("long-lived", handler=_noop, registry=registry)
     handle = await client.enqueue_definition(wf, None)
+    store = store_of(client, handle.id)
     leader = (await store.heartbeat("boss", 60_000, 60_000, True)).leader
     for n in range(4):
         wid = f"w{n}"
         await store.heartbeat(wid, 60_000, 60_000, False)
         _, _, runs = await store.claim(wid, ["default"], 1, 10)
         assert [r.id for r in runs] == [handle.id]
-        await client.redis.execute("ZADD", client.keys.workers, 0, wid)  # the worker dies ...
+        await client.redis.execute("ZADD", store.keys.workers, 0, wid)  # the worker dies ...
         code, _, crashed, _ = await store.reap(leader, wid, 3, 60_000, 10)
         assert code is Code.OK and crashed == 0
         # ... and the next one makes progress: the run suspends for a moment and is resumed.
@@ -271,7 +274,7 @@ async def test_parent_resumes_when_the_reaper_fails_its_child_as_crashed(
     p = define_workflow("crash-parent", handler=parent, registry=registry)
     await make_worker(queues=["default"])
     handle = await client.enqueue_definition(p, None)
-    store = client.store
+    store = store_of(client, handle.id)  # the child is created in its parent's partition
     leader = (await store.heartbeat("boss", 60_000, 60_000, True)).leader
 
     async def child_id() -> str | None:
@@ -284,7 +287,7 @@ async def test_parent_resumes_when_the_reaper_fails_its_child_as_crashed(
         await store.heartbeat(wid, 60_000, 60_000, False)
         _, _, runs = await store.claim(wid, ["elsewhere"], 1, 10)
         assert [r.id for r in runs] == [kid]
-        await client.redis.execute("ZADD", client.keys.workers, 0, wid)
+        await client.redis.execute("ZADD", store.keys.workers, 0, wid)
         await store.reap(leader, wid, 3, 60_000, 10)
     assert await _status(client, kid) == "failed"
     assert (await handle.result(timeout_ms=10_000)).startswith("child ended")
@@ -382,18 +385,23 @@ async def test_cancel_cascade_is_finished_by_the_engine_when_the_client_dies(
     assert await client.cancel_run(handle.id) is False  # a second cancel has nothing left to cancel
     await make_worker(queues=["default"])  # a leader finishes the cascade
     await _reaches(client, kid, "canceled")
-    assert await client.redis.execute("ZCARD", client.keys.cascade) == 0
+
+    async def cascade_done() -> bool:  # the leader marks it done after canceling the child
+        return await client.redis.execute("ZCARD", keys_of(client, handle.id).cascade) == 0
+
+    await wait_until(cascade_done, what="cascade marked done")
 
 
 async def test_no_child_starts_for_a_parent_whose_cancel_was_requested(
     client: RedflowClient, registry: WorkflowRegistry
 ) -> None:
-    store = client.store
     child = define_workflow("late-child", handler=_noop, registry=registry)
     p = define_workflow("late-parent", handler=_noop, registry=registry)
     handle = await client.enqueue_definition(p, None)
+    store = store_of(client, handle.id)
     await store.heartbeat("w", 60_000, 60_000, False)
-    await store.claim("w", ["default"], 1, 10)
+    _, _, runs = await store.claim("w", ["default"], 1, 10)
+    assert [r.id for r in runs] == [handle.id]
     assert await client.cancel_run(handle.id) is True  # requested: the parent is running on w
     with pytest.raises(CanceledError):
         await client.run_by_name(child.name, None, parent_run_id=handle.id)
@@ -401,11 +409,12 @@ async def test_no_child_starts_for_a_parent_whose_cancel_was_requested(
 
 
 async def _hook_settled(client: RedflowClient, run_id: str) -> bool:
-    import json
+    import msgspec
 
-    raw = await client.redis.execute("HGET", client.keys.runs, run_id)  # wire names: s status, h hook pending
-    lease = await client.redis.execute("HGET", client.keys.leases, run_id)
-    header = json.loads(raw) if raw else {}
+    k = keys_of(client, run_id)
+    raw = await client.redis.execute("HGET", k.runs, run_id)  # wire names: s status, h hook pending
+    lease = await client.redis.execute("HGET", k.leases, run_id)
+    header = msgspec.msgpack.decode(raw) if raw else {}
     return header.get("s") == "failed" and "h" not in header and lease is None
 
 
@@ -452,21 +461,21 @@ async def test_on_failure_claimed_by_a_worker_without_the_definition_is_deferred
         calls.append(ctx.run.id)
 
     wf = define_workflow("hook-elsewhere", handler=_noop, on_failure=on_failure, registry=registry)
-    store = client.store
     handle = await client.enqueue_definition(wf, None)
+    store = store_of(client, handle.id)
     await store.heartbeat("w", 60_000, 60_000, False)
     _, _, runs = await store.claim("w", ["default"], 1, 10)
     code, status = await store.finish(handle.id, runs[0].token, "w", "failed", b'{"message":"x"}', True, 60_000,
                                       "default")
     assert (code, status) == (Code.OK, "failed")
-    await client.redis.execute("ZADD", client.keys.workers, 0, "w")  # w dies before running on_failure
+    await client.redis.execute("ZADD", store.keys.workers, 0, "w")  # w dies before running on_failure
     leader = (await store.heartbeat("boss", 60_000, 60_000, True)).leader
     await store.reap(leader, "w", 3, 60_000, 10)
     # A worker of an older build, without this workflow, claims the hook first.
     stranger = await make_worker(registry=WorkflowRegistry())
 
     async def deferred() -> bool:
-        return await client.redis.execute("ZSCORE", client.keys.scheduled("default"), handle.id) is not None
+        return await client.redis.execute("ZSCORE", store.keys.scheduled("default"), handle.id) is not None
 
     await wait_until(deferred, what="hook deferred by the worker without the definition")
     await stranger.stop(grace_period_ms=0)
@@ -486,10 +495,11 @@ async def test_a_delayed_event_of_a_parent_canceled_meanwhile_starts_no_child(
     parent = define_workflow("delayed-parent", handler=_noop, registry=registry)
     define_workflow("delayed-sub", handler=_noop, queue="subs", event=[EventTrigger(name="later")], registry=registry)
     await make_worker(queues=["idle"])  # registers the subscription and delivers due events as leader
-    store = client.store
     handle = await client.enqueue_definition(parent, None)
+    store = store_of(client, handle.id)
     await store.heartbeat("w", 60_000, 60_000, False)
-    await store.claim("w", ["default"], 1, 10)
+    _, _, runs = await store.claim("w", ["default"], 1, 10)
+    assert [r.id for r in runs] == [handle.id]
     result = await client.emit_event_detailed("later", {"x": 1}, parent_run_id=handle.id,
                                               emit_at=datetime.now(UTC) + timedelta(milliseconds=300))
     assert await client.cancel_run(handle.id) is True
@@ -509,9 +519,9 @@ async def test_no_step_is_recorded_for_a_failed_run_whose_hook_is_pending(
 ) -> None:
     from redflow.storage.records import StepRecord, encode_step
 
-    store = client.store
     wf = define_workflow("late-step", handler=_noop, registry=registry)
     handle = await client.enqueue_definition(wf, None)
+    store = store_of(client, handle.id)
     await store.heartbeat("w", 60_000, 60_000, False)
     _, _, runs = await store.claim("w", ["default"], 1, 10)
     assert await store.finish(handle.id, runs[0].token, "w", "failed", b'{"message":"x"}', True, 60_000,

@@ -31,6 +31,7 @@ from redflow.storage.codes import Code
 
 from ..cluster_harness import ClusterNode, LocalCluster, prefix_slot
 from ..conftest import WorkerFactory, wait_until
+from ..partitioned import pin_spread
 
 
 def _other_master(cluster: LocalCluster, node: ClusterNode) -> ClusterNode:
@@ -63,6 +64,7 @@ def _finish_move(cluster: LocalCluster, slot: int, source: ClusterNode, target: 
 # --- blocking stream reads across a planned slot move ---------------------------------------------
 
 
+@pytest.mark.usefixtures("one_partition")  # one prefix, one slot
 async def test_read_stream_keeps_reading_across_a_slot_move(
     cluster: LocalCluster, client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory,
 ) -> None:
@@ -99,6 +101,7 @@ async def test_read_stream_keeps_reading_across_a_slot_move(
         await reader.aclose()
 
 
+@pytest.mark.usefixtures("one_partition")  # one prefix, one slot
 async def test_result_wait_and_an_idle_worker_follow_a_slot_move(
     cluster: LocalCluster, client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory,
 ) -> None:
@@ -130,6 +133,7 @@ async def test_result_wait_and_an_idle_worker_follow_a_slot_move(
 # --- ASK, then NOSCRIPT on the importing node ----------------------------------------------------
 
 
+@pytest.mark.usefixtures("one_partition")  # one prefix, one slot
 async def test_script_after_ask_to_a_node_without_it_falls_back_to_eval_with_asking(
     cluster: LocalCluster, client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory,
 ) -> None:
@@ -167,6 +171,7 @@ async def test_script_after_ask_to_a_node_without_it_falls_back_to_eval_with_ask
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("lease_ms", [5_000, 60_000])
+@pytest.mark.usefixtures("one_partition")  # one prefix, one slot
 async def test_finish_refused_by_tryagain_is_recorded_after_the_move_completes(
     cluster: LocalCluster, client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory,
     lease_ms: int,
@@ -207,8 +212,7 @@ async def test_finish_refused_by_tryagain_is_recorded_after_the_move_completes(
     run = await client.get_run(handle.id)
     assert run is not None and run["status"] == "succeeded"
     assert await client.redis.execute("HLEN", client.keys.leases) == 0
-    running = await client.redis.execute("ZLEXCOUNT", client.keys.index, b"[s:running:", b"[s:running:\xff")
-    assert running == 0
+    assert await client.redis.execute("HLEN", client.keys.running) == 0
 
 
 # --- slot-map refreshes and the connections they open ------------------------------------------------
@@ -270,6 +274,9 @@ async def _mixed_ready_list(client: RedflowClient) -> list[str]:
     reg = client.registry_or_default()
     store, keys, redis = client.store, client.keys, client.redis
     await client.sync_registry()
+    # The list under test is one partition's: with several partitions, the plain runs that would be
+    # spread over them are all placed in p0, where the limited ones go anyway.
+    pin_spread(client, 0)
     leader = (await store.heartbeat("boss", 60_000, 60_000, True)).leader
     hook = await client.enqueue_definition(reg.get("rv-lapses"), "hook")
     for lapse in range(1, 4):
@@ -384,17 +391,28 @@ async def test_list_runs_by_workflow_pages_every_status_once_across_status_chang
     client: RedflowClient, registry: WorkflowRegistry,
 ) -> None:
     wf = define_workflow("rv-listed", handler=_noop, registry=registry)
-    other = define_workflow("rv-listed-x", handler=_noop, registry=registry)  # its name extends the first
+    # Its name extends the first; on its own queue, so claims below take only the listed workflow's runs.
+    other = define_workflow("rv-listed-x", handler=_noop, queue="rv-other", registry=registry)
     await client.sync_registry()
     ids = [h.id for h in await client.enqueue_many(wf, list(range(30)))]
     await client.enqueue_many(other, list(range(5)))
     store = client.store
-    await store.heartbeat("w", 60_000, 60_000, False)
-    _, _, runs = await store.claim("w", ["default"], 10, 10)  # 10 running, the rest queued
+    for s in store.partitions:
+        await s.heartbeat("w", 60_000, 60_000, False)
+
+    async def claim(most: int) -> list[Any]:  # from every partition (the runs are spread over them)
+        got: list[Any] = []
+        for s in store.partitions:
+            got += (await s.claim("w", ["default"], most - len(got), 10))[2] if len(got) < most else []
+        return got
+
+    runs = await claim(10)  # 10 running, the rest queued
+    assert len(runs) == 10
     for r in runs[:4]:
         await store.finish(r.id, r.token, "w", "succeeded", b"1", False, 60_000, "default")
-    for run_id in ids[20:23]:
-        await client.cancel_run(run_id)
+    claimed = {r.id for r in runs}
+    for run_id in [i for i in ids if i not in claimed][10:13]:  # three queued runs
+        assert await client.cancel_run(run_id)
     for sort in ("asc", "desc"):
         listed: list[str] = []
         cursor = None
@@ -407,7 +425,7 @@ async def test_list_runs_by_workflow_pages_every_status_once_across_status_chang
             cursor = listed[-1]
             pages += 1
             if pages == 2:  # runs change status between pages: each is still listed once
-                _, _, late = await store.claim("w", ["default"], 30, 10)
+                late = await claim(30)
                 for r in late:
                     await store.finish(r.id, r.token, "w", "failed", b'{"message":"x"}', False, 60_000, "default")
         assert listed == sorted(ids, reverse=sort == "desc")  # id order (ids of one ms: random order)

@@ -11,6 +11,7 @@ import asyncio
 import json
 from typing import Any
 
+import msgspec
 import pytest
 
 from redflow import (
@@ -27,6 +28,7 @@ from redflow.storage.keys import event_member_prefix
 from redflow.storage.records import StepRecord, encode_step
 
 from ..conftest import wait_until
+from ..partitioned import keys_of, pin_spread, store_of
 
 LONG = 60_000
 
@@ -36,8 +38,8 @@ async def _noop(ctx: WorkflowHandlerContext) -> None:
 
 
 async def _header(client: RedflowClient, run_id: str) -> dict[str, Any]:
-    raw = await client.redis.execute("HGET", client.keys.runs, run_id)
-    return json.loads(raw) if raw else {}
+    raw = await client.redis.execute("HGET", keys_of(client, run_id).runs, run_id)
+    return msgspec.msgpack.decode(raw) if raw else {}
 
 
 async def _status(client: RedflowClient, run_id: str) -> str | None:
@@ -56,8 +58,8 @@ async def _eventually(client: RedflowClient, run_id: str, statuses: tuple[str, .
 
 
 async def _claim_one(client: RedflowClient, wid: str, queue: str, run_id: str, timeout_s: float = 5.0) -> Any:
-    """Claim on ``queue`` until ``run_id`` is handed out (it may be due later)."""
-    store = client.store
+    """Claim on ``queue`` until ``run_id`` is handed out (it may be due later), in its partition."""
+    store = store_of(client, run_id)
 
     async def attempt() -> Any:
         _, _, runs = await store.claim(wid, [queue], 10, 100)
@@ -85,8 +87,8 @@ async def test_emit_from_a_cancel_requested_parent_leaves_no_live_child(
     define_workflow("emit-sub", handler=_noop, queue="subs", event=[EventTrigger(name="from.parent")],
                     registry=registry)
     await make_worker(queues=["idle"])  # registers the subscription; leads (would finish cascades)
-    store = client.store
     handle = await client.enqueue_definition(parent, None)
+    store = store_of(client, handle.id)
     await store.heartbeat("w", LONG, LONG, False)
     _, _, runs = await store.claim("w", ["default"], 1, 10)
     assert [r.id for r in runs] == [handle.id]
@@ -244,9 +246,9 @@ async def test_emit_and_deadline_race_resolve_the_wait_once_and_in_place(
     client: RedflowClient, registry: WorkflowRegistry
 ) -> None:
     wf = define_workflow("ev-race", handler=_noop, registry=registry)
-    store = client.store
-    await store.heartbeat("w", LONG, LONG, False)
     handle = await client.enqueue_definition(wf, None)
+    store = store_of(client, handle.id)
+    await store.heartbeat("w", LONG, LONG, False)
     _, _, runs = await store.claim("w", ["default"], 1, 10)
     token = runs[0].token
     assert await store.record_step(handle.id, token, encode_step(StepRecord(name="s1", position=1, attempt=1))) \
@@ -261,17 +263,17 @@ async def test_emit_and_deadline_race_resolve_the_wait_once_and_in_place(
     assert result["resumed_run_ids"] == []
     assert [s.name for s in resumed.steps] == ["s1", "wait"]
     assert resumed.steps[1].state == "done" and resumed.steps[1].resolution == "timeout"
-    assert await client.redis.execute("HGET", client.keys.steps, handle.id) == b"2"  # replaced, not appended
-    assert await client.redis.execute("ZCARD", client.keys.waiters) == 0
+    assert await client.redis.execute("HGET", store.keys.steps, handle.id) == b"2"  # replaced, not appended
+    assert await client.redis.execute("ZCARD", store.keys.waiters) == 0
 
 
 async def test_event_resolution_keeps_user_json_byte_for_byte(
     client: RedflowClient, registry: WorkflowRegistry
 ) -> None:
     wf = define_workflow("ev-json", handler=_noop, registry=registry)
-    store = client.store
-    await store.heartbeat("w", LONG, LONG, False)
     handle = await client.enqueue_definition(wf, None)
+    store = store_of(client, handle.id)
+    await store.heartbeat("w", LONG, LONG, False)
     _, _, runs = await store.claim("w", ["default"], 1, 10)
     prefix = event_member_prefix("ev.json", "k")
     code, _, _ = await store.suspend(handle.id, runs[0].token, "w", "default", "wait", 1, "event", delay_ms=LONG,
@@ -290,9 +292,9 @@ async def test_child_ending_on_another_queue_resumes_its_waiting_parent_with_its
 ) -> None:
     parent = define_workflow("xq-parent", handler=_noop, registry=registry)
     child = define_workflow("xq-child", handler=_noop, queue="kids", registry=registry)
-    store = client.store
-    await store.heartbeat("w", LONG, LONG, False)
     p = await client.enqueue_definition(parent, None)
+    store = store_of(client, p.id)  # the child is created in its parent's partition
+    await store.heartbeat("w", LONG, LONG, False)
     _, _, runs = await store.claim("w", ["default"], 1, 10)
     ptok = runs[0].token
     kid = await client.run_by_name(child.name, None, parent_run_id=p.id)
@@ -305,45 +307,47 @@ async def test_child_ending_on_another_queue_resumes_its_waiting_parent_with_its
     resumed = await _claim_one(client, "w", "default", p.id)
     assert [s.resolution for s in resumed.steps] == ["succeeded"]
     assert bytes(resumed.steps[0].output) == out
-    assert await client.redis.execute("HGET", client.keys.steps, p.id) == b"1"
+    assert await client.redis.execute("HGET", store.keys.steps, p.id) == b"1"
 
 
 async def test_suspend_after_cancel_request_writes_nothing(client: RedflowClient, registry: WorkflowRegistry) -> None:
     wf = define_workflow("cancel-suspend", handler=_noop, registry=registry)
-    store = client.store
-    await store.heartbeat("w", LONG, LONG, False)
     handle = await client.enqueue_definition(wf, None)
+    store = store_of(client, handle.id)
+    await store.heartbeat("w", LONG, LONG, False)
     _, _, runs = await store.claim("w", ["default"], 1, 10)
     assert await client.cancel_run(handle.id) is True
     code, _, _ = await store.suspend(handle.id, runs[0].token, "w", "default", "nap", 1, "sleep", delay_ms=10)
     assert code is Code.CANCELED
-    assert await client.redis.execute("HGET", client.keys.steps, handle.id) is None
+    assert await client.redis.execute("HGET", store.keys.steps, handle.id) is None
     assert await store.finish(handle.id, runs[0].token, "w", "succeeded", b"1", False, LONG, "default") == (
         Code.OK, "canceled")
-    assert await client.redis.execute("SCARD", client.keys.owned("w")) == 0
+    assert await client.redis.execute("SCARD", store.keys.owned("w")) == 0
 
 
 async def test_release_then_reap_and_reap_then_release_leave_nothing_behind(
     client: RedflowClient, registry: WorkflowRegistry
 ) -> None:
     wf = define_workflow("rel-reap", handler=_noop, registry=registry)
-    store = client.store
+    await client.store.ensure_ready()
+    store = client.store.at(pin_spread(client, -1))  # both runs in one partition (the last), one worker's
     leader = (await store.heartbeat("boss", LONG, LONG, True)).leader
     a = await client.enqueue_definition(wf, 1)
     b = await client.enqueue_definition(wf, 2)
+    assert store_of(client, a.id) is store_of(client, b.id) is store
     await store.heartbeat("w", LONG, LONG, False)
     _, _, runs = await store.claim("w", ["default"], 2, 10)
     tok = {r.id: r.token for r in runs}
     assert await store.release(a.id, tok[a.id], "w", "default", LONG) is Code.OK  # release first
-    await client.redis.execute("ZADD", client.keys.workers, 0, "w")
+    await client.redis.execute("ZADD", store.keys.workers, 0, "w")
     code, taken, crashed, left = await store.reap(leader, "w", 3, LONG, 10)  # then reap takes b only
     assert (code, taken, crashed, left) == (Code.OK, 1, 0, 0)
     assert await store.release(b.id, tok[b.id], "w", "default", LONG) is Code.STALE
-    assert await client.redis.execute("HLEN", client.keys.leases) == 0
+    assert await client.redis.execute("HLEN", store.keys.leases) == 0
     for h in (a, b):
         header = await _header(client, h.id)
         assert header["s"] == "queued" and "o" not in header
-    assert await client.redis.execute("LLEN", client.keys.ready("default")) == 2
+    assert await client.redis.execute("LLEN", store.keys.ready("default")) == 2
 
 
 async def test_mutex_waiter_on_another_queue_starts_when_the_holder_suspends(
@@ -373,6 +377,8 @@ async def test_reap_of_a_cancel_requested_admission_resumes_the_waiting_parent(
     child = define_workflow("reap-child", handler=_noop, queue="kids", mutex=lambda i: "m", registry=registry)
     store = client.store
     await _admission(client, child.name)
+    await store.ensure_ready()
+    pin_spread(client, 0)  # the parent in p0 with its (mutex) child: one partition's reap (p0's scripts)
     leader = (await store.heartbeat("boss", LONG, LONG, True)).leader
     await store.heartbeat("w", LONG, LONG, False)
     p = await client.enqueue_definition(parent, None)

@@ -29,6 +29,7 @@ from redflow.encoding import decode
 from redflow.errors import ConfigurationError, InvalidRunStateError, RunFailedError, RunNotFoundError
 
 from ..conftest import wait_until
+from ..partitioned import count, every, keys_of, partitions, pin_spread, total, union
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,7 +65,7 @@ async def _attempts(client: RedflowClient, run_id: str) -> list[tuple[int, str]]
 
 async def _attempt_records(client: RedflowClient, run_id: str) -> dict[str, Any]:
     """The raw `attempts` hash entries of one run, field -> decoded record."""
-    raw = await client.redis.execute("HGETALL", client.keys.attempts)
+    raw = await client.redis.execute("HGETALL", keys_of(client, run_id).attempts)
     pairs = dict(zip(raw[::2], raw[1::2], strict=True))
     return {k.decode(): decode(v) for k, v in pairs.items() if k.decode().startswith(run_id + ":")}
 
@@ -96,12 +97,11 @@ async def _key_snapshot(client: RedflowClient) -> dict[str, Any]:
 
 
 async def _admission_leftovers(client: RedflowClient) -> tuple[int, int, int]:
-    """(mutexes held, held members, running runs of any workflow)."""
-    k = client.keys
-    mutexes = await client.redis.execute("HLEN", k.mutexes)
-    held = await client.redis.execute("ZCARD", k.held)
-    running = await client.redis.execute("ZLEXCOUNT", k.index, "[s:running:", "[s:running:\xff")
-    return int(mutexes), int(held), int(running)
+    """(mutexes held, held members, running runs of any workflow), over every partition."""
+    mutexes = await total(client, lambda k: ("HLEN", k.mutexes))
+    held = await total(client, lambda k: ("ZCARD", k.held))
+    running = sum(int(n) for values in await every(client, lambda k: ("HVALS", k.running)) for n in values)
+    return mutexes, held, running
 
 
 def _always_failing(registry: WorkflowRegistry, name: str, ran: Counter[str], max_attempts: int = 1,
@@ -225,14 +225,14 @@ async def test_retry_run_racing_retention_cleanup(
 
     # A retried run leaves the retention schedule: a cleanup right after it does not touch it.
     await client.retry_run(kept.id)
-    assert await client.redis.execute("ZSCORE", client.keys.expiry, kept.id) is None
+    assert await client.redis.execute("ZSCORE", keys_of(client, kept.id).expiry, kept.id) is None
     deleted = await client.cleanup_expired_runs_now(reference_time_ms=FAR_FUTURE_MS)
     assert deleted == 1 and await client.get_run(gone.id) is None  # only the other failed run went
     await _until(client, kept.id, "running")
     assert await client.cleanup_expired_runs_now(reference_time_ms=FAR_FUTURE_MS) == 0
     gate.set()
     await wait_until(lambda: _attempts_are(client, kept.id, [(1, "failed"), (2, "failed")]), what="retried")
-    assert await client.redis.execute("ZSCORE", client.keys.expiry, kept.id) is not None  # scheduled again
+    assert await client.redis.execute("ZSCORE", keys_of(client, kept.id).expiry, kept.id) is not None  # again
 
     # Cleanup between retry_run's read and its script: refused as not found, nothing resurrected.
     real = client.store.requeue
@@ -245,16 +245,17 @@ async def test_retry_run_racing_retention_cleanup(
     with pytest.raises(RunNotFoundError):
         await client.retry_run(kept.id)
     assert await client.get_run(kept.id) is None
-    assert await client.redis.execute("LRANGE", client.keys.ready("default"), 0, -1) == []
-    assert await client.redis.execute("HLEN", client.keys.runs) == 0
-    assert await client.redis.execute("ZCARD", client.keys.index) == 0
+    assert await union(client, lambda k: ("LRANGE", k.ready("default"), 0, -1)) == set()
+    assert await total(client, lambda k: ("HLEN", k.runs)) == 0
+    assert await total(client, lambda k: ("ZCARD", k.index)) == 0
 
 
 # --- retrying a run canceled in the middle of a durable wait --------------------------------------------------
 
 
 async def _waiters(client: RedflowClient) -> list[bytes]:
-    return list(await client.redis.execute("ZRANGE", client.keys.waiters, 0, -1))
+    """Event waiters of every partition."""
+    return [m for members in await every(client, lambda k: ("ZRANGE", k.waiters, 0, -1)) for m in members]
 
 
 async def test_retry_of_a_run_canceled_while_waiting_for_an_event_resolves_once(
@@ -306,7 +307,7 @@ async def test_retry_of_a_run_canceled_mid_sleep_keeps_its_deadline_and_leaves_n
     handle = await client.enqueue_definition(wf, None)
     sleeping = await wait_until(lambda: _reason(client, handle.id, "sleeping"), what="the sleep")
     deadline = sleeping["details"]["until_ms"]
-    sched = client.keys.scheduled("default")
+    sched = keys_of(client, handle.id).scheduled("default")
     assert await client.redis.execute("ZSCORE", sched, handle.id) is not None
     assert await client.cancel_run(handle.id)
     assert await client.redis.execute("ZSCORE", sched, handle.id) is None  # no timer left to wake it
@@ -393,7 +394,7 @@ async def test_retry_of_a_parent_whose_child_the_cascade_canceled_starts_a_new_c
     first_child = started[0]
     assert await client.cancel_run(parent.id, reason="operator")
     await _until(client, first_child, "canceled")
-    assert await client.redis.execute("ZCARD", client.keys.cascade) == 0
+    assert await _cascade_done(client)
     with pytest.raises(InvalidRunStateError, match=r"its parent run .* was canceled"):
         await client.retry_run(first_child)  # the parent is canceled: its child may not run again
 
@@ -421,8 +422,11 @@ async def test_a_pending_cancel_cascade_does_not_cancel_the_children_of_the_retr
     gate = asyncio.Event()
     started: list[str] = []
     parent_wf, _ = _parent_and_child(registry, "adv-stale-cascade", gate, started)
-    # Another process holds the leadership, so this worker runs no cascades until it is released.
-    await client.redis.execute("SET", client.keys.leader, "elsewhere:1", "PX", 60_000)
+    # Another process holds the leadership (of every partition), so this worker runs no cascades until
+    # it is released.
+    await client.store.ensure_ready()
+    for part in partitions(client):
+        await client.redis.execute("SET", part.keys.leader, "elsewhere:1", "PX", 60_000)
     await make_worker(concurrency=4)
     parent = await client.enqueue_definition(parent_wf, None)
     await wait_until(lambda: len(started) == 1, what="the first child runs")
@@ -430,12 +434,13 @@ async def test_a_pending_cancel_cascade_does_not_cancel_the_children_of_the_retr
     # The canceling client dies right after cancel.lua: the cascade is left for the leader.
     code, outcome = await client.store.cancel(parent.id, "operator", client.retention_ms)
     assert (code.name, outcome) == ("OK", "canceled")
-    assert await client.redis.execute("ZSCORE", client.keys.cascade, parent.id) is not None
+    assert await client.redis.execute("ZSCORE", keys_of(client, parent.id).cascade, parent.id) is not None
 
     await client.retry_run(parent.id)  # the operator changed their mind
     await wait_until(lambda: len(started) == 2, what="the retried parent starts a new child")
     await wait_until(lambda: _reason(client, parent.id, "waiting_child"), what="the retried parent waits")
-    await client.redis.execute("DEL", client.keys.leader)  # this worker leads and finishes the cascade
+    for part in partitions(client):  # this worker leads and finishes the cascade
+        await client.redis.execute("DEL", part.keys.leader)
     await wait_until(lambda: _cascade_done(client), what="the cascade is finished")
     gate.set()
     assert (await _state(client, started[1]))["status"] != "canceled"
@@ -443,7 +448,7 @@ async def test_a_pending_cancel_cascade_does_not_cancel_the_children_of_the_retr
 
 
 async def _cascade_done(client: RedflowClient) -> bool:
-    return int(await client.redis.execute("ZCARD", client.keys.cascade)) == 0
+    return await total(client, lambda k: ("ZCARD", k.cascade)) == 0
 
 
 async def test_retry_of_a_child_whose_parent_already_ended_does_not_resume_the_parent(
@@ -907,10 +912,10 @@ async def test_replay_while_retention_deletes_the_original_creates_nothing(
     monkeypatch.setattr(client.store, "replay", deleted_meanwhile)
     with pytest.raises(RunNotFoundError, match="removed by retention while replaying"):
         await client.replay_run(handle.id, from_step="b")
-    assert await client.redis.execute("HLEN", client.keys.runs) == 0
-    assert await client.redis.execute("HLEN", client.keys.steps) == 0  # no copied history left behind
-    assert await client.redis.execute("ZCARD", client.keys.index) == 0
-    assert await client.redis.execute("LLEN", client.keys.ready("default")) == 0
+    assert await total(client, lambda k: ("HLEN", k.runs)) == 0
+    assert await total(client, lambda k: ("HLEN", k.steps)) == 0  # no copied history left behind
+    assert await total(client, lambda k: ("ZCARD", k.index)) == 0
+    assert await total(client, lambda k: ("LLEN", k.ready("default"))) == 0
 
 
 # --- what else a retry touches: streams, queue order ----------------------------------------------------------
@@ -953,6 +958,8 @@ async def test_a_run_canceled_while_queued_keeps_its_place_when_retried(
         order.append(ctx.input)
 
     wf = define_workflow("adv-order", handler=handler, registry=registry)
+    await client.store.ensure_ready()
+    pin_spread(client, -1)  # one ready list's order: all three in one partition (siblings claim apart)
     first = await client.enqueue_definition(wf, "first")
     others = [await client.enqueue_definition(wf, n) for n in ("second", "third")]
     assert await client.cancel_run(first.id)
@@ -1037,9 +1044,13 @@ async def _fake_worker_claims(client: RedflowClient, registry: WorkflowRegistry,
     started = await client.enqueue_definition(plain, None)
     admitting = await client.enqueue_definition(guarded, None)
     assert (await client.explain_run(started.id))["reason"] == "no_worker_for_queue"
-    await client.store.heartbeat("fake-worker", lease_ms, lease_ms, False)
-    code, _, claimed = await client.store.claim("fake-worker", ["fq"], 10, 10)
-    assert code.name == "OK" and sorted(c.kind for c in claimed) == ["admit", "run"]
+    claimed = []
+    for store in {client.store.of(started.id), client.store.of(admitting.id)}:  # a worker claims in each partition
+        await store.heartbeat("fake-worker", lease_ms, lease_ms, False)
+        code, _, runs = await store.claim("fake-worker", ["fq"], 10, 10)
+        assert code.name == "OK"
+        claimed += runs
+    assert sorted(c.kind for c in claimed) == ["admit", "run"]
     return started, admitting
 
 
@@ -1250,8 +1261,7 @@ async def test_bulk_retry_by_queue_touches_only_that_queue_and_skips_what_it_may
 
 
 async def _count_status(client: RedflowClient, status: str, n: int) -> bool:
-    count = await client.redis.execute("ZLEXCOUNT", client.keys.index, f"[s:{status}:", f"[s:{status}:\xff")
-    return int(count) == n
+    return (await client.get_stats())["by_status"][status] == n
 
 
 @pytest.mark.timeout(240)
@@ -1287,9 +1297,14 @@ async def test_bulk_cancel_and_retry_of_ten_thousand_runs_stay_bounded_per_batch
     canceled = await client.cancel_runs({"workflow": "adv-bulk-10k"})
     assert (canceled["matched"], canceled["done"], canceled["skipped"]) == (n, n, 0)
     assert await _count_status(client, "canceled", n)
-    # one batch: a page of the index, one HMGET of headers, then per run its header, the cancel script,
-    # its children and the end of its (empty) cascade
-    assert len(per_batch) >= n // batch and max(per_batch) <= 4 * batch + 10, per_batch
+    # One batch: a page of the index (one range read per partition, a second one each after a status
+    # whose pages ran out), one HMGET of headers per partition at most, then per run its header, the
+    # cancel script, its children and the end of its (empty) cascade, and with several partitions
+    # the check for its end's hand-off to a parent in another partition (one ZMSCORE).
+    parts = count(client)
+    per_partition = 3 * parts
+    per_run = 4 if parts == 1 else 5
+    assert len(per_batch) >= n // batch and max(per_batch) <= per_run * batch + per_partition + 10, per_batch
     assert max(job_sizes) < 1000
 
     per_batch.clear()
@@ -1298,9 +1313,9 @@ async def test_bulk_cancel_and_retry_of_ten_thousand_runs_stay_bounded_per_batch
     retried = await client.retry_runs({"workflow": "adv-bulk-10k", "status": "canceled"})
     assert (retried["matched"], retried["done"], retried["skipped"]) == (n, n, 0)
     assert await _count_status(client, "queued", n)
-    assert max(per_batch) <= 2 * batch + 10, per_batch
+    assert max(per_batch) <= 2 * batch + per_partition + 10, per_batch  # per run: its header, the requeue
     assert max(job_sizes) < 1000
-    assert int(await client.redis.execute("LLEN", client.keys.ready("default"))) >= n
+    assert await total(client, lambda k: ("LLEN", k.ready("default"))) >= n  # over every partition
     sample = await client.get_run(handles[n // 2].id)
     assert sample is not None and sample["max_attempts"] == 2 and sample["attempt"] == 0
 

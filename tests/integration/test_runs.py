@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import re
+from collections import Counter
 from datetime import datetime, timedelta
 
 import pytest
@@ -24,6 +27,9 @@ from redflow import (
     workflow,
 )
 from redflow.errors import ConfigurationError
+from redflow.storage.keys import partition_index
+
+from ..partitioned import count, store_of, total
 
 
 async def test_decorated_workflow_run_through_default_client(redis_url: str, prefix: str, make_worker) -> None:
@@ -101,7 +107,12 @@ async def test_run_ids_are_unique_sortable_and_name_their_partition(
         await asyncio.sleep(0.002)
     assert len(set(ids)) == 50
     assert ids == sorted(ids)
-    assert all(i.endswith("-p0") for i in ids)
+    # Each names its partition, and runs without a key or a limit go round robin over the partitions.
+    parts = count(client)
+    assert all(re.fullmatch(r".+-p\d+", i) for i in ids)
+    first = partition_index(ids[0])
+    assert first is not None and 0 <= first < parts
+    assert [partition_index(i) for i in ids] == [(first + n) % parts for n in range(50)]
 
 
 async def test_result_timeout_and_failure(client: RedflowClient, registry: WorkflowRegistry, make_worker) -> None:
@@ -213,15 +224,19 @@ async def test_enqueue_many_is_one_command_per_chunk_and_safe_to_retry(
     await client.store.ensure_ready()
     before = client.redis.counters.commands
     handles = await client.enqueue_many(wf, list(range(2500)), chunk_size=1000)
-    assert client.redis.counters.commands - before == 3
+    # One command per chunk of each partition's share (the inputs are dealt over the partitions).
+    shares = Counter(partition_index(h.id) for h in handles)
+    assert len(shares) == count(client) and sum(shares.values()) == 2500
+    assert client.redis.counters.commands - before == sum(math.ceil(n / 1000) for n in shares.values())
     assert len({h.id for h in handles}) == 2500
-    assert await client.store.enqueue_batch([handles[0].id], "batched", "default", [b"7"], 3, 0) == 0  # retry
+    retried = store_of(client, handles[0].id).enqueue_batch([handles[0].id], "batched", "default", [b"7"], 3, 0)
+    assert await retried == 0  # a retry in the run's partition creates nothing
     keys_before = sorted(await client.redis.execute("KEYS", f"{client.prefix}:*"))
-    index_before = await client.redis.execute("ZCARD", client.keys.index)
+    index_before = await total(client, lambda k: ("ZCARD", k.index))
     with pytest.raises(PayloadEncodingError):
         await client.enqueue_many(wf, [1, 2, object()])
     assert sorted(await client.redis.execute("KEYS", f"{client.prefix}:*")) == keys_before
-    assert await client.redis.execute("ZCARD", client.keys.index) == index_before  # nothing half-written
+    assert await total(client, lambda k: ("ZCARD", k.index)) == index_before  # nothing half-written
     later = await client.enqueue_many(wf, [5], run_at=datetime.now() + timedelta(milliseconds=300))
     assert (await client.get_run(later[0].id))["status"] == "scheduled"
     await make_worker(concurrency=100)

@@ -72,7 +72,8 @@ async def test_filtered_page_cost_does_not_grow_with_history(redis_url: str, pre
             await c.close()
 
 
-ALLOWED_AFTER_CLEANUP = {"version", "workflows", "seq", "epoch", "cron_version", "limits", "admission", "registrations"}
+ALLOWED_AFTER_CLEANUP = {"version", "partitions", "workflows", "seq", "epoch", "cron_version", "limits", "admission",
+                         "registrations"}
 
 
 @pytest.mark.timeout(180)

@@ -703,6 +703,20 @@ class Sim:
             self.stats["ended_" + h.status] += 1
 
 
+async def _delete_prefix(client: Any, prefix: str) -> None:
+    """Delete the keys of ``prefix`` on every master. One key per command: with several partitions,
+    a master holds keys of several slots (the simulation's runs are p0's; its siblings' and the
+    prefix's markers live on the other partitions' masters)."""
+    for node in await client.redis.masters():
+        cursor = b"0"
+        while True:
+            cursor, keys = await node.execute("SCAN", cursor, "MATCH", f"{prefix}:*", "COUNT", 1000)
+            for key in keys:
+                await node.execute("UNLINK", key)
+            if cursor in (b"0", 0, "0"):
+                break
+
+
 async def run_example(url: str, program: list[tuple[str, int, int]], stats: Counter[str]) -> None:
     prefix = f"rft:{uuid.uuid4().hex[:12]}"
     client = create_client(url=url, prefix=prefix)
@@ -739,9 +753,7 @@ async def run_example(url: str, program: list[tuple[str, int, int]], stats: Coun
     finally:
         await pubsub.aclose()
         if ok:  # keep the data of a failing example for a look; never flush the server
-            keys = [key async for key in plain.scan_iter(match=f"{prefix}:*", count=1000)]
-            if keys:
-                await plain.delete(*keys)
+            await _delete_prefix(client, prefix)
         await plain.aclose()
         await client.close()
 

@@ -6,6 +6,8 @@ import asyncio
 
 from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
 
+from ..partitioned import keys_of
+
 
 async def test_stream_read_live_and_resumed_from_its_cursor(
     client: RedflowClient, registry: WorkflowRegistry, make_worker
@@ -42,7 +44,7 @@ async def test_stream_read_live_and_resumed_from_its_cursor(
     whole = await client.get_run_stream(handle.id)
     assert [r["value"]["token"] for r in whole] == list(range(6))
     assert [r["value"]["token"] for r in await client.get_run_stream(handle.id, limit=2)] == [0, 1]
-    ttl = await client.redis.execute("PTTL", client.keys.stream(handle.id))
+    ttl = await client.redis.execute("PTTL", keys_of(client, handle.id).stream(handle.id))
     assert 0 < ttl <= client.retention_ms  # the stream expires with the retention window
     drained = await client.read_stream(handle.id, drain=True)
     assert drained is not None and len([c async for c in drained]) == 6

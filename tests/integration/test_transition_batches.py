@@ -1,7 +1,10 @@
 """Transitions of one loop tick leave in one call, each decided as alone. Finishes
 (``finish_many.lua``): a stale token, a run already ended, a cancel request, a failure with a hook, a
 stream to close, a held run to hand on to another queue, parents waiting on the children. Step records
-(``step_many.lua``): a stale token, a run no longer running, two records of one run in order."""
+(``step_many.lua``): a stale token, a run no longer running, two records of one run in order.
+
+A batch is one partition's: with several partitions, each test places its runs in one of them
+(``pin_spread``), p0 when a limited workflow's runs (always in p0) are in the batch, else the last."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from redflow.storage.codes import Code
 from redflow.storage.records import ClaimedRun, StepRecord, encode_step
 from redflow.storage.store import Store
 
+from ..partitioned import pin_spread
+
 LONG = 600_000
 
 
@@ -30,23 +35,31 @@ async def _claim(store: Store, queue: str, n: int) -> list[ClaimedRun]:
     return runs
 
 
+async def _pinned(client: RedflowClient, index: int) -> Store:
+    """The store of the partition every spread run of this test goes to."""
+    await client.store.ensure_ready()
+    return client.store.at(pin_spread(client, index))
+
+
 @pytest.fixture
-def calls(client: RedflowClient, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """How many finish_many and finish script calls the store made (the real calls are made)."""
+async def calls(client: RedflowClient, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many finish_many and finish script calls the stores made, over every partition (the real
+    calls are made)."""
     seen = {"many": 0, "one": 0}
-    store = client.store
-    many, one = store.finish_many, store.finish_one
+    await client.store.ensure_ready()
+    for store in client.store.partitions:
+        many, one = store.finish_many, store.finish_one
 
-    async def counted_many(requests):  # type: ignore[no-untyped-def]
-        seen["many"] += 1
-        return await many(requests)
+        async def counted_many(requests, many=many):  # type: ignore[no-untyped-def]
+            seen["many"] += 1
+            return await many(requests)
 
-    async def counted_one(request):  # type: ignore[no-untyped-def]
-        seen["one"] += 1
-        return await one(request)
+        async def counted_one(request, one=one):  # type: ignore[no-untyped-def]
+            seen["one"] += 1
+            return await one(request)
 
-    monkeypatch.setattr(store, "finish_many", counted_many)
-    monkeypatch.setattr(store, "finish_one", counted_one)
+        monkeypatch.setattr(store, "finish_many", counted_many)
+        monkeypatch.setattr(store, "finish_one", counted_one)
     return seen
 
 
@@ -56,7 +69,7 @@ async def test_every_run_of_a_batch_ends_as_it_would_alone(
     plain = define_workflow("fb-plain", handler=_noop, registry=registry)
     capped = define_workflow("fb-capped", handler=_noop, registry=registry, max_concurrency=1)
     await client.sync_registry()
-    store = client.store
+    store = await _pinned(client, 0)  # with `capped`'s runs, in p0
     await store.heartbeat("w", LONG, LONG, False)
     ok, stale, ended, canceled, hooked, streamed = [await client.enqueue_definition(plain, i) for i in range(6)]
     first = await client.enqueue_definition(capped, "first")
@@ -64,7 +77,7 @@ async def test_every_run_of_a_batch_ends_as_it_would_alone(
     assert len(tokens) == 7
     second = await client.run_by_name(capped.name, "second", queue_override="other")
     assert await _claim(store, "other", 1) == []  # held: its workflow's one slot is taken by `first`
-    assert await client.redis.execute("ZCARD", client.keys.held) == 1
+    assert await client.redis.execute("ZCARD", store.keys.held) == 1
 
     assert await store.finish_one(FinishRequest(ended.id, tokens[ended.id], "w", "succeeded", b"1", False, LONG,
                                                 "default")) == (Code.OK, "succeeded")
@@ -95,11 +108,11 @@ async def test_every_run_of_a_batch_ends_as_it_would_alone(
         streamed.id: "succeeded", first.id: "succeeded", second.id: "queued",
     }
     assert states[ok.id]["output"] == 1  # type: ignore[index]
-    owned = {m.decode() for m in await client.redis.execute("SMEMBERS", client.keys.owned("w"))}
+    owned = {m.decode() for m in await client.redis.execute("SMEMBERS", store.keys.owned("w"))}
     assert owned == {stale.id, hooked.id}  # a failure whose hook must run stays owned until it ran
-    assert await client.redis.execute("ZCARD", client.keys.held) == 0
-    assert await client.redis.execute("LRANGE", client.keys.ready("other"), 0, -1) == [second.id.encode()]
-    entries = await client.redis.execute("XRANGE", client.keys.stream(streamed.id), "-", "+")
+    assert await client.redis.execute("ZCARD", store.keys.held) == 0
+    assert await client.redis.execute("LRANGE", store.keys.ready("other"), 0, -1) == [second.id.encode()]
+    entries = await client.redis.execute("XRANGE", store.keys.stream(streamed.id), "-", "+")
     assert len(entries) == 2 and entries[-1][1][:2] == [b"end", b"succeeded"]  # readers learn it ended
 
 
@@ -108,7 +121,7 @@ async def test_parents_waiting_on_children_finished_in_one_batch_are_all_resumed
 ) -> None:
     parent = define_workflow("fb-parent", handler=_noop, registry=registry)
     child = define_workflow("fb-child", handler=_noop, queue="kids", registry=registry)
-    store = client.store
+    store = await _pinned(client, -1)  # the children are created in their parents' partition
     await store.heartbeat("w", LONG, LONG, False)
     parents = [await client.enqueue_definition(parent, i) for i in range(3)]
     ptokens = {r.id: r.token for r in await _claim(store, "default", 3)}
@@ -137,7 +150,7 @@ async def test_step_records_of_one_tick_are_decided_each_as_alone(
     client: RedflowClient, registry: WorkflowRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     wf = define_workflow("fb-steps", handler=_noop, registry=registry)
-    store = client.store
+    store = await _pinned(client, -1)
     batches = []
     many = store.record_steps
 
@@ -172,7 +185,7 @@ async def test_a_record_too_big_to_batch_keeps_its_place_in_the_history(
     client: RedflowClient, registry: WorkflowRegistry
 ) -> None:
     wf = define_workflow("fb-big", handler=_noop, registry=registry)
-    store = client.store
+    store = await _pinned(client, -1)
     await store.heartbeat("w", LONG, LONG, False)
     handle = await client.enqueue_definition(wf, None)
     token = (await _claim(store, "default", 1))[0].token
@@ -187,5 +200,5 @@ async def test_a_record_too_big_to_batch_keeps_its_place_in_the_history(
         store.record_step(handle.id, token, line("c", 3)),
     )
     assert codes == [Code.OK] * 3
-    raw = [await client.redis.execute("HGET", client.keys.steps, f"{handle.id}:{n}") for n in (1, 2, 3)]
+    raw = [await client.redis.execute("HGET", store.keys.steps, f"{handle.id}:{n}") for n in (1, 2, 3)]
     assert [json.loads(r)["n"] for r in raw] == ["a", "b", "c"]  # the history lines in submission order

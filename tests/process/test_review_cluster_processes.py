@@ -79,6 +79,13 @@ def _binary() -> str | None:
     return os.environ.get("REDFLOW_TEST_REDIS_SERVER") or None
 
 
+@pytest.fixture(autouse=True)
+def _one_partition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests fail over the master that holds the prefix: it must hold all of it (a cluster's
+    default is 16 partitions, spread over every master)."""
+    monkeypatch.setenv("REDFLOW_PARTITIONS", "1")
+
+
 @pytest.fixture
 def replicated() -> Iterator[LocalCluster]:
     cluster = LocalCluster(_binary(), masters=3, replicas_per_master=1).start()

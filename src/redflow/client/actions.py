@@ -131,7 +131,7 @@ class Actions:
             definition = client.registry_or_default().get(header.workflow)
             value = definition.prepare_input(input) if definition is not None else input
             data = encode_payload(value, f"input of workflow {header.workflow!r}", client.max_payload_bytes)
-        new_id = new_run_id(client.keys.partition)
+        new_id = new_run_id(store.of(run_id).keys.partition)  # the script copies from the source run
         code, status = await store.replay(
             new_id, run_id, header.workflow, queue or header.queue, data,
             header.attempt_budget or header.max_attempts, lines,

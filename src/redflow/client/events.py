@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import heapq
+import logging
 import os
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from .._redis.errors import RedisError
 from ..durations import datetime_ms
 from ..encoding import encode_payload
 from ..errors import CanceledError, ConfigurationError, RedflowError
@@ -13,6 +17,7 @@ from ..ids import new_run_id
 from ..observability import tracing
 from ..storage.codes import Code
 from ..storage.event_store import EventStore
+from ..storage.handoffs import Outbox
 from ..types import IDEMPOTENCY_TTL_SEC, EmitEventResult, ListEventsParams
 from ..validation import check_event_name, check_run_id
 
@@ -21,6 +26,8 @@ if TYPE_CHECKING:
     from ..storage.store import Store
     from .facade import RedflowClient
     from .handle import RunHandle
+
+log = logging.getLogger("redflow.events")
 
 FANOUT_STATUSES = frozenset({"pending", "completed", "partial", "failed", "no-subscribers"})
 
@@ -33,6 +40,7 @@ class Events:
         self.store: Store = client.store
         self.keys: PartitionKeys = client.keys
         self.events: EventStore = client.events
+        self._by_partition: dict[str, EventStore] = {}
         self.make_run_handle = client.make_run_handle
 
     @property
@@ -85,16 +93,27 @@ class Events:
         emit_at_ms = datetime_ms(emit_at, f"emit_at of event {name!r}") if emit_at is not None else 0
         data = encode_payload(input, f"payload of event {name!r}", self.max_payload_bytes)
         await self.store.ensure_ready()
-        generated = new_run_id(self.keys.partition)
+        # An event is recorded, and its subscribers' runs are created, in its parent's partition (its
+        # children are indexed there), else in p0; runs waiting in other partitions get it through
+        # the outbox (storage/event_store.py, hand-offs).
+        home = self.store.of(parent_run_id) if parent_run_id else self.store
+        events = self.events_of(home)
+        generated = new_run_id(home.keys.partition)
         eid = eid or "evt_" + generated.rsplit("-", 1)[0] + os.urandom(2).hex()
         ttl = IDEMPOTENCY_TTL_SEC if idempotency_ttl is None else int(idempotency_ttl)
         with tracing.producer(name, "", None) as trace_context:  # the subscribers' runs continue this trace
-            code, bound_id, record = await self.events.emit(
+            code, bound_id, record = await events.emit(
                 eid, name, data, correlation_key=corr, parent_run_id=parent_run_id,
                 emit_at_ms=emit_at_ms, idempotency_key=idempotency_key,
                 idempotency_ttl_s=min(ttl, self.retention_ms // 1000), retention_ms=self.retention_ms,
-                run_id_prefix=generated[:24], run_id_suffix="-" + self.keys.partition, trace_context=trace_context,
+                run_id_prefix=generated[:24], run_id_suffix="-" + home.keys.partition, trace_context=trace_context,
             )
+        resumed_elsewhere: list[str] = []
+        if code in (Code.CREATED, Code.EXISTING) and len(self.store.partitions) > 1:
+            try:
+                resumed_elsewhere = await Outbox(events.store).apply_event(bound_id, self.retention_ms)
+            except RedisError as exc:  # recorded in the outbox: the partition's leader applies it
+                log.warning("event %s: hand-off to other partitions left to the leader (%s)", bound_id, exc)
         if code is Code.CANCELED:
             raise CanceledError(f"run {parent_run_id} was canceled: it cannot emit event {name!r}")
         if code is Code.TERMINAL:
@@ -102,11 +121,24 @@ class Events:
                                "correlation key or parent); event ids must identify one event")
         handles = [self.make_run_handle(d["run_id"]) for d in record.get("deliveries", []) if d.get("run_id")]
         return EmitEventResult(event_id=bound_id, handles=handles,
-                               resumed_run_ids=list(record.get("resumed_run_ids", [])))
+                               resumed_run_ids=[*record.get("resumed_run_ids", []), *resumed_elsewhere])
+
+    def events_of(self, store: Store) -> EventStore:
+        """The event store of one partition."""
+        if store is self.store:
+            return self.events
+        found = self._by_partition.get(store.keys.partition)
+        if found is None:
+            found = self._by_partition[store.keys.partition] = EventStore(store)
+        return found
 
     async def get_event(self, event_id: str) -> dict[str, Any] | None:
         await self.store.ensure_ready()
-        return await self.events.get_event(event_id)
+        for store in self.store.partitions:  # mostly p0: only events emitted by steps live elsewhere
+            record = await self.events_of(store).get_event(event_id)
+            if record is not None:
+                return record
+        return None
 
     async def list_events(
         self, params: ListEventsParams | None = None
@@ -120,16 +152,35 @@ class Events:
         limit = max(1, min(int(p.limit), 500))
         await self.store.ensure_ready()
         out: list[dict[str, Any]] = []
-        cursor = p.cursor
+        descending = p.sort == "desc"
+        stores = [self.events_of(s) for s in self.store.partitions]
+        mark = None
+        if p.cursor is not None:
+            found = [r for r in await asyncio.gather(*(e.event_mark(p.cursor) for e in stores)) if r is not None]
+            if not found:
+                return []
+            mark = found[0]
         for _ in range(20):  # bounded work per call when filtering by status
-            ids = await self.events.list_event_ids(p.name, cursor, limit, p.sort == "desc")
-            if not ids:
+            # Each partition's page past the mark, merged by (time, id): one mark is valid in all of them.
+            pages = await asyncio.gather(*(e.list_event_marks(p.name, mark, limit, descending) for e in stores))
+            merged = [m for _, m in zip(range(limit), heapq.merge(*pages, reverse=descending), strict=False)]
+            if not merged:
                 break
-            for record in await self.events.read_events(ids):
-                if p.fanout_status is None or record.get("fanout_status") == p.fanout_status:
-                    out.append(record)
-            cursor = ids[-1]
-            if len(out) >= limit or len(ids) < limit:
+            by_store: dict[int, list[str]] = {}
+            for store_index, page in enumerate(pages):
+                chosen = set(page) & set(merged)
+                if chosen:
+                    by_store[store_index] = [m[1] for m in page if m in chosen]
+            records: dict[str, dict[str, Any]] = {}
+            for store_index, ids in by_store.items():
+                for record in await stores[store_index].read_events(ids):
+                    records[record["id"]] = record
+            for m in merged:
+                rec = records.get(m[1])
+                if rec is not None and (p.fanout_status is None or rec.get("fanout_status") == p.fanout_status):
+                    out.append(rec)
+            mark = merged[-1]
+            if len(out) >= limit or len(merged) < limit:
                 break
         return out[:limit]
 
@@ -161,6 +212,8 @@ class Events:
         code, _ = await self.store.cancel(run_id, reason, self.retention_ms)
         if code is not Code.OK:
             return False
+        if len(self.store.partitions) > 1:  # a parent in another partition resumes now, not at its leader's tick
+            await Outbox(self.store.of(run_id)).apply_child_end(run_id, self.retention_ms)
         await self.cancel_descendants(run_id)
         return True
 
@@ -174,7 +227,11 @@ class Events:
             for child in await self.store.children_of(parent):
                 if child not in seen:
                     seen.add(child)
-                    await self.store.cancel(child, f"parent run {parent} canceled", self.retention_ms)
+                    code, _ = await self.store.cancel(child, f"parent run {parent} canceled", self.retention_ms)
+                    if code is Code.NOT_FOUND and self.store.of(child) is not self.store.of(parent):
+                        # Recorded in the parent's partition and not created yet: it never will be
+                        # (an applier creating it now rechecks the parent and cancels it).
+                        await Outbox(self.store.of(parent)).drop_child(child)
                     pending.append(child)
         for parent in walked:
             await self.store.cascade_done(parent)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from ..encoding import decode
 from ..errors import RunNotFoundError
 from ..storage.index import untag
+from ..storage.keys import partition_of
 from ..storage.records import RunHeader, WaitRecord
 from ..storage.store import EXPLAIN_SCAN
 from ..types import RunExplanation
@@ -62,11 +63,13 @@ async def _explain(
         return ("running", f"running on worker {h.owner} since {_at(h.attempt_started_at_ms)} "
                 f"(attempt {h.attempt} of {h.max_attempts})", details)
     if h.status == "queued":
-        return await _queued(client, h, facts)
+        return await _queued(client, run_id, h, facts)
     return _scheduled(h, facts, facts["wait"], error, now)
 
 
-async def _queued(client: RedflowClient, h: RunHeader, facts: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+async def _queued(
+    client: RedflowClient, run_id: str, h: RunHeader, facts: dict[str, Any]
+) -> tuple[str, str, dict[str, Any]]:
     if h.held_member and h.held_member.startswith("c:"):
         details: dict[str, Any] = {"running": facts["running"], "max_concurrency": facts["limit"]}
         return ("held_capacity", f"held by max_concurrency of workflow {h.workflow!r}: {facts['running']} of "
@@ -89,11 +92,18 @@ async def _queued(client: RedflowClient, h: RunHeader, facts: dict[str, Any]) ->
     if serving is not None and not serving:
         return ("no_worker_for_queue", f"no live worker claims from queue {h.queue!r}; start one with that queue",
                 details)
+    where = f"queue {h.queue!r}"
+    count = len(client.store.partitions)
+    if count > 1:
+        # Every partition's ready list is claimed in parallel: only the runs ahead in its own list
+        # are certainly claimed before it.
+        details["partition"] = partition_of(run_id)
+        where += f" (partition {details['partition']} of {count}, claimed in parallel with the others)"
     if ahead is None:
-        return "queued_behind", f"queued behind at least {EXPLAIN_SCAN} runs in queue {h.queue!r}", details
+        return "queued_behind", f"queued behind at least {EXPLAIN_SCAN} runs in {where}", details
     if ahead:
-        return "queued_behind", f"queued behind {ahead} runs in queue {h.queue!r}", details
-    return "queued", f"next to be claimed from queue {h.queue!r}", details
+        return "queued_behind", f"queued behind {ahead} runs in {where}", details
+    return "queued", f"next to be claimed from {where}", details
 
 
 async def _queue_workers(client: RedflowClient, queue: str, now_ms: int) -> list[str] | None:

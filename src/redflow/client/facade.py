@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -14,6 +15,7 @@ from ..errors import ConfigurationError
 from ..registry import WorkflowRegistry, get_default_registry
 from ..storage.event_store import EventStore
 from ..storage.keys import DEFAULT_PARTITION, PartitionKeys
+from ..storage.partitions import check_partitions, partitions_from_env
 from ..storage.records import encode_record, workflow_meta
 from ..storage.store import Store
 from .actions import Actions
@@ -26,6 +28,7 @@ from .starts import Starts
 DEFAULT_URL = "redis://localhost:6379"
 DEFAULT_PREFIX = "redflow:v1"
 DEFAULT_RETENTION_DAYS = 30.0
+META_TTL_S = 30.0  # how long a client trusts a workflow's metadata read from a worker's registration
 
 
 def default_prefix() -> str:
@@ -71,17 +74,20 @@ class RedflowClient:
         app: str | None = None,
         run_history_retention_ms: int | None = None,
         registry: WorkflowRegistry | None = None,
+        *,
+        partitions: int | None = None,
     ) -> None:
         self.redis = redis
         self.app = app or ""
         self.keys = PartitionKeys(prefix, DEFAULT_PARTITION)
-        self.store = Store(redis, self.keys)
+        requested = partitions_from_env() if partitions is None else check_partitions(partitions)
+        self.store = Store(redis, self.keys, partitions=requested)
         self.registry = registry
         self.retention_ms = run_history_retention_ms or retention_ms_from_env()
         self.max_payload_bytes = max_payload_bytes()
         self._subscriber: Subscriber | None = None
         self.events = EventStore(self.store)
-        self._remote_meta: dict[str, dict[str, Any]] = {}
+        self._remote_meta: dict[str, tuple[float, dict[str, Any]]] = {}  # name -> (read at, metadata)
         self._starts = Starts(self)
         self._runs = Runs(self)
         self._events_api = Events(self)
@@ -91,6 +97,11 @@ class RedflowClient:
     @property
     def prefix(self) -> str:
         return self.keys.prefix
+
+    @property
+    def partition_count(self) -> int:
+        """The prefix's number of partitions (1 until the client has connected)."""
+        return len(self.store.partitions)
 
     def registry_or_default(self) -> WorkflowRegistry:
         return self.registry if self.registry is not None else get_default_registry()
@@ -121,14 +132,18 @@ class RedflowClient:
             self._remote_meta.pop(name, None)
 
     async def _workflow_meta(self, name: str) -> dict[str, Any] | None:
-        meta = self._remote_meta.get(name)
-        if meta is None:
-            await self.store.ensure_ready()
-            raw = await self.store.read_workflow(name)
-            if raw is None:
-                return None
-            meta = decode(raw)
-            self._remote_meta[name] = meta
+        """A workflow's published metadata, read again after ``META_TTL_S`` (a deploy may change it:
+        its queue, or a limit, which decides where its runs are placed)."""
+        cached = self._remote_meta.get(name)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < META_TTL_S:
+            return cached[1]
+        await self.store.ensure_ready()
+        raw = await self.store.read_workflow(name)
+        if raw is None:
+            return None
+        meta: dict[str, Any] = decode(raw)
+        self._remote_meta[name] = (now, meta)
         return meta
 
     # --- reading ------------------------------------------------------------------------------------
@@ -140,7 +155,8 @@ class RedflowClient:
         await self.store.ensure_ready()
         if self._subscriber is None:
             self._subscriber = Subscriber(self.redis, route_key=self.keys.base)
-        return await wait_for_outcome(self.store, self._subscriber, self.keys.done_channel(run_id), run_id, timeout_ms)
+        channel = self.store.of(run_id).keys.done_channel(run_id)
+        return await wait_for_outcome(self.store, self._subscriber, channel, run_id, timeout_ms)
 
     # --- parts: starting runs, reading runs, events and cancellation, queries, operator actions -----
     enqueue_definition = _forward("_starts", Starts.enqueue_definition)
@@ -196,11 +212,14 @@ def create_client(
     redis: Any = None,
     url: str | None = None,
     prefix: str | None = None,
+    partitions: int | None = None,
 ) -> RedflowClient:
     """A client for ``url`` (else ``REDIS_URL``, else redis://localhost:6379) and ``prefix``.
 
     ``redis`` may be a redis-py client: redflow reads its address and credentials and opens its own
-    pipelined connections. Never starts a server.
+    pipelined connections. Never starts a server. ``partitions`` (else ``REDFLOW_PARTITIONS``) is
+    the partition count of a prefix this client creates; for an existing prefix it must match the
+    recorded count, and when unset the recorded count is adopted (docs/scaling.md).
     """
     if redis is not None:
         address = ServerAddress.from_redis_py(redis) if not isinstance(redis, RedisClient) else redis.address
@@ -210,6 +229,7 @@ def create_client(
         RedisClient(address),
         prefix=prefix or default_prefix(),
         app=app or os.environ.get("REDFLOW_APP"),
+        partitions=partitions,
     )
 
 

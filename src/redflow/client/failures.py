@@ -54,7 +54,7 @@ async def list_failures(client: RedflowClient, workflow: str | None, limit: int)
     await store.ensure_ready()
     prefix = index_prefixes("failed", workflow)[0]
     ids = await client.index_page(prefix, None, limit, descending=True)
-    records = await store.index.headers_and_errors(ids) if ids else []
+    records = await store.headers_and_errors(ids) if ids else []
     groups: dict[str, FailureGroup] = {}
     for run_id, (h, raw) in zip(ids, records, strict=True):
         if h is None or h.status != "failed":

@@ -7,7 +7,10 @@ and then at most ``SEARCH_SCAN_LIMIT`` runs per call, returning a cursor to cont
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 from ..encoding import decode
@@ -85,13 +88,32 @@ class Queries:
     ) -> list[str]:
         """Up to ``limit`` run ids of one index prefix (``storage.index.index_prefixes``) past the id
         ``after``, oldest first (newest first when ``descending``)."""
-        return await self.store.index.page(prefix, after, limit, descending, created_after, created_before)
+        return await self._page([prefix], after, limit, descending, created_after, created_before)
+
+    async def _page(
+        self, prefixes: list[bytes], cursor: str | None, limit: int, descending: bool,
+        created_after: int | None = None, created_before: int | None = None, *, parent: str | None = None,
+    ) -> list[str]:
+        """A page of ids over every partition, merged in id order. Ids sort alike in every partition
+        (creation time, then randomness), so one id is a cursor valid in all of them; a page reads
+        ``limit`` ids from each partition. A parent's children are indexed in its own partition."""
+        stores = [self.store.of(parent)] if parent else self.store.partitions
+        pages = await asyncio.gather(*(
+            s.index.merged_page(prefixes, cursor, limit, descending, created_after, created_before,
+                                children=parent is not None)
+            for s in stores
+        ))
+        if len(pages) == 1:
+            return pages[0]
+        merged = heapq.merge(*pages, reverse=descending)
+        return [run_id for _, run_id in zip(range(limit), merged, strict=False)]
 
     async def _listed(self, ids: list[str]) -> list[ListedRun]:
         if not ids:
             return []
         out: list[ListedRun] = []
-        for run_id, (h, err) in zip(ids, await self.store.index.headers_and_errors(ids), strict=True):
+        records = await self.store.headers_and_errors(ids)
+        for run_id, (h, err) in zip(ids, records, strict=True):
             if h is None:
                 continue
             out.append(ListedRun(
@@ -108,8 +130,7 @@ class Queries:
         p = params or ListRunsParams()
         limit = _check_page(p.sort, p.limit, p.status)
         await self.store.ensure_ready()
-        ids = await self.store.index.merged_page(index_prefixes(p.status, p.workflow), p.cursor, limit,
-                                                 p.sort == "desc")
+        ids = await self._page(index_prefixes(p.status, p.workflow), p.cursor, limit, p.sort == "desc")
         return await self._listed(ids)
 
     async def search_runs(self, params: SearchRunsParams) -> SearchRunsResult:
@@ -118,7 +139,6 @@ class Queries:
         limit = _check_page(p.sort, p.limit, p.status)
         await self.store.ensure_ready()
         descending = p.sort == "desc"
-        by_parent = bool(p.parent_run_id)
         prefixes = [children_prefix(p.parent_run_id)] if p.parent_run_id else index_prefixes(p.status, p.workflow)
         needle = p.query.casefold() if p.query else None  # matched case-insensitively, as in 0.1.x
         runs: list[ListedRun] = []
@@ -129,14 +149,14 @@ class Queries:
         while len(runs) < limit and scanned < SEARCH_SCAN_LIMIT:
             # Without a filter the index cannot serve, one page of ids is exactly the answer.
             chunk = min(200 if post_filtered else limit, SEARCH_SCAN_LIMIT - scanned)
-            ids = await self.store.index.merged_page(prefixes, cursor, chunk, descending, p.created_after,
-                                                     p.created_before, children=by_parent)
+            ids = await self._page(prefixes, cursor, chunk, descending, p.created_after, p.created_before,
+                                   parent=p.parent_run_id or None)
             if not ids:
                 exhausted = True
                 break
             scanned += len(ids)
             cursor = ids[-1]
-            blobs = await self.store.index.blobs(ids) if needle is not None else {}
+            blobs = await self._blobs(ids) if needle is not None else {}
             for run in await self._listed(ids):
                 if p.parent_run_id and (run["parent_run_id"] != p.parent_run_id or
                                         (p.status and run["status"] != p.status) or
@@ -173,9 +193,12 @@ class Queries:
     async def get_stats(self) -> RunStats:
         """Runs by status (from the index) and the backlog of every registered queue."""
         await self.store.ensure_ready()
-        by_status = await self.store.index.status_counts()
         queues = sorted({str(m.get("queue", "default")) for m in await self.list_workflows_meta()})
-        backlog = await self.store.index.queue_sizes(queues)
+        parts = self.store.partitions
+        counts = await asyncio.gather(*(s.index.status_counts() for s in parts))
+        sizes = await asyncio.gather(*(s.index.queue_sizes(queues) for s in parts))
+        by_status = {status: sum(c[status] for c in counts) for status in counts[0]}
+        backlog = {q: {kind: sum(size[q][kind] for size in sizes) for kind in ("ready", "scheduled")} for q in queues}
         return RunStats(total=sum(by_status.values()), by_status=by_status, backlog=backlog)
 
     # --- retention ----------------------------------------------------------------------------------------
@@ -193,22 +216,25 @@ class Queries:
         await self.store.ensure_ready()
         total = 0
         batch = 500 if limit is None else max(1, min(500, limit))
-        while limit is None or total < limit:
-            step = batch if limit is None else min(batch, limit - total)
-            runs, events = await self.store.cleanup(step, reference_time_ms or 0, what)
-            deleted = runs if what == "runs" else events
-            total += deleted
-            if deleted < step:
-                break
+        for store in self.store.partitions:
+            while limit is None or total < limit:
+                step = batch if limit is None else min(batch, limit - total)
+                runs, events = await store.cleanup(step, reference_time_ms or 0, what)
+                deleted = runs if what == "runs" else events
+                total += deleted
+                if deleted < step:
+                    break
         return total
 
     async def reset_runs(self) -> dict[str, int]:
         """Development only: delete every run and event under the prefix, keep workflow registrations;
         returns ``{"deleted": <number of keys deleted>}``."""
 
-        k = self.keys
-        keep = {k.version, k.workflows, k.subscribers, k.subscriber_index, k.crons, k.cron_last, k.cron_version,
-                k.limits, k.admission, k.workers, k.leader, k.epoch, k.seq, k.registrations, k.cron_orphans}
+        keep = set()
+        for k in (s.keys for s in self.store.partitions):
+            keep |= {k.version, k.partitions, k.workflows, k.subscribers, k.subscriber_index, k.crons, k.cron_last,
+                     k.cron_version, k.limits, k.admission, k.workers, k.leader, k.epoch, k.seq, k.registrations,
+                     k.cron_orphans}
         return {"deleted": await self._delete_prefix(keep)}
 
     async def reset_state(self) -> dict[str, int]:
@@ -218,6 +244,14 @@ class Queries:
 
     async def _delete_prefix(self, keep: set[str]) -> int:
         return await self.store.index.delete_prefix(keep)
+
+    async def _blobs(self, ids: list[str]) -> dict[str, tuple[bytes | None, ...]]:
+        async def read(store: Store, chunk: Sequence[str]) -> list[tuple[bytes | None, ...] | None]:
+            found = await store.index.blobs(list(chunk))
+            return [found.get(run_id) for run_id in chunk]
+
+        values = await self.store.per_partition(ids, read)
+        return {run_id: v for run_id, v in zip(ids, values, strict=True) if v is not None}
 
 
 def _matches(run: ListedRun, needle: str, blobs: tuple[bytes | None, ...]) -> bool:

@@ -12,13 +12,25 @@ from ..errors import CanceledError, ConfigurationError, UnknownWorkflowError
 from ..ids import new_run_id
 from ..observability import tracing
 from ..storage.codes import Code
+from ..storage.handoffs import Outbox
 from ..storage.scripts import check_queue_name
 from ..types import IDEMPOTENCY_TTL_SEC
 from ..workflow import WorkflowDefinition
 from .handle import RunHandle
 
 if TYPE_CHECKING:
+    from ..storage.store import Store
     from .facade import RedflowClient
+
+
+def _limited(meta: dict[str, Any]) -> bool:
+    """Whether a workflow (by its published metadata) has a limit counted in one place."""
+    return bool(meta.get("max_concurrency")) or bool(meta.get("admission"))
+
+
+def _defines_limit(definition: WorkflowDefinition[Any]) -> bool:
+    o = definition.options
+    return bool(o.max_concurrency) or any(x is not None for x in (o.mutex, o.throttle, o.rate_limit))
 
 
 class Starts:
@@ -53,6 +65,7 @@ class Starts:
             idempotency_ttl=idempotency_ttl,
             run_at=run_at,
             parent_run_id=parent_run_id,
+            limited=_defines_limit(definition),
         )
 
     async def enqueue_many(
@@ -77,14 +90,45 @@ class Starts:
         await self.store.ensure_ready()
         queue = check_queue_name(queue_override or definition.options.queue)
         run_at_ms = datetime_ms(run_at) if run_at is not None else 0
-        partition = self.keys.partition
-        ids = [new_run_id(partition) for _ in encoded]
-        await asyncio.gather(*(
-            self.store.enqueue_batch(ids[i:i + chunk_size], definition.name, queue, encoded[i:i + chunk_size],
-                                     definition.max_attempts, run_at_ms)
-            for i in range(0, len(ids), chunk_size)
-        ))
+        # Without a limit the runs are dealt over the partitions, each partition's share in chunks.
+        parts = [self.store] if _defines_limit(definition) else self.store.partitions
+        shares = [list(range(len(encoded)))[i::len(parts)] for i in range(len(parts))]
+        ids = [""] * len(encoded)
+        batches = []
+        for store, share in zip(parts, shares, strict=True):
+            for i in share:
+                ids[i] = new_run_id(store.keys.partition)
+            for c in range(0, len(share), chunk_size):
+                chunk = share[c:c + chunk_size]
+                batches.append(store.enqueue_batch([ids[i] for i in chunk], definition.name, queue,
+                                                   [encoded[i] for i in chunk], definition.max_attempts, run_at_ms))
+        await asyncio.gather(*batches)
         return [RunHandle(self._client, run_id) for run_id in ids]
+
+    def _placed(
+        self, workflow: str, limited: bool, parent_run_id: str | None, affinity: str | None, *, elsewhere: bool = True,
+    ) -> Store:
+        """The store of the partition a new run goes to (storage/partitions.py says why). A limited
+        child of a parent outside p0 goes to p0, started through its parent's outbox (``elsewhere``)."""
+        store = self.store
+        if len(store.partitions) == 1:
+            return store
+        if parent_run_id:
+            parent = store.of(parent_run_id)
+            if limited and parent is not store:
+                if elsewhere:
+                    return store
+                raise ConfigurationError(
+                    f"workflow {workflow!r} has a limit and a debounce, so its runs live in partition p0, and "
+                    f"parent run {parent_run_id} lives in another partition: a debounced child cannot be "
+                    "started across partitions (docs/scaling.md)"
+                )
+            return parent
+        if limited:
+            return store
+        if affinity is not None:
+            return store.at(store.placement.by_key(affinity))
+        return store.at(store.placement.spread())
 
     async def _enqueue_debounced(
         self, definition: WorkflowDefinition[Any], input: Any, queue_override: str | None, parent_run_id: str | None
@@ -101,8 +145,12 @@ class Starts:
         period = duration_ms(options.period, f"debounce period of workflow {definition.name!r}")
         timeout = 0 if options.timeout is None else duration_ms(options.timeout, "debounce timeout")
         await self.store.ensure_ready()
+        queue = queue_override or definition.options.queue
+        # The key's record (db:<workflow>:<key>) does not name the queue: neither does its placement.
+        target = self._placed(definition.name, _defines_limit(definition), parent_run_id,
+                              f"debounce:{len(definition.name)}:{definition.name}:{key.strip()}", elsewhere=False)
         code, run_id, _ = await self.store.debounce(
-            new_run_id(self.keys.partition), definition.name, queue_override or definition.options.queue, data,
+            new_run_id(target.keys.partition), definition.name, queue, data,
             definition.max_attempts, key.strip(), period, timeout, parent_run_id,
         )
         if code is Code.CANCELED:
@@ -125,15 +173,20 @@ class Starts:
         definition = self._client.registry_or_default().get(workflow_name)
         if definition is not None and definition.options.debounce is not None:
             return await self._enqueue_debounced(definition, input, queue_override, parent_run_id)
+        limited = False
         if definition is not None:
             queue, max_attempts = definition.options.queue, definition.max_attempts
             input = definition.prepare_input(input)
+            limited = _defines_limit(definition)
         else:
             meta = await self._client._workflow_meta(workflow_name)
             if meta is None:
                 if queue_override is None:
                     raise UnknownWorkflowError(workflow_name)
                 meta = {}
+                limited = True  # not registered yet: it may turn out to have a limit, counted in p0
+            else:
+                limited = _limited(meta)
             queue, max_attempts = meta.get("queue", "default"), int(meta.get("max_attempts", 3))
         return await self._enqueue(
             workflow_name,
@@ -144,6 +197,7 @@ class Starts:
             idempotency_ttl=idempotency_ttl,
             run_at=run_at,
             parent_run_id=parent_run_id,
+            limited=limited,
         )
 
     async def emit_workflow(
@@ -177,6 +231,7 @@ class Starts:
         idempotency_ttl: int | None,
         run_at: datetime | None,
         parent_run_id: str | None,
+        limited: bool,
     ) -> RunHandle:
         check_queue_name(queue)  # a queue_override no script could name is refused before anything is written
         what = f"input of workflow {workflow!r}"
@@ -194,12 +249,20 @@ class Starts:
         if idempotency_key is not None and ttl <= 0:
             raise ConfigurationError(f"idempotency_ttl for workflow {workflow!r} must be positive, got {ttl}")
         await self.store.ensure_ready()
-        run_id = new_run_id(self.keys.partition)
+        affinity = None if idempotency_key is None else f"idempotency:{len(workflow)}:{workflow}:{idempotency_key}"
+        target = self._placed(workflow, limited, parent_run_id, affinity)
+        run_id = new_run_id(target.keys.partition)
         with tracing.producer(queue, workflow, run_id) as trace_context:
-            code, bound_id, _ = await self.store.enqueue(
-                run_id, workflow, queue, data, max_attempts, run_at_ms, idempotency_key, ttl, parent_run_id,
-                trace_context,
-            )
+            if parent_run_id and self.store.of(parent_run_id) is not target:
+                code, bound_id = await Outbox(self.store.of(parent_run_id)).start_child_elsewhere(
+                    target, run_id, workflow, queue, data, max_attempts, run_at_ms, idempotency_key, ttl,
+                    parent_run_id, trace_context, self._client.retention_ms,
+                )
+            else:
+                code, bound_id, _ = await self.store.enqueue(
+                    run_id, workflow, queue, data, max_attempts, run_at_ms, idempotency_key, ttl, parent_run_id,
+                    trace_context,
+                )
         if code is Code.CANCELED:
             raise CanceledError(f"run {parent_run_id} was canceled: it cannot start a run of {workflow!r}")
         return RunHandle(self._client, bound_id)

@@ -19,6 +19,7 @@ from .._redis.errors import RedisError
 from ..ids import new_run_id, run_id_time_ms
 from ..observability.logs import log_outcome
 from ..storage.codes import Code
+from ..storage.handoffs import Outbox
 from ..storage.records import RunHeader
 from .cron import CronScheduler
 
@@ -59,11 +60,15 @@ class LeaderDuties:
             await self._duty("reap", self.reap(), budget)
         if beat.cascades_pending:
             await self._duty("cancel cascades", self.cancel_cascades(), budget)
-        await self._duty("cron", self.cron.on_beat(beat), budget)
+        if len(worker.primary.group) > 1:
+            await self._duty("hand-offs", self.apply_handoffs(), budget)
+        primary = worker.primary is worker  # triggers, registrations and events live in p0
+        if primary:
+            await self._duty("cron", self.cron.on_beat(beat), budget)
         if beat.next_event_due_ms >= 0:
             await self._duty("delayed events", self.deliver_due_events(beat.server_ms, beat.next_event_due_ms), budget)
         now = asyncio.get_running_loop().time()
-        if observability.enabled() and now >= self._next_sample:
+        if primary and observability.enabled() and now >= self._next_sample:
             self._next_sample = now + BACKLOG_SAMPLE_S
             await self._duty("backlog sample", self.sample_backlog(beat.server_ms), budget)
         if now >= self._next_cleanup:
@@ -121,7 +126,7 @@ class LeaderDuties:
     async def deliver_due_events(self, server_ms: int, next_due_ms: int) -> None:
         """Fan out delayed events that are due; set a timer for the next one."""
         worker = self._worker
-        events = worker.client.events
+        events = worker.events
         if next_due_ms <= server_ms:
             for event_id in await events.due_events(server_ms, 100):
                 await events.deliver(
@@ -129,6 +134,7 @@ class LeaderDuties:
                     run_id_prefix=new_run_id(worker.store.keys.partition)[:24],
                     run_id_suffix="-" + worker.store.keys.partition,
                 )
+                await Outbox(worker.store).apply_event(event_id, worker.retention_ms)
             upcoming = await events.next_due_event_ms()
             if upcoming is None:
                 return
@@ -170,6 +176,15 @@ class LeaderDuties:
                     )
                 if not left or not taken:
                     break
+
+    async def apply_handoffs(self) -> None:
+        """Apply this partition's outbox entries that their writers did not (they died, or lost
+        their connection): events for other partitions' waiters, children to create elsewhere,
+        children's ends for parents elsewhere."""
+        outbox = Outbox(self._worker.store)
+        while await outbox.pending():
+            if not await outbox.apply(self._worker.retention_ms, limit=100):
+                return
 
     async def cancel_cascades(self) -> None:
         """Finish cancel cascades a client left half done (it died, or lost its connection)."""

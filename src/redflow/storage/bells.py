@@ -105,6 +105,13 @@ class BellWaiter:
         if fut is not None:  # a failure only means the wait ends at BRPOP's own timeout
             fut.add_done_callback(lambda f: f.cancelled() or f.exception())
 
+    def drop(self, exc: Exception) -> None:
+        """Abandon the blocking connection (its server looks unreachable): a wait in progress fails
+        with ``exc`` and the next one opens a fresh connection."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            conn.abort(exc)
+
     def close(self) -> None:
         self._closed = True
         if self._conn is not None:

@@ -12,7 +12,7 @@ from ..encoding import decode, encode
 from ..errors import ConfigurationError
 from ..validation import json_schema_issues, validation_error
 from .codes import Code
-from .keys import event_member_prefix, tag
+from .keys import PartitionKeys, event_member_prefix, tag
 from .records import (
     CronOrphanRecord,
     CronRecord,
@@ -65,29 +65,10 @@ class EventStore:
         k = self.keys
         redis = self.redis
         await self._check_contracts(workflows, subscriptions)
-        old_subs = await redis.execute("ZRANGE", k.subscriber_index, 0, -1)
+        # Every partition keeps the subscriptions: an event fans out in the partition it is recorded in.
+        for partition in self.store.home.partitions:
+            await self._write_subscriptions(partition.keys, workflows, subscriptions)
         old_crons = await redis.execute("HGETALL", k.crons)
-        stale_subs = []
-        for member in old_subs:
-            text = member.decode()
-            raw = await redis.execute("HGET", k.subscribers, member)
-            sub = None if raw is None else decode_subscriber(raw)
-            if sub is not None and sub.workflow in workflows:
-                wanted = {tag(ev) + sub.workflow for ev in subscriptions.get(sub.workflow, [])}
-                if text not in wanted:
-                    stale_subs.append(member)
-        if stale_subs:
-            await redis.execute("ZREM", k.subscriber_index, *stale_subs)
-            await redis.execute("HDEL", k.subscribers, *stale_subs)
-        for workflow, events in subscriptions.items():
-            meta = workflows[workflow]
-            for event in events:
-                member = tag(event) + workflow
-                record = SubscriberRecord(event=event, workflow=workflow, queue=meta["queue"],
-                                          max_attempts=meta["max_attempts"],
-                                          input_json_schema=meta.get("input_json_schema"))
-                await redis.execute("HSET", k.subscribers, member, encode_record(record))
-                await redis.execute("ZADD", k.subscriber_index, 0, member)
         stale_crons = []
         for i in range(0, len(old_crons), 2):
             trigger_id, old = old_crons[i].decode(), decode_cron(old_crons[i + 1])
@@ -109,19 +90,50 @@ class EventStore:
             await redis.execute("HDEL", self.cron_orphans_key, *crons, *stale_crons)
         if changed:
             await redis.execute("INCR", k.cron_version)
+        # Runs of a limited workflow are placed in p0, where its limits count; every partition has
+        # the limits too, so runs placed elsewhere before the limit was known are held to them there.
         admission = {w: m["admission"] for w, m in workflows.items() if m.get("admission")}
-        if admission:
-            await redis.execute("HSET", k.admission,
-                                *[x for w, a in admission.items() for x in (w, encode_record(admission_meta(a)))])
         plain = [w for w in workflows if w not in admission]
-        if plain:
-            await redis.execute("HDEL", k.admission, *plain)
         limited = {w: m["max_concurrency"] for w, m in workflows.items() if m.get("max_concurrency")}
         unlimited = [w for w in workflows if w not in limited]
-        if limited:
-            await redis.execute("HSET", k.limits, *[x for item in limited.items() for x in item])
-        if unlimited:
-            await redis.execute("HDEL", k.limits, *unlimited)
+        for p in (partition.keys for partition in self.store.home.partitions):
+            if admission:
+                await redis.execute("HSET", p.admission, *[
+                    x for w, a in admission.items() for x in (w, encode_record(admission_meta(a)))])
+            if plain:
+                await redis.execute("HDEL", p.admission, *plain)
+            if limited:
+                await redis.execute("HSET", p.limits, *[x for item in limited.items() for x in item])
+            if unlimited:
+                await redis.execute("HDEL", p.limits, *unlimited)
+
+    async def _write_subscriptions(
+        self, k: PartitionKeys, workflows: dict[str, dict[str, Any]], subscriptions: dict[str, list[str]],
+    ) -> None:
+        """Replace, in one partition, the subscriptions of ``workflows`` with ``subscriptions``."""
+        redis = self.redis
+        old_subs = await redis.execute("ZRANGE", k.subscriber_index, 0, -1)
+        stale_subs = []
+        for member in old_subs:
+            text = member.decode()
+            raw = await redis.execute("HGET", k.subscribers, member)
+            sub = None if raw is None else decode_subscriber(raw)
+            if sub is not None and sub.workflow in workflows:
+                wanted = {tag(ev) + sub.workflow for ev in subscriptions.get(sub.workflow, [])}
+                if text not in wanted:
+                    stale_subs.append(member)
+        if stale_subs:
+            await redis.execute("ZREM", k.subscriber_index, *stale_subs)
+            await redis.execute("HDEL", k.subscribers, *stale_subs)
+        for workflow, events in subscriptions.items():
+            meta = workflows[workflow]
+            for event in events:
+                member = tag(event) + workflow
+                record = SubscriberRecord(event=event, workflow=workflow, queue=meta["queue"],
+                                          max_attempts=meta["max_attempts"],
+                                          input_json_schema=meta.get("input_json_schema"))
+                await redis.execute("HSET", k.subscribers, member, encode_record(record))
+                await redis.execute("ZADD", k.subscriber_index, 0, member)
 
     async def record_registration(
         self, worker_id: str, workflows: list[str], queues: list[str] | None, now_ms: int | None = None
@@ -289,7 +301,7 @@ class EventStore:
                 event_id, name, data, correlation_key or "", parent_run_id or "", emit_at_ms,
                 idempotency_ttl_s if idempotency_key else 0, retention_ms, "deliver" if deliver else "emit",
                 fingerprint, tag(name), member, member, EVENT_BUFFER_BOUND, run_id_prefix, run_id_suffix,
-                trace_context,
+                trace_context, self._other_partitions(),
             ),
             queues=queues, event_idempotency=idem_key,
         )
@@ -297,6 +309,37 @@ class EventStore:
         if code in (Code.CREATED, Code.EXISTING):
             return code, reply[1].decode(), decode_event(reply[3]).public()
         return code, reply[1].decode() if len(reply) > 1 else event_id, {}
+
+    def _other_partitions(self) -> str:
+        parts = self.store.home.partitions
+        return ",".join(str(i) for i, p in enumerate(parts) if p is not self.store)
+
+    # --- hand-offs to the other partitions (storage/handoffs.py applies the outbox) --------------------
+    def handoff_members(self, event_id: str) -> list[bytes]:
+        """The outbox entries emitting ``event_id`` here may have recorded."""
+        return [f"{i}:{event_id}".encode() for i in self._other_partitions().split(",") if i]
+
+    async def apply_event_handoff(self, index: int, event_id: str, retention_ms: int) -> list[str]:
+        """Give event ``event_id`` of this partition to partition ``index``; returns the runs it
+        resumed there. handoff_event applies an event once per partition, so a repeat does nothing.
+        The copy it leaves there is kept ``retention_ms``."""
+        k = self.keys
+        raw, data = await asyncio.gather(
+            self.redis.execute("HGET", k.events, event_id), self.redis.execute("HGET", k.event_data, event_id)
+        )
+        parts = self.store.home.partitions
+        if raw is None or data is None or index >= len(parts):
+            return []
+        record = decode_event(raw)
+        if record.correlation_key is None:
+            return []
+        reply = await parts[index].scripts.run(  # it asks for the queues of the runs it resumes
+            "handoff_event",
+            (event_id, data, event_member_prefix(record.name, record.correlation_key),
+             record.emitted_at_ms, EVENT_BUFFER_BOUND, retention_ms),
+            queues=[],
+        )
+        return [r.decode() for r in reply[1:]] if reply[0] == Code.OK else []
 
     async def deliver(self, event_id: str, *, retention_ms: int, run_id_prefix: str, run_id_suffix: str) -> Code:
         """Fan out a delayed event that is due (idempotent: delivered events are left alone)."""
@@ -334,25 +377,27 @@ class EventStore:
         record["data"] = decode_event_data(data).payload() if data else None
         return record
 
-    async def list_event_ids(
-        self, name: str | None, cursor: str | None, limit: int, descending: bool
-    ) -> list[str]:
+    async def event_mark(self, event_id: str) -> tuple[int, str] | None:
+        """(emit time, id) of an event recorded here: its place in the listing order."""
+        raw = await self.redis.execute("HGET", self.keys.events, event_id)
+        return None if raw is None else (decode_event(raw).emitted_at_ms, event_id)
+
+    async def list_event_marks(
+        self, name: str | None, after: tuple[int, str] | None, limit: int, descending: bool
+    ) -> list[tuple[int, str]]:
+        """(emit time, id) of up to ``limit`` events past ``after``, in listing order."""
         prefix = (b"n:" + tag(name).encode()) if name else b"a:"
-        if cursor is None:
+        if after is None:
             lo, hi = b"[" + prefix, b"[" + prefix + b"\xff"
         else:
-            raw = await self.redis.execute("HGET", self.keys.events, cursor)
-            if raw is None:
-                return []
-            ts = decode_event(raw).emitted_at_ms
-            mark = prefix + f"{ts:013d}:{cursor}".encode()
+            mark = prefix + f"{after[0]:013d}:{after[1]}".encode()
             lo, hi = (b"[" + prefix, b"(" + mark) if descending else (b"(" + mark, b"[" + prefix + b"\xff")
         if descending:
             members = await self.redis.execute("ZREVRANGEBYLEX", self.keys.event_index, hi, lo, "LIMIT", 0, limit)
         else:
             members = await self.redis.execute("ZRANGEBYLEX", self.keys.event_index, lo, hi, "LIMIT", 0, limit)
-        skip = len(prefix) + 14  # <prefix><13-digit ts>:<event id>
-        return [m[skip:].decode() for m in members]
+        skip = len(prefix)  # <prefix><13-digit ts>:<event id>
+        return [(int(m[skip:skip + 13]), m[skip + 14:].decode()) for m in members]
 
     async def read_events(self, ids: list[str]) -> list[dict[str, Any]]:
         if not ids:
@@ -412,7 +457,7 @@ class EventStore:
         reply = await self.store.scripts.run(
             "cron_fire",
             (trigger_id, slot_ms, run_id, workflow, queue, encode(record.input), record.max_attempts,
-             record.max_concurrency or 0, f"ws:{tag(workflow)}running:"),
+             record.max_concurrency or 0),
             ready=k.ready(queue), scheduled=k.scheduled(queue), bell=k.bell(queue),
         )
         return Code(reply[0])

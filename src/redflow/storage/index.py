@@ -14,10 +14,16 @@ from .records import RunHeader, decode_header
 STATUSES = ("scheduled", "queued", "running", "succeeded", "failed", "canceled")
 
 
+RUNNING_PREFIX = b"s:running:"
+RUNNING_SCAN = 1000  # lease holders read per command while listing running runs
+
+
 def index_prefixes(status: str | None, workflow: str | None) -> list[bytes]:
     """Member prefixes of the index entries of runs with that status and/or workflow; several (one
     per status) when no status is given, merged by the caller. A run has two members, s:<status>:<id>
-    and ws:<workflow>:<status>:<id>: a workflow's runs are listed from the second."""
+    and ws:<workflow>:<status>:<id>: a workflow's runs are listed from the second. Running runs have
+    no members (they are counted per workflow instead); their prefixes, s:running: and
+    ws:<workflow>:running:, are served by ``RunIndex.page`` from the lease holders."""
     if status and workflow:
         return [f"ws:{tag(workflow)}{status}:".encode()]
     if status:
@@ -30,6 +36,19 @@ def index_prefixes(status: str | None, workflow: str | None) -> list[bytes]:
 def children_prefix(parent_run_id: str) -> bytes:
     """Member prefix of a parent's entries in the ``children`` index."""
     return f"{parent_run_id}:".encode()
+
+
+def running_filter(prefix: bytes) -> str | None:
+    """For a running prefix of ``index_prefixes``: the workflow it lists ('' for every workflow);
+    None for any other prefix."""
+    if prefix == RUNNING_PREFIX:
+        return ""
+    if not prefix.startswith(b"ws:") or not prefix.endswith(b":running:"):
+        return None
+    size, _, rest = prefix[3:].partition(b":")
+    if not size.isdigit() or rest[int(size):] != b":running:":
+        return None
+    return rest[: int(size)].decode()
 
 
 def untag(field: str) -> str:
@@ -49,6 +68,9 @@ class RunIndex:
     ) -> list[str]:
         """Up to ``limit`` run ids under one member prefix of the index (or of ``children``), past the
         id ``cursor``, oldest first or newest first."""
+        workflow = None if children else running_filter(prefix)
+        if workflow is not None:
+            return await self._running_page(workflow, cursor, limit, descending, created_after, created_before)
         # Bounds as (member, inclusive). Ids start with their creation time, so a time range is a
         # member range; the cursor (an id) tightens the bound on the side the page moves away from.
         lo: tuple[bytes, bool] = (prefix + (_b32(created_after, 10).encode() if created_after else b""), True)
@@ -69,6 +91,35 @@ class RunIndex:
         else:
             members = await self.redis.execute("ZRANGEBYLEX", key, lo_arg, hi_arg, "LIMIT", 0, limit)
         return [m[len(prefix):].decode() for m in members]
+
+    async def _running_page(
+        self, workflow: str, cursor: str | None, limit: int, descending: bool,
+        created_after: int | None, created_before: int | None,
+    ) -> list[str]:
+        """``page`` for running runs: the lease holders whose header says running (a lease is also
+        held by a queued run claimed for admission and by a failed run whose on_failure hook runs),
+        in id order. Costs the number of runs in flight, not the number of runs kept."""
+        lo = _b32(created_after, 10) if created_after else ""
+        hi = _b32(created_before, 10) if created_before else None
+        ids = sorted(
+            run_id for raw in await self.redis.execute("HKEYS", self.keys.leases)
+            if (run_id := raw.decode()) >= lo and (hi is None or run_id < hi)
+            and (cursor is None or (run_id < cursor if descending else run_id > cursor))
+        )
+        if descending:
+            ids.reverse()
+        out: list[str] = []
+        for start in range(0, len(ids), RUNNING_SCAN):
+            chunk = ids[start:start + RUNNING_SCAN]
+            for run_id, raw in zip(chunk, await self.redis.execute("HMGET", self.keys.runs, *chunk), strict=True):
+                if raw is None:
+                    continue
+                h = decode_header(raw)
+                if h.status == "running" and (not workflow or h.workflow == workflow):
+                    out.append(run_id)
+                    if len(out) == limit:
+                        return out
+        return out
 
     async def merged_page(
         self, prefixes: list[bytes], cursor: str | None, limit: int, descending: bool,
@@ -109,11 +160,15 @@ class RunIndex:
 
     async def status_counts(self) -> dict[str, int]:
         k = self.keys
-        counts = await asyncio.gather(*(
-            self.redis.execute("ZLEXCOUNT", k.index, f"[s:{s}:".encode(), f"[s:{s}:".encode() + b"\xff")
-            for s in STATUSES
-        ))
-        return {s: int(c) for s, c in zip(STATUSES, counts, strict=True)}
+        counted = [s for s in STATUSES if s != "running"]
+        running, *counts = await asyncio.gather(
+            self.redis.execute("HVALS", k.running),
+            *(self.redis.execute("ZLEXCOUNT", k.index, f"[s:{s}:".encode(), f"[s:{s}:".encode() + b"\xff")
+              for s in counted),
+        )
+        by_status = {s: int(c) for s, c in zip(counted, counts, strict=True)}
+        by_status["running"] = sum(int(n) for n in running)
+        return {s: by_status[s] for s in STATUSES}
 
     async def queue_sizes(self, queues: list[str]) -> dict[str, dict[str, int]]:
         """Each queue's ready (claimable now) and scheduled (due later) counts."""

@@ -4,14 +4,16 @@ Layout: ``<prefix>:{<prefix>:<partition>}:<name>``. The braces make the prefix a
 hash tag, so all keys of one partition live in one cluster slot (any script may touch any of them)
 and two prefixes never share a slot. Keys still start with the prefix, so ACL key patterns and SCAN
 by prefix keep working. Run ids end with their partition (``<ulid>-<partition>``), so a run's keys
-are found from its id alone. Today there is one partition, ``p0``.
+are found from its id alone. A prefix has P partitions ``p0`` .. ``p<P-1>``, fixed when the prefix is
+created and recorded in ``p0`` (``partitions``); a prefix created before that was recorded has one.
 
 Per-run data lives in partition-wide hashes keyed by run id (``runs``, ``inputs`` …) rather than in
 one key per run: scripts then only touch keys named in KEYS, never keys derived from ids.
 
 Key (type) — contents — lifetime:
   version (string)        storage layout version                          permanent
-  runs (hash)             run id -> run header (JSON)                     until retention
+  partitions (string)     the prefix's partition count P (in p0 only)     permanent
+  runs (hash)             run id -> run header (MessagePack map)          until retention
   inputs (hash)           run id -> input JSON                            until retention
   results (hash)          run id -> output JSON (succeeded)               until retention
   errors (hash)           run id -> last error JSON                       until retention
@@ -20,7 +22,9 @@ Key (type) — contents — lifetime:
   attempts (hash)         <run id>:<attempt> -> how that attempt ended (JSON)  until retention
   leases (hash)           run id -> fencing token of the current attempt  while running
   index (zset, lex)       s:<status>:<id>, ws:<n>:<wf>:<status>:<id>       until retention
-                          (<n> = length of the workflow name, so no name is a prefix of another)
+                          (<n> = length of the workflow name, so no name is a prefix of another);
+                          every status but running: running runs are listed from `leases`
+  running (hash)          workflow -> number of its runs running now      while any runs
   expiry (zset)           run id -> retention deadline (ms)               until retention
   workflows (hash)        workflow name -> metadata JSON                  permanent
   workers (zset)          worker id -> liveness deadline (ms)             until reaped
@@ -43,6 +47,17 @@ Key (type) — contents — lifetime:
   event_buffer (zset,lex) <len>:<event>:<len>:<key>:<ts>:<id>, newest 64 per key  until retention
   events_due (zset)       event id -> emit time of a delayed event        until delivered
   evidem:<n>:<ev>:<key>   event id for an event idempotency key (string)  EX idempotency TTL
+  outbox (zset)           hand-offs to other partitions -> time: <index>:<event id> an event
+                          recorded here that the waiters of partition <index> must see;
+                          n<index>:<child id> a child to create there; c<index>:<child id> a
+                          child that ended here, whose parent lives there  until applied
+  outbox_data (hash)      n<index>:<child id> -> the child's creation record  until applied
+  child_ends (hash)       child id -> "<status>\n<outcome JSON>" of a child of a run of this
+                          partition that ended in another partition         until retention
+  child_end_expiry (zset) child id -> when its child_ends entry is deleted   until retention
+  inbox (zset)            event id -> when an event of another partition was applied here  a day
+  event_copies (hash)     event id -> buffer member of an event of another partition,
+                          copied here (its data in event_data)             until retention
   subscribers (hash)      <len>:<event>:<workflow> -> {workflow, queue, max_attempts}  permanent
   subscriber_index (zset) the same members, lexicographic                 permanent
   limits (hash)           workflow -> max_concurrency                     permanent (per definition)
@@ -70,8 +85,12 @@ from __future__ import annotations
 
 from ..errors import ConfigurationError
 
-STORAGE_VERSION = "redflow-storage-4"
+STORAGE_VERSION = "redflow-storage-5"
+# The layout name of a prefix with several partitions: a redflow from before partitions refuses it.
+PARTITIONED_VERSION = STORAGE_VERSION + "+partitions"
 DEFAULT_PARTITION = "p0"
+MAX_PARTITIONS = 256
+CLUSTER_PARTITIONS = 16  # a new prefix's count on a cluster when none is configured (1 on one server)
 
 # Where layout redflow-storage-3 (tag without the prefix) kept its version marker.
 PREVIOUS_VERSION_KEY = "{prefix}:{{p0}}:version"
@@ -98,6 +117,18 @@ def partition_of(run_id: str) -> str:
     return part
 
 
+def partition_name(index: int) -> str:
+    return f"p{index}"
+
+
+def partition_index(run_id: str) -> int | None:
+    """The index of the partition a run id names, or None when it names none (not a run id)."""
+    _, sep, part = run_id.rpartition("-")
+    if not sep or len(part) < 2 or part[0] != "p" or not part[1:].isdigit():
+        return None
+    return int(part[1:])
+
+
 class PartitionKeys:
     """Key names of one partition under one prefix, computed once."""
 
@@ -106,6 +137,8 @@ class PartitionKeys:
         "attempts",
         "base",
         "cascade",
+        "child_end_expiry",
+        "child_ends",
         "children",
         "cron_last",
         "cron_orphans",
@@ -114,6 +147,7 @@ class PartitionKeys:
         "epoch",
         "errors",
         "event_buffer",
+        "event_copies",
         "event_data",
         "event_expiry",
         "event_index",
@@ -121,16 +155,21 @@ class PartitionKeys:
         "events_due",
         "expiry",
         "held",
+        "inbox",
         "index",
         "inputs",
         "leader",
         "leases",
         "limits",
         "mutexes",
+        "outbox",
+        "outbox_data",
         "partition",
+        "partitions",
         "prefix",
         "registrations",
         "results",
+        "running",
         "runs",
         "seq",
         "steps",
@@ -149,6 +188,7 @@ class PartitionKeys:
         base = f"{prefix}:{{{prefix}:{partition}}}"
         self.base = base
         self.version = f"{base}:version"
+        self.partitions = f"{base}:partitions"
         self.runs = f"{base}:runs"
         self.inputs = f"{base}:inputs"
         self.results = f"{base}:results"
@@ -158,6 +198,7 @@ class PartitionKeys:
         self.cascade = f"{base}:cascade"
         self.leases = f"{base}:leases"
         self.index = f"{base}:index"
+        self.running = f"{base}:running"
         self.expiry = f"{base}:expiry"
         self.workflows = f"{base}:workflows"
         self.workers = f"{base}:workers"
@@ -173,6 +214,12 @@ class PartitionKeys:
         self.event_expiry = f"{base}:event_expiry"
         self.event_buffer = f"{base}:event_buffer"
         self.events_due = f"{base}:events_due"
+        self.outbox = f"{base}:outbox"
+        self.outbox_data = f"{base}:outbox_data"
+        self.child_ends = f"{base}:child_ends"
+        self.child_end_expiry = f"{base}:child_end_expiry"
+        self.inbox = f"{base}:inbox"
+        self.event_copies = f"{base}:event_copies"
         self.subscribers = f"{base}:subscribers"
         self.subscriber_index = f"{base}:subscriber_index"
         self.limits = f"{base}:limits"

@@ -21,7 +21,8 @@ def _wire(name: str) -> Any:
 
 
 class RunHeader(msgspec.Struct, omit_defaults=True):
-    """A run's header. Lua scripts read and write it with the wire names (the short names below)."""
+    """A run's header: a MessagePack map that Lua scripts read and write (cmsgpack) with the wire
+    names (the short names below)."""
 
     workflow: str = _wire("w")
     queue: str = _wire("q")
@@ -104,7 +105,7 @@ class WaitRecord(msgspec.Struct, omit_defaults=True):
     info: str | None = None  # the wait's details, JSON text: {msg, schema} (input) or {event, key} (event)
 
 
-_header_decoder = msgspec.json.Decoder(RunHeader)
+_header_decoder = msgspec.msgpack.Decoder(RunHeader)  # written by the scripts with cmsgpack
 _attempt_decoder = msgspec.json.Decoder(AttemptRecord)
 _wait_decoder = msgspec.json.Decoder(WaitRecord)
 _step_decoder = msgspec.json.Decoder(StepRecord)

@@ -53,6 +53,10 @@ SCRIPT_NAMES = (
     "suspend",
     "cancel",
     "emit",
+    "handoff_event",
+    "handoff_done",
+    "start_child_elsewhere",
+    "child_ended",
     "cron_fire",
     "resume_input",
     "requeue",
@@ -172,11 +176,22 @@ class ScriptRunner:
         self.scripts = load_scripts()
         self._templates: dict[str, tuple[list[str | None], dict[str, int]]] = {}
 
-    async def load_all(self) -> None:
+    async def load_all(self, done: set[int] | None = None) -> None:
         """Load every script on the server that holds this runner's partition (on a cluster, its
-        master now: a later owner answers NOSCRIPT once and gets the script by EVAL, see ``call``)."""
+        master now: a later owner answers NOSCRIPT once and gets the script by EVAL, see ``call``).
+        ``done`` holds the nodes (by id) the scripts were loaded on already: partitions that share
+        a node load them once."""
         node = await self._redis.node_for(self._keys.base) if self._keys is not None else self._redis
-        await asyncio.gather(*(node.execute("SCRIPT", "LOAD", s.source) for s in self.scripts.values()))
+        if done is not None:
+            if id(node) in done:
+                return
+            done.add(id(node))  # before the first await: a sibling preparing meanwhile skips this node
+        try:
+            await asyncio.gather(*(node.execute("SCRIPT", "LOAD", s.source) for s in self.scripts.values()))
+        except BaseException:
+            if done is not None:
+                done.discard(id(node))
+            raise
 
     def _template(self, script: Script) -> tuple[list[str | None], dict[str, int]]:
         """The script's KEYS with every partition-wide key filled in, and the position of each name;

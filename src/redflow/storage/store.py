@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Concatenate, NamedTuple, ParamSpec, TypeVar
 
 from .._redis.client import RedisClient
 from .._redis.connection import Connection
@@ -16,7 +17,16 @@ from ..errors import StorageLayoutError
 from .batches import Coalescer, FinishRequest, StepRequest
 from .codes import Code
 from .index import RunIndex
-from .keys import STORAGE_VERSION, PartitionKeys, tag
+from .keys import (
+    CLUSTER_PARTITIONS,
+    PARTITIONED_VERSION,
+    STORAGE_VERSION,
+    PartitionKeys,
+    partition_index,
+    partition_name,
+    tag,
+)
+from .partitions import Placement, agree
 from .records import (
     AttemptRecord,
     ClaimedRun,
@@ -61,11 +71,39 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _routed(
+    method: Callable[Concatenate[Store, str, P], Awaitable[R]],
+) -> Callable[Concatenate[Store, str, P], Awaitable[R]]:
+    """A per-run method, run by the store of the partition its run id names."""
+
+    @functools.wraps(method)
+    async def routed(self: Store, run_id: str, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await method(self.of(run_id), run_id, *args, **kwargs)
+
+    return routed
+
+
 class Store:
-    def __init__(self, redis: RedisClient, keys: PartitionKeys) -> None:
+    """The scripts and reads of one partition. The store of ``p0`` (the home store, the one clients
+    hold) also knows the prefix's other partitions once ready: per-run methods called on it run on
+    the store of the run's partition, and ``partitions`` lists them all for partition-wide work."""
+
+    def __init__(
+        self, redis: RedisClient, keys: PartitionKeys, *, partitions: int | None = None, home: Store | None = None,
+    ) -> None:
         _stores.add(self)
         self.redis = redis
         self.keys = keys
+        self.home = home if home is not None else self
+        self.requested_partitions = partitions
+        self.partitions: list[Store] = [self]  # filled in by the home store's preparation
+        self._script_nodes: set[int] | None = None  # a sibling's: the nodes its partitions loaded scripts on
+        self.placement = Placement(1)
+        self._layout = STORAGE_VERSION  # the layout name found in this partition
         self.scripts = ScriptRunner(redis, keys)
         self.index = RunIndex(redis, keys)
         self._finishes: Coalescer[FinishRequest, tuple[Code, str]] = Coalescer(
@@ -92,8 +130,45 @@ class Store:
             raise
         self._is_ready = True
 
+    def of(self, run_id: str) -> Store:
+        """The store of the partition ``run_id`` names (the home store for an id naming none)."""
+        parts = self.home.partitions
+        if len(parts) == 1:
+            return parts[0]
+        index = partition_index(run_id)
+        return parts[index] if index is not None and index < len(parts) else parts[0]
+
+    def at(self, index: int) -> Store:
+        return self.home.partitions[index]
+
     async def _prepare(self) -> None:
+        if self.home is not self:
+            await self._prepare_layout(None)
+            return
+        recorded = await self._prepare_layout(self.requested_partitions)
+        count = agree(self.keys.prefix, recorded, self.requested_partitions)
+        if (count > 1) != (self._layout == PARTITIONED_VERSION):
+            raise StorageLayoutError(
+                f"the key prefix {self.keys.prefix!r} records {count} partition(s) but storage layout "
+                f"{self._layout!r}: its metadata is inconsistent; use another prefix"
+            )
+        if count > 1:
+            siblings = [Store(self.redis, PartitionKeys(self.keys.prefix, partition_name(i)), home=self)
+                        for i in range(1, count)]
+            loaded = {id(await self.redis.node_for(self.keys.base))}  # p0's node has them (above)
+            for sibling in siblings:
+                sibling._script_nodes = loaded
+            await asyncio.gather(*(s.ensure_ready() for s in siblings))
+            self.partitions = [self, *siblings]
+            self.placement = Placement(count)
+
+    async def _prepare_layout(self, requested: int | None) -> bytes | None:
+        """Check (or claim) this partition's layout version and load the scripts; in ``p0`` also
+        record the partition count of a new prefix, and return the recorded count. A prefix with
+        several partitions has its own layout name, so a redflow that predates partitions refuses
+        it instead of reading one partition of it."""
         k = self.keys
+        home = self.home is self
         version = await self.redis.execute("GET", k.version)
         if version is None:
             # Only a prefix not claimed yet is checked for other layouts' markers. One EXISTS per
@@ -113,16 +188,27 @@ class Store:
                     f"the key prefix {k.prefix!r} holds data of another storage layout (for example "
                     "from redflow 0.1.x); use another prefix (REDFLOW_PREFIX) or remove that data"
                 )
-            await self.redis.execute("SET", k.version, STORAGE_VERSION, "NX")
+            if home:  # the count first: a version without a count means a prefix made before counts
+                default = CLUSTER_PARTITIONS if self.redis.is_cluster else 1  # known after the first reply
+                await self.redis.execute("SET", k.partitions, requested or default, "NX")
+                count = int(await self.redis.execute("GET", k.partitions))
+                layout = PARTITIONED_VERSION if count > 1 else STORAGE_VERSION
+            else:
+                layout = self.home._layout
+            await self.redis.execute("SET", k.version, layout, "NX")
             version = await self.redis.execute("GET", k.version)
-        if version.decode() != STORAGE_VERSION:
+        if version.decode() not in (STORAGE_VERSION, PARTITIONED_VERSION):
             raise StorageLayoutError(
                 f"the key prefix {k.prefix!r} holds storage layout {version.decode()!r}; this version "
                 f"of redflow uses {STORAGE_VERSION!r}. Use another prefix or migrate the data"
             )
-        await self.scripts.load_all()
+        self._layout = version.decode()
+        recorded: bytes | None = await self.redis.execute("GET", k.partitions) if home else None
+        await self.scripts.load_all(self._script_nodes)
+        return recorded
 
     # --- runs ------------------------------------------------------------------------------------
+    @_routed
     async def enqueue(
         self,
         run_id: str,
@@ -162,6 +248,7 @@ class Store:
         )
         return int(reply[1])
 
+    @_routed
     async def debounce(
         self, run_id: str, workflow: str, queue: str, input_json: bytes, max_attempts: int, key: str,
         period_ms: int, timeout_ms: int, parent_run_id: str | None,
@@ -188,6 +275,7 @@ class Store:
         next_due, runs = parse_claim(reply)
         return code, next_due, runs
 
+    @_routed
     async def record_step(self, run_id: str, token: bytes, line: bytes) -> Code:
         """Append a step record if ``token`` is the run's current one and it is running. Records
         written in the same loop tick leave in one script call (see :mod:`.batches`)."""
@@ -209,6 +297,7 @@ class Store:
         """The queues a transition of a run on ``queue`` is given up front; others it asks for."""
         return [queue]
 
+    @_routed
     async def finish(
         self, run_id: str, token: bytes, worker_id: str, status: str, payload: bytes, hook: bool,
         retention_ms: int, queue: str,
@@ -249,10 +338,12 @@ class Store:
         return [None if code is Code.NEED_QUEUES else (code, detail if code is Code.OK else "")
                 for code, detail in await self.finish_many(requests)]
 
+    @_routed
     async def hook_done(self, run_id: str, token: bytes, worker_id: str) -> Code:
         reply = await self.scripts.run("hook_done", (run_id, token), owned=self.keys.owned(worker_id))
         return Code(reply[0])
 
+    @_routed
     async def retry(
         self, run_id: str, token: bytes, worker_id: str, queue: str, delay_ms: int, error: bytes,
         keep_attempt: bool = False,
@@ -264,6 +355,7 @@ class Store:
         )
         return Code(reply[0])
 
+    @_routed
     async def suspend(
         self,
         run_id: str,
@@ -296,6 +388,7 @@ class Store:
             return code, reply[1].decode(), reply[2]
         return code, "", b""
 
+    @_routed
     async def cancel(self, run_id: str, reason: str, retention_ms: int) -> tuple[Code, str]:
         """Cancel one run: (OK, 'canceled' | 'requested'), (TERMINAL, status) or (NOT_FOUND, '')."""
         k = self.keys
@@ -314,9 +407,11 @@ class Store:
         ids = await self.redis.execute("ZRANGE", self.keys.cascade, 0, limit - 1)
         return [i.decode() for i in ids]
 
+    @_routed
     async def cascade_done(self, run_id: str) -> None:
         await self.redis.execute("ZREM", self.keys.cascade, run_id)
 
+    @_routed
     async def admit(
         self, run_id: str, token: bytes, worker_id: str, queue: str, workflow: str,
         throttle: tuple[str, int, int] | None, rate: tuple[str, int, int] | None, hook: bool, retention_ms: int,
@@ -340,6 +435,7 @@ class Store:
             return code, decode_header(reply[1])
         return code, int(reply[1]) if len(reply) > 1 else None
 
+    @_routed
     async def stream_write(
         self, run_id: str, token: bytes, attempt: int, value: bytes, retention_ms: int, max_len: int
     ) -> tuple[Code, str, int]:
@@ -351,10 +447,12 @@ class Store:
             return code, "", 0
         return code, reply[1].decode(), int(reply[2])
 
+    @_routed
     async def read_wait(self, run_id: str) -> WaitRecord | None:
         raw = await self.redis.execute("HGET", self.keys.waits, run_id)
         return None if raw is None else decode_wait(raw)
 
+    @_routed
     async def resume_input(self, run_id: str, queue: str, form: bytes, new_input: bytes | None) -> tuple[Code, str]:
         k = self.keys
         reply = await self.scripts.run(
@@ -363,12 +461,14 @@ class Store:
         )
         return Code(reply[0]), reply[1].decode() if len(reply) > 1 else ""
 
+    @_routed
     async def children_of(self, run_id: str) -> list[str]:
         """Runs started by steps of ``run_id`` (the parent-to-child index)."""
         start = f"[{run_id}:".encode()
         members = await self.redis.execute("ZRANGEBYLEX", self.keys.children, start, start + b"\xff")
         return [m.decode().split(":", 1)[1] for m in members]
 
+    @_routed
     async def release(self, run_id: str, token: bytes, worker_id: str, queue: str, retention_ms: int) -> Code:
         await self._steps.settled(run_id)
         k = self.keys
@@ -455,6 +555,7 @@ class Store:
         return int(reply[1]), int(reply[2])
 
     # --- operator actions -------------------------------------------------------------------------
+    @_routed
     async def requeue(self, run_id: str, header: RunHeader, token: str = "") -> tuple[Code, str]:
         """Send a failed or canceled run back to its queue as its next attempt (see requeue.lua):
         (code, detail)."""
@@ -465,6 +566,7 @@ class Store:
         )
         return Code(reply[0]), reply[1].decode() if len(reply) > 1 else ""
 
+    @_routed
     async def replay(
         self, run_id: str, source_id: str, workflow: str, queue: str, input_json: bytes, max_attempts: int,
         lines: Sequence[bytes],
@@ -485,18 +587,18 @@ class Store:
     async def write_bulk_job(self, job_id: str, record: bytes) -> None:
         await self.redis.execute("SET", self.keys.bulk_job(job_id), record, "EX", BULK_JOB_TTL_S)
 
+    @_routed
     async def explain_facts(self, run_id: str, h: RunHeader) -> dict[str, Any]:
         """What explain_run needs beyond the header, in one pipelined batch: server time, the run's
         place in its ready list, its workflow's running count and limit, the holder of its mutex,
         its worker's liveness deadline, its wait and its error."""
         k, redis = self.keys, self.redis
-        running_prefix = f"ws:{tag(h.workflow)}running:".encode()
         server, pos, length, running, limit, holder, deadline, wait, error = await asyncio.gather(
             redis.execute_at(k.base, "TIME"),
             # From the claim end, bounded: a page about one run never scans a long queue.
             redis.execute("LPOS", k.ready(h.queue), run_id, "RANK", -1, "MAXLEN", EXPLAIN_SCAN),
             redis.execute("LLEN", k.ready(h.queue)),
-            redis.execute("ZLEXCOUNT", k.index, b"[" + running_prefix, b"[" + running_prefix + b"\xff"),
+            redis.execute("HGET", k.running, h.workflow),
             redis.execute("HGET", k.limits, h.workflow),
             redis.execute("HGET", k.mutexes, h.mutex_field) if h.mutex_field else _none(),
             redis.execute("ZSCORE", k.workers, h.owner) if h.owner else _none(),
@@ -507,12 +609,13 @@ class Store:
             "now_ms": int(server[0]) * 1000 + int(server[1]) // 1000,
             # runs claimed before it; None when it is not among the EXPLAIN_SCAN next to be claimed
             "ahead": None if pos is None else int(length) - 1 - int(pos),
-            "running": int(running), "limit": None if limit is None else int(limit),
+            "running": int(running or 0), "limit": None if limit is None else int(limit),
             "mutex_holder": None if holder is None else holder.decode(),
             "owner_deadline_ms": None if deadline is None else int(float(deadline)),
             "wait": wait, "error": error,
         }
 
+    @_routed
     async def read_history_lines(self, run_id: str) -> list[bytes]:
         """The run's history as stored, one JSON line each (newline included)."""
         reply = await self.scripts.run("history", (run_id,))
@@ -527,6 +630,7 @@ class Store:
         reply = await self.redis.execute_at(self.keys.base, "CONFIG", "GET", "maxmemory-policy")
         return reply[1].decode() if len(reply) >= 2 else None
 
+    @_routed
     async def stream_range(self, run_id: str, count: int | None) -> list[tuple[bytes, list[bytes]]]:
         """The entries of a run's stream, oldest first (at most ``count``)."""
         args: list[Any] = ["XRANGE", self.keys.stream(run_id), "-", "+"]
@@ -535,6 +639,7 @@ class Store:
         entries: list[tuple[bytes, list[bytes]]] = await self.redis.execute(*args)
         return entries
 
+    @_routed
     async def stream_read(
         self, run_id: str, after: str, count: int, block_ms: int | None = None, conn: Connection | None = None
     ) -> list[tuple[bytes, list[bytes]]]:
@@ -547,6 +652,7 @@ class Store:
             reply = await conn.execute("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", key, after)
         return reply[0][1] if reply else []
 
+    @_routed
     async def blocking_connection(self, run_id: str) -> Connection:
         """A connection for blocking reads of ``run_id``'s stream (to the node holding it), closed
         with the client."""
@@ -558,6 +664,7 @@ class Store:
             raise
 
     # --- reads ---------------------------------------------------------------------------------------
+    @_routed
     async def read_header(self, run_id: str) -> RunHeader | None:
         raw = await self.redis.execute("HGET", self.keys.runs, run_id)
         return None if raw is None else decode_header(raw)
@@ -565,9 +672,36 @@ class Store:
     async def read_headers(self, run_ids: Sequence[str]) -> list[RunHeader | None]:
         if not run_ids:
             return []
+        if len(self.home.partitions) > 1:
+            return await self.per_partition(run_ids, Store._read_headers)
+        return await self._read_headers(run_ids)
+
+    async def per_partition(
+        self, run_ids: Sequence[str], read: Callable[[Store, Sequence[str]], Awaitable[Sequence[R]]],
+    ) -> list[R]:
+        """``read`` of each partition's share of ``run_ids`` (at once), answers in ``run_ids``' order."""
+        groups: dict[Store, list[int]] = {}
+        for i, run_id in enumerate(run_ids):
+            groups.setdefault(self.of(run_id), []).append(i)
+        answers = await asyncio.gather(*(read(store, [run_ids[i] for i in idx]) for store, idx in groups.items()))
+        out: list[Any] = [None] * len(run_ids)
+        for idx, answer in zip(groups.values(), answers, strict=True):
+            for i, value in zip(idx, answer, strict=True):
+                out[i] = value
+        return out
+
+    async def headers_and_errors(self, run_ids: Sequence[str]) -> list[tuple[RunHeader | None, bytes | None]]:
+        """(header, error) of each run, for listings."""
+        async def read(store: Store, ids: Sequence[str]) -> list[tuple[RunHeader | None, bytes | None]]:
+            return await store.index.headers_and_errors(list(ids))
+
+        return await self.per_partition(run_ids, read)
+
+    async def _read_headers(self, run_ids: Sequence[str]) -> list[RunHeader | None]:
         raws = await self.redis.execute("HMGET", self.keys.runs, *run_ids)
         return [None if raw is None else decode_header(raw) for raw in raws]
 
+    @_routed
     async def read_run(self, run_id: str) -> tuple[RunHeader, bytes | None, bytes | None, bytes | None] | None:
         """(header, input, output, error) of a run, read in one pipelined batch."""
         k = self.keys
@@ -581,10 +715,12 @@ class Store:
             return None
         return decode_header(raw), inp, out, err
 
+    @_routed
     async def read_steps(self, run_id: str) -> list[StepRecord]:
         reply = await self.scripts.run("history", (run_id,))
         return decode_steps(reply[1] or b"")
 
+    @_routed
     async def read_attempts(self, run_id: str, attempts: int) -> list[AttemptRecord]:
         """The records of attempts 1..``attempts`` that ended (a success has none: the run is its record)."""
         if attempts <= 0:
@@ -592,10 +728,12 @@ class Store:
         raws = await self.redis.execute("HMGET", self.keys.attempts, *(f"{run_id}:{a}" for a in range(1, attempts + 1)))
         return [decode_attempt(r) for r in raws if r is not None]
 
+    @_routed
     async def read_output(self, run_id: str) -> bytes | None:
         out: bytes | None = await self.redis.execute("HGET", self.keys.results, run_id)
         return out
 
+    @_routed
     async def read_outcome(self, run_id: str) -> tuple[str, bytes | None, bytes | None] | None:
         """(status, output, error) of a run."""
         k = self.keys

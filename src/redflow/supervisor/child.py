@@ -97,7 +97,8 @@ async def _main(config: SupervisorConfig, url: str, slot: int, status_dir: Path)
         while not stop.is_set():
             _write_status(status_file, worker, slot)
             if worker.budget_spent.is_set():
-                log.info("worker process %d claimed its %d runs: recycling", os.getpid(), worker.runs_claimed)
+                claimed = sum(w.runs_claimed for w in worker.group)
+                log.info("worker process %d claimed its %d runs: recycling", os.getpid(), claimed)
                 code = RECYCLE
                 break
             with contextlib.suppress(TimeoutError):
@@ -128,8 +129,8 @@ def _write_status(path: Path, worker: Worker | None, slot: int) -> None:
         "ready": worker.ready if worker else False,
         "leader": worker.is_leader if worker else False,
         "leader_value": worker.leader_value if worker else "",
-        "active_runs": len(worker.active) if worker else 0,
-        "runs_done": worker.runs_done if worker else 0,
+        "active_runs": worker.inflight() if worker else 0,
+        "runs_done": sum(w.runs_done for w in worker.group) if worker else 0,
         "ts": time.time(),
     }
     tmp = path.with_suffix(".tmp")

@@ -39,7 +39,8 @@ from ..observability.logs import log_outcome
 from ..retries import retry_delay_ms, serialize_error
 from ..step import LeaseLostError, StepApi, Suspended, input_wait_info
 from ..storage.codes import Code
-from ..storage.keys import event_member_prefix
+from ..storage.handoffs import Outbox
+from ..storage.keys import event_member_prefix, partition_of
 from ..storage.records import ClaimedRun, StepRecord, encode_step
 from ..streams import WorkflowStreamWriter
 from ..types import OnFailureContext, RunContext, WorkflowHandlerContext, WorkflowResumeContext
@@ -188,13 +189,20 @@ async def execute(worker: Worker, ex: Execution) -> None:
         with tracing.execution(claimed.id, h.workflow, h.queue, h.attempt, h.trace_context):
             if claimed.kind == "hook":
                 await _run_hook(worker, ex)
-            elif claimed.kind == "admit" and not await _admit(worker, ex):
-                return
-            else:
+            elif claimed.kind != "admit" or await _admit(worker, ex):
                 await _run(worker, ex)
     except LeaseLostError:
         log.warning("run %s: lost ownership to another worker; this attempt stops", claimed.id)
         ex.settled = True
+    parent = claimed.header.parent_id
+    if parent and partition_of(parent) != partition_of(claimed.id):
+        # Its end was recorded in this partition's outbox; applied now, its parent resumes without
+        # waiting for the leader (which applies it if this fails).
+        try:
+            await Outbox(worker.store).apply_child_end(claimed.id, worker.retention_ms)
+        except RedisError as exc:
+            log.warning("run %s: the hand-off of its end to parent run %s is left to the leader (%s)",
+                        claimed.id, parent, exc)
 
 
 async def _admit(worker: Worker, ex: Execution) -> bool:

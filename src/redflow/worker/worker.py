@@ -25,6 +25,8 @@ from ..observability.logs import OutageLog
 from ..registry import WorkflowRegistry, get_default_registry
 from ..storage.bells import BellWaiter
 from ..storage.codes import Code
+from ..storage.event_store import EventStore
+from ..storage.store import Store
 from ..types import StartWorkerOptions
 from .executor import Execution, execute
 from .options import WorkerSettings, resolve_settings
@@ -39,9 +41,20 @@ RECONCILE_EVERY_BEATS = 3  # also after a claim error, a failed renewal, and a l
 
 
 class Worker:
-    def __init__(self, client: RedflowClient, registry: WorkflowRegistry, settings: WorkerSettings) -> None:
+    """Claims and runs the runs of one partition. Under a prefix with several partitions the worker
+    start_worker returns (the primary, on ``p0``) starts one sibling per other partition: each has
+    its own id, lease, blocking wait, cancel channel and leader election in its partition, and all
+    of them share the primary's concurrency, client and run budget."""
+
+    def __init__(
+        self, client: RedflowClient, registry: WorkflowRegistry, settings: WorkerSettings,
+        *, store: Store | None = None, primary: Worker | None = None,
+    ) -> None:
         self.client = client
-        self.store = client.store
+        self.store = store if store is not None else client.store
+        self.primary = primary if primary is not None else self
+        self.events = client.events if primary is None else EventStore(self.store)  # this partition's
+        self.group: list[Worker] = [self]  # the primary's list holds every worker of the group
         self.registry = registry
         self.settings = settings
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -57,7 +70,7 @@ class Worker:
         self._stopping = False
         self._slot_freed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._bells = BellWaiter(client.redis, client.keys, settings.queues)
+        self._bells = BellWaiter(client.redis, self.store.keys, settings.queues)
         self._last_renewal = 0.0
         self._registered = False
         self._to_release: dict[str, Execution] = {}
@@ -65,6 +78,7 @@ class Worker:
         self._leader: Any = None
         self._control: Subscriber | None = None
         self._early_cancels: set[str] = set()
+        self._reserved = 0  # (the primary's) slots reserved by claims in flight in the group
         self._claim_lock = asyncio.Lock()  # a claim and a reconciliation never interleave
         self._beats = 0
         self.stopped = asyncio.Event()
@@ -74,10 +88,36 @@ class Worker:
         self.budget_spent = asyncio.Event()
         self._ready = False  # registered, scripts loaded, and the last heartbeat succeeded
 
+    def _budget_left(self) -> int:
+        budget = self.primary.run_budget
+        if budget is None:
+            return self.settings.concurrency
+        return budget - sum(w.runs_claimed for w in self.primary.group) - self.primary._reserved
+
+    def _free_slots(self) -> int:
+        """How many runs a claim may ask for now: 0 while the group is too busy for one (a claim is
+        worth sending for claim_threshold free slots, or for any when nothing runs)."""
+        s = self.settings
+        busy = self.inflight() + self.primary._reserved
+        free = s.concurrency - busy
+        # The threshold is shared by the siblings: each partition may hold only a share of the
+        # backlog, and a sibling waiting for more free slots than its partition's share would leave
+        # them idle while its runs wait (nothing frees a slot while every run is long).
+        threshold = max(1, s.claim_threshold // len(self.primary.group))
+        if free <= 0 or (free < threshold and busy):
+            return 0
+        return max(0, min(free, s.claim_batch_size, self._budget_left()))
+
+    def inflight(self) -> int:
+        """Runs executing now in this worker's group (every partition)."""
+        return sum(len(w.active) for w in self.primary.group)
+
     @property
     def ready(self) -> bool:
         """Registered and renewed within the lease: a worker whose renewals stalled is not ready."""
         if not self._ready:
+            return False
+        if any(not w.ready for w in self.group[1:]):
             return False
         try:
             now = asyncio.get_running_loop().time()
@@ -94,12 +134,13 @@ class Worker:
         from ..leader.duties import LeaderDuties
 
         await self.store.ensure_ready()
-        await self._warn_on_eviction()
-        # Contracts are checked first: a refused start writes nothing.
-        await self.client.sync_registry(self.registry)
-        await self.client.events.record_registration(
-            self.id, [d.name for d in self.registry.definitions()], list(self.queues)
-        )
+        if self.primary is self:
+            await self._warn_on_eviction()
+            # Contracts are checked first: a refused start writes nothing.
+            await self.client.sync_registry(self.registry)
+            await self.client.events.record_registration(
+                self.id, [d.name for d in self.registry.definitions()], list(self.queues)
+            )
         self._control = Subscriber(self.store.redis, route_key=self.store.keys.base)
         await self._control.subscribe(self.store.keys.control_channel(self.id), self._on_control)
         await self._heartbeat_once()
@@ -111,7 +152,17 @@ class Worker:
         ]
         if observability.enabled():
             self._tasks.append(loop.create_task(self._measure_loop_lag(), name=f"redflow-lag:{self.id}"))
-        log.info("worker %s started on queues %s (concurrency %d)", self.id, self.queues, self.settings.concurrency)
+        if self.primary is self:
+            try:
+                for store in self.store.partitions[1:]:
+                    sibling = Worker(self.client, self.registry, self.settings, store=store, primary=self)
+                    self.group.append(sibling)
+                    await sibling.start()
+            except BaseException:
+                await self.stop(grace_period_ms=0)
+                raise
+            log.info("worker %s started on queues %s (concurrency %d, %d partition(s))", self.id, self.queues,
+                     self.settings.concurrency, len(self.group))
 
     async def stop(self, grace_period_ms: int | None = None) -> None:
         """Stop claiming, let runs in flight finish within the grace period, hand back the rest."""
@@ -120,6 +171,7 @@ class Worker:
             return
         self._stopping = True
         grace = self.settings.grace_period_ms if grace_period_ms is None else grace_period_ms
+        siblings = [asyncio.ensure_future(w.stop(grace)) for w in self.group[1:]]
         self._bells.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace / 1000
@@ -154,7 +206,10 @@ class Worker:
             self._leader.step_down()
         if self._control is not None:
             await self._control.close()
-        await self.client.close()
+        if siblings:
+            await asyncio.gather(*siblings, return_exceptions=True)
+        if self.primary is self:
+            await self.client.close()
         self.stopped.set()
 
     async def _release(self, executions: list[Execution]) -> None:
@@ -207,23 +262,31 @@ class Worker:
             return
         while not self._stopping:
             try:
-                free = s.concurrency - len(self.active)
-                if free < s.claim_threshold and (free <= 0 or self.active):
+                if self._free_slots() <= 0:
+                    if self._budget_left() <= 0 and self.primary._reserved == 0:
+                        self.primary.budget_spent.set()
+                        return
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
                     continue
-                want = min(free, s.claim_batch_size)
-                if self.run_budget is not None:
-                    want = min(want, self.run_budget - self.runs_claimed)
-                    if want <= 0:
-                        self.budget_spent.set()
-                        return
                 async with self._claim_lock:
                     if self._stopping:  # a stop began meanwhile: it counts on no claim starting after it
                         return
+                    # Sibling partitions claim from one concurrency: the slots a claim asks for are
+                    # reserved until its runs are spawned (no await between the count and the reservation).
+                    want = self._free_slots()
+                    if want <= 0:
+                        continue
+                    primary = self.primary
+                    primary._reserved += want
                     late = False
                     sent_at = loop.time()
-                    code, next_due_ms, runs = await self.store.claim(self.id, self.queues, want, s.promote_batch)
+                    try:
+                        code, next_due_ms, runs = await self.store.claim(self.id, self.queues, want, s.promote_batch)
+                    finally:
+                        primary._reserved -= want
+                        for w in primary.group:
+                            w._slot_freed.set()
                     if code is not Code.STALE_WORKER:
                         self.runs_claimed += len(runs)
                         # A reply that comes late (renewals failing meanwhile) must not start runs the
@@ -288,7 +351,7 @@ class Worker:
             self._early_cancels.discard(ex.claimed.id)
             ex.cancel_requested = True
         self.active[ex.claimed.id] = ex
-        observability.set_gauge("inflight", len(self.active))
+        observability.set_gauge("inflight", self.inflight())
         ex.task = asyncio.get_running_loop().create_task(self._execute(ex))
 
     async def _execute(self, ex: Execution) -> None:
@@ -305,9 +368,10 @@ class Worker:
             if not ex.settled and not self._stopping:
                 self._to_release[ex.claimed.id] = ex
             self.active.pop(ex.claimed.id, None)
-            observability.set_gauge("inflight", len(self.active))
+            observability.set_gauge("inflight", self.inflight())
             self.runs_done += 1
-            self._slot_freed.set()
+            for w in self.primary.group:  # the slot is the group's
+                w._slot_freed.set()
 
     # --- ownership ------------------------------------------------------------------------------------------
     async def reconcile(self) -> tuple[int, int]:
@@ -360,7 +424,14 @@ class Worker:
         except TimeoutError:
             error = CommandTimeoutError(f"heartbeat got no reply within {deadline:.2f}s")
             self.store.redis.drop_shared(error)
+            self._bells.drop(error)
             raise error from None
+        except RedisError as exc:
+            # The blocking connection goes to the same server: one that froze with the shared one
+            # would otherwise hold the claim loop until the watchdog (block + stall, 20 s by default),
+            # with a bell it popped and never delivered.
+            self._bells.drop(exc)
+            raise
         observability.set_gauge("redis_rtt", loop.time() - sent)
         self.outage.succeeded()
         state, leader = beat.state, beat.leader

@@ -21,7 +21,9 @@
 -- KEYS[15] held
 -- KEYS[16] seq
 -- KEYS[17] limits
--- KEYS[18..] queues    ready, sched, bell of each queue named in ARGV[12]
+-- KEYS[18] running
+-- KEYS[19] outbox
+-- KEYS[20..] queues    ready, sched, bell of each queue named in ARGV[12]
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] throttle limit (0 = none)
@@ -34,7 +36,7 @@
 -- ARGV[10] mutex field <tag(key)>, shared by every workflow ('' = no mutex)
 -- ARGV[11] throttle group <tag(wf)><tag(key)> ('' = no throttle)
 -- ARGV[12] queues: the run's queue, and any other queue it may hand on to, one per line
--- RETURNS {C.OK, header JSON} (started: status running, its next attempt)
+-- RETURNS {C.OK, header (MessagePack)} (started: status running, its next attempt)
 --       | {C.THROTTLED, due ms, or -1 behind other throttled runs} | {C.RATE_LIMITED, retry after ms}
 --       | {C.HELD} (its mutex is taken, or the workflow is at max_concurrency) | {C.CANCELED}
 --       | {C.STALE} | {C.WRONG_STATUS, status} | {C.NEED_QUEUES, queue, ...}
@@ -56,7 +58,7 @@ if h.cr then
 end
 
 local limit = redis.call('HGET', K.limits, h.w)
-if limit and running_count(K.index, h.w) >= tonumber(limit) then
+if limit and running_count(K.running, h.w) >= tonumber(limit) then
   h.hd = held_add('c', h.w, id)
   disown(id, h)
   save_run(id, h)
@@ -132,7 +134,7 @@ if throttle_limit > 0 then
     end
     disown(id, h)
     -- Scheduled either way: the head until its window opens, the others until the head hands on.
-    set_status(K.index, id, h, 'scheduled')
+    set_status(K, id, h, 'scheduled')
     if wait then
       h.av = now + wait
       schedule_at(K.queues[h.q].sched, K.queues[h.q].bell, id, h.av)
@@ -164,7 +166,7 @@ if h.mf then redis.call('HSET', K.mutexes, h.mf, id) end
 h.a, h.ad = h.a + 1, nil
 h.st = now
 if not h.sa then h.sa = now end
-set_status(K.index, id, h, 'running')
-local encoded = cjson.encode(h)
+set_status(K, id, h, 'running')
+local encoded = encode_run(h)
 redis.call('HSET', K.runs, id, encoded)
 return {C.OK, encoded}

@@ -20,7 +20,9 @@
 -- KEYS[13] mutexes
 -- KEYS[14] children
 -- KEYS[15] cascade
--- KEYS[16..] queues    ready, sched, bell of each queue named in ARGV[6]
+-- KEYS[16] running
+-- KEYS[17] outbox
+-- KEYS[18..] queues    ready, sched, bell of each queue named in ARGV[6]
 -- ARGV[1] run id
 -- ARGV[2] reason ('' = default message)
 -- ARGV[3] retention in ms

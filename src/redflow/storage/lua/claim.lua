@@ -22,7 +22,8 @@
 -- KEYS[13] held
 -- KEYS[14] admission
 -- KEYS[15] mutexes
--- KEYS[16..] queues    ready, sched, bell of each queue named in ARGV[4], in that order
+-- KEYS[16] running
+-- KEYS[17..] queues    ready, sched, bell of each queue named in ARGV[4], in that order
 -- ARGV[1] worker id
 -- ARGV[2] max runs to claim
 -- ARGV[3] max scheduled runs to promote per queue
@@ -31,7 +32,7 @@
 --         unique even when the server restarts from a snapshot that forgot earlier claims
 -- RETURNS {C.STALE_WORKER} when the worker's liveness lease lapsed
 --       | {C.OK, ms until the next scheduled run (-1: none), then 7 fields per run:
---          id, kind ('run'|'hook'|'admit'), token, header JSON, input JSON, steps ('' for a first
+--          id, kind ('run'|'hook'|'admit'), token, header (MessagePack), input JSON, steps ('' for a first
 --          attempt that never ran), error JSON (hooks only, else '')}
 --!include common
 --!include transitions
@@ -45,7 +46,7 @@ end
 local want = tonumber(ARGV[2])
 -- Per-call caches and batched writes: one HSET of leases, one SADD.
 local leases, owned, headers = {}, {}, {}
-local indexed, unindexed, started = {}, {}, {}  -- index members added and removed, runs started per workflow
+local unindexed, started = {}, {}  -- index members removed, runs started per workflow
 local seen = {}
 local limits_cache, admission_cache = {}, {}
 local function limit_of(w)
@@ -76,7 +77,7 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
         redis.call('HDEL', K.waits, id)
         h.rc = 1
       end
-      set_status(K.index, id, h, 'queued')
+      set_status(K, id, h, 'queued')
       save_run(id, h)
       redis.call('RPUSH', ready, id)
     elseif h and h.s == 'failed' and h.h and not h.o then
@@ -90,7 +91,7 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
     local raws = redis.call('HMGET', K.runs, unpack(ids))
     for i, id in ipairs(ids) do
       -- An id listed twice is taken once: its header here predates this claim's writes.
-      local h = not seen[id] and raws[i] and cjson.decode(raws[i])
+      local h = not seen[id] and raws[i] and decode_run(raws[i])
       seen[id] = true
       if h and not h.o then
         local kind = nil
@@ -98,7 +99,7 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
         local queued = h.s == 'queued' and not h.hd
         local limit = false
         if queued then limit = limit_of(h.w) end
-        if limit and running_count(K.index, h.w) + (started[h.w] or 0) >= tonumber(limit) then
+        if limit and running_count(K.running, h.w) + (started[h.w] or 0) >= tonumber(limit) then
           h.hd = held_add('c', h.w, id)
           save_run(id, h)
         elseif queued and not mutex_free_for(id, h) then
@@ -119,15 +120,12 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
           end
           h.st = now
           if not h.sa then h.sa = now end
-          -- The index moves to 'running' once for the whole claim; until then the runs started
+          -- set_status(K, id, h, 'running') in batched form: the index members leave once for the
+          -- whole claim and the running count grows once per workflow; until then the runs started
           -- here are counted in `started`, so max_concurrency sees them.
           local wf = wf_tag(h)
           unindexed[#unindexed + 1] = 's:' .. h.s .. ':' .. id
           unindexed[#unindexed + 1] = 'ws:' .. wf .. ':' .. h.s .. ':' .. id
-          indexed[#indexed + 1] = 0
-          indexed[#indexed + 1] = 's:running:' .. id
-          indexed[#indexed + 1] = 0
-          indexed[#indexed + 1] = 'ws:' .. wf .. ':running:' .. id
           h.s = 'running'
           started[h.w] = (started[h.w] or 0) + 1
         elseif h.s == 'failed' and h.h then
@@ -136,7 +134,7 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
         if kind then
           local token = ARGV[5] .. '.' .. got
           h.o = ARGV[1]
-          local encoded = cjson.encode(h)
+          local encoded = encode_run(h)
           headers[#headers + 1] = id
           headers[#headers + 1] = encoded
           leases[#leases + 1] = id
@@ -168,9 +166,9 @@ if #leases > 0 then
   local inputs = each_slice(owned, 1000, function(...) return redis.call('HMGET', K.inputs, ...) end)
   for i = 1, #owned do out[3 + (i - 1) * 7 + 4] = inputs[i] or 'null' end
 end
-if #indexed > 0 then
+if #unindexed > 0 then
   each_slice(unindexed, 1000, function(...) return redis.call('ZREM', K.index, ...) end)
-  each_slice(indexed, 1000, function(...) return redis.call('ZADD', K.index, ...) end)
+  for w, n in pairs(started) do redis.call('HINCRBY', K.running, w, n) end
 end
 if next_due then
   out[2] = math.max(0, next_due - now)

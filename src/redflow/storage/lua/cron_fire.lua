@@ -10,6 +10,7 @@
 -- KEYS[6] scheduled    q:<queue>:sched
 -- KEYS[7] bell         q:<queue>:bell
 -- KEYS[8] children
+-- KEYS[9] running      workflow -> number of its runs running now
 -- ARGV[1] trigger id
 -- ARGV[2] slot, epoch ms
 -- ARGV[3] run id for this slot
@@ -18,7 +19,6 @@
 -- ARGV[6] input JSON
 -- ARGV[7] max attempts
 -- ARGV[8] max concurrency (0 = unlimited)
--- ARGV[9] index prefix of the workflow's running runs (ws:<len>:<wf>:running:)
 -- RETURNS {C.CREATED, run id} | {C.EXISTING} (slot already handled) | {C.OK, 'skipped'}
 --       | {C.NOT_FOUND} (slot in the future)
 --!include common
@@ -32,7 +32,7 @@ if last and tonumber(last) >= slot then return {C.EXISTING} end
 redis.call('HSET', KEYS[1], ARGV[1], slot)
 local limit = tonumber(ARGV[8])
 if limit > 0 then
-  local running = redis.call('ZLEXCOUNT', KEYS[4], '[' .. ARGV[9], '[' .. ARGV[9] .. '\255')
+  local running = tonumber(redis.call('HGET', KEYS[9], ARGV[4]) or 0)
   if running >= limit then return {C.OK, 'skipped'} end
 end
 if redis.call('HEXISTS', KEYS[2], ARGV[3]) == 1 then return {C.EXISTING} end

@@ -29,7 +29,7 @@ local bound = redis.call('GET', KEYS[8])
 if bound then
   local raw = redis.call('HGET', KEYS[1], bound)
   if raw then
-    local h = cjson.decode(raw)
+    local h = decode_run(raw)
     if h.s == 'scheduled' and h.a == 0 and h.db then
       redis.call('HSET', KEYS[2], bound, ARGV[4])
       local due = now + period
@@ -37,7 +37,7 @@ if bound then
       if due <= now then
         redis.call('ZREM', KEYS[5], bound)
         h.av = now
-        set_status(KEYS[3], bound, h, 'queued')
+        set_status({index = KEYS[3]}, bound, h, 'queued')
         redis.call('RPUSH', KEYS[4], bound)
         ring(KEYS[6])
       else
@@ -46,7 +46,7 @@ if bound then
         redis.call('ZADD', KEYS[5], due, bound)
         if not head[2] or due < tonumber(head[2]) then ring(KEYS[6]) end
       end
-      redis.call('HSET', KEYS[1], bound, cjson.encode(h))
+      redis.call('HSET', KEYS[1], bound, encode_run(h))
       -- The key must outlive the run's (moved) start, so a later call still finds it.
       redis.call('PEXPIREAT', KEYS[8], (h.av or now) + period)
       return {C.EXISTING, bound, h.s}
@@ -60,6 +60,6 @@ local h = create_run({runs = KEYS[1], inputs = KEYS[2], index = KEYS[3], ready =
   '', now)
 h.db = 1
 if timeout > 0 then h.dl = now + timeout end
-redis.call('HSET', KEYS[1], id, cjson.encode(h))
+redis.call('HSET', KEYS[1], id, encode_run(h))
 redis.call('SET', KEYS[8], id, 'PX', (timeout > 0 and timeout or period) + period)
 return {C.CREATED, id, h.s}

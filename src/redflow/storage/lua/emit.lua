@@ -3,6 +3,9 @@
 -- with a future emit time is recorded as pending and delivered later by the leader (ARGV[9] =
 -- 'deliver'). Delivery is all-or-nothing: the caller names the queues it expects; if a subscriber or
 -- waiter needs a queue it did not name, nothing is written and C.NEED_QUEUES lists what to add.
+-- Under a prefix with several partitions, an event with a correlation key is also put in the outbox
+-- once for every other partition (ARGV[19]): handoff_event applies it there, for the runs waiting
+-- in that partition.
 -- A step of a parent whose cancellation was requested cannot emit (C.CANCELED); a delayed event of
 -- such a parent creates no subscriber runs when it comes due (its deliveries are 'failed').
 -- KEYS[1] runs
@@ -21,7 +24,8 @@
 -- KEYS[14] steps
 -- KEYS[15] children
 -- KEYS[16] event_idempotency  evidem:<n>:<event>:<key> (a placeholder when ARGV[7] is 0)
--- KEYS[17..] queues      ready, sched, bell of each queue named in ARGV[17]
+-- KEYS[17] outbox
+-- KEYS[18..] queues      ready, sched, bell of each queue named in ARGV[17]
 -- ARGV[1] event id
 -- ARGV[2] event name
 -- ARGV[3] data JSON
@@ -41,6 +45,7 @@
 -- ARGV[16] run id suffix ('-<partition>')
 -- ARGV[17] queues: the subscribers' and waiters' queues the caller expects, one per line
 -- ARGV[18] trace context of the caller, given to the subscribers' runs ('' = none)
+-- ARGV[19] the other partitions of the prefix, by index, comma-separated ('' = none)
 -- RETURNS {C.CREATED|C.EXISTING, event id, status, record JSON} | {C.NEED_QUEUES, missing queue, ...}
 --       | {C.CANCELED} (the parent run was canceled: nothing was written)
 --       | {C.NOT_FOUND} (deliver of an unknown event) | {C.TERMINAL, event id} (conflicting reuse)
@@ -133,22 +138,8 @@ for _, member in ipairs(subs) do
   end
 end
 local waiting = {}
-if ARGV[12] ~= '' then
-  for _, member in ipairs(redis.call('ZRANGEBYLEX', KEYS[13], '[' .. ARGV[12], '[' .. ARGV[12] .. '\255')) do
-    local run_id = string.sub(member, #ARGV[12] + 1)
-    local raw = redis.call('HGET', KEYS[1], run_id)
-    if raw then
-      local q = cjson.decode(raw).q
-      waiting[#waiting + 1] = {id = run_id, q = q}
-      if not queues[q] then missing[#missing + 1] = q end
-    end
-  end
-end
-if #missing > 0 then
-  local out = {C.NEED_QUEUES}
-  for _, q in ipairs(missing) do out[#out + 1] = q end
-  return out
-end
+if ARGV[12] ~= '' then waiting = event_waiters(KEYS[1], KEYS[13], ARGV[12], queues, missing) end
+if #missing > 0 then return need_queues(missing) end
 
 local data = redis.call('HGET', KEYS[5], id)
 local input = ARGV[3]
@@ -182,11 +173,11 @@ for _, wr in ipairs(waiting) do
 end
 if ARGV[13] ~= '' then
   local ts = string.format('%013d', rec.ts)
-  redis.call('ZADD', KEYS[8], 0, ARGV[13] .. ts .. ':' .. id)
-  local bound = tonumber(ARGV[14])
-  local all = redis.call('ZRANGEBYLEX', KEYS[8], '[' .. ARGV[13], '[' .. ARGV[13] .. '\255')
-  for i = 1, #all - bound do redis.call('ZREM', KEYS[8], all[i]) end
+  buffer_event(KEYS[8], ARGV[13], ARGV[13] .. ts .. ':' .. id, tonumber(ARGV[14]))
   rec.buffer_member = ARGV[13] .. ts .. ':' .. id
+  for target in string.gmatch(ARGV[19], '[^,]+') do
+    redis.call('ZADD', KEYS[17], now, target .. ':' .. id)
+  end
 end
 rec.deliveries = deliveries
 rec.resumed_run_ids = resumed

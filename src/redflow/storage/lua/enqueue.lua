@@ -27,7 +27,7 @@
 local id = ARGV[1]
 local existing = redis.call('HGET', KEYS[1], id)
 if existing then
-  return {C.EXISTING, id, cjson.decode(existing).s}
+  return {C.EXISTING, id, decode_run(existing).s}
 end
 
 if parent_canceled(KEYS[1], ARGV[8]) then return {C.CANCELED} end
@@ -38,7 +38,7 @@ if ttl > 0 then
   if bound then
     local raw = redis.call('HGET', KEYS[1], bound)
     if raw then
-      local s = cjson.decode(raw).s
+      local s = decode_run(raw).s
       if s ~= 'failed' and s ~= 'canceled' then
         return {C.EXISTING, bound, s}
       end
@@ -53,6 +53,6 @@ local h = create_run(k, id, ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumb
   '', now_ms(), ARGV[9])
 if ttl > 0 then
   h.ik = ARGV[10]
-  redis.call('HSET', KEYS[1], id, cjson.encode(h))
+  redis.call('HSET', KEYS[1], id, encode_run(h))
 end
 return {C.CREATED, id, h.s}

@@ -22,7 +22,7 @@ local run_at = tonumber(ARGV[5])
 local status = run_at > now and 'scheduled' or 'queued'
 local h = {w = ARGV[1], q = ARGV[2], a = 0, m = tonumber(ARGV[3]), c = now, s = status,
   av = run_at > now and run_at or now}
-local header = cjson.encode(h)
+local header = encode_run(h)
 local wf = wf_tag(h)
 local members, records, inputs, ids = {}, {}, {}, {}
 for i = 1, n do

@@ -20,7 +20,9 @@
 -- KEYS[13] waits
 -- KEYS[14] waiters
 -- KEYS[15] stream       stream:<run id> (exists only if the run streamed values)
--- KEYS[16..] queues     ready, sched, bell of each queue named in ARGV[8]
+-- KEYS[16] running
+-- KEYS[17] outbox
+-- KEYS[18..] queues     ready, sched, bell of each queue named in ARGV[8]
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] status ('succeeded' | 'failed' | 'canceled')

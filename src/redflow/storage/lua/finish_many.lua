@@ -16,7 +16,9 @@
 -- KEYS[12] attempts
 -- KEYS[13] waits
 -- KEYS[14] waiters
--- KEYS[15..] queues     ready, sched, bell of each queue named in ARGV[3]; after them, the stream
+-- KEYS[15] running
+-- KEYS[16] outbox
+-- KEYS[17..] queues     ready, sched, bell of each queue named in ARGV[3]; after them, the stream
 --                       key (stream:<run id>) of each run, in ARGV order
 -- ARGV[1] retention in ms
 -- ARGV[2] done channel prefix (the run id completes each run's channel)
@@ -31,7 +33,7 @@
 
 local queues = 0
 for _ in string.gmatch(ARGV[3], '[^\n]+') do queues = queues + 1 end
-local streams_at = 14 + 3 * queues
+local streams_at = 16 + 3 * queues
 local now = now_ms()
 local out = {C.OK}
 for i = 1, (#ARGV - 3) / 5 do

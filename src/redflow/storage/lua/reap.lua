@@ -21,7 +21,9 @@
 -- KEYS[14] attempts
 -- KEYS[15] waits
 -- KEYS[16] waiters
--- KEYS[17..] queues    ready, sched, bell of each queue named in ARGV[7]
+-- KEYS[17] running
+-- KEYS[18] outbox
+-- KEYS[19..] queues    ready, sched, bell of each queue named in ARGV[7]
 -- ARGV[1] leader value of the caller (its fencing token)
 -- ARGV[2] dead worker id
 -- ARGV[3] consecutive lapses of one attempt before the run fails as crashed
@@ -88,7 +90,7 @@ else
     if h.s == 'running' then
       h.x = lapses
       h.rc = 1
-      set_status(K.index, id, h, 'queued')
+      set_status(K, id, h, 'queued')
     end
   elseif outcome == 'hook' then
     h.x = lapses

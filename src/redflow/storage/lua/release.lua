@@ -16,7 +16,9 @@
 -- KEYS[12] attempts
 -- KEYS[13] waits
 -- KEYS[14] waiters
--- KEYS[15..] queues    ready, sched, bell of each queue named in ARGV[5]
+-- KEYS[15] running
+-- KEYS[16] outbox
+-- KEYS[17..] queues    ready, sched, bell of each queue named in ARGV[5]
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] retention in ms
@@ -41,7 +43,7 @@ if h.cr and h.s ~= 'failed' then
 end
 if h.s == 'running' then
   h.rc = 1
-  set_status(K.index, id, h, 'queued')
+  set_status(K, id, h, 'queued')
 end
 stop_running(id, h, p)
 save_run(id, h)

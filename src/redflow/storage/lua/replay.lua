@@ -25,11 +25,11 @@ local id, source = ARGV[1], ARGV[6]
 if redis.call('HEXISTS', K.runs, id) == 1 then return {C.EXISTING, id} end
 local raw = redis.call('HGET', K.runs, source)
 if not raw then return {C.NOT_FOUND} end
-local s = cjson.decode(raw).s
+local s = decode_run(raw).s
 if not is_terminal(s) then return {C.WRONG_STATUS, s} end
 for i = 7, #ARGV do history_append(K.steps, id, ARGV[i]) end
 local h = create_run({runs = K.runs, inputs = K.inputs, index = K.index, ready = K.ready, sched = K.scheduled,
   bell = K.bell, children = K.children}, id, ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), 0, '', '', now_ms())
 h.rf = source
-redis.call('HSET', K.runs, id, cjson.encode(h))
+redis.call('HSET', K.runs, id, encode_run(h))
 return {C.CREATED, id}

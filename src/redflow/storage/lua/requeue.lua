@@ -15,6 +15,7 @@
 -- KEYS[5] ready        q:<queue>:ready
 -- KEYS[6] bell         q:<queue>:bell
 -- KEYS[7] idempotency  idem:<wf>:<key> of the run's idempotency key (a placeholder when it has none)
+-- KEYS[8] running
 -- ARGV[1] run id
 -- ARGV[2] request token ('' = none)
 -- RETURNS {C.OK} | {C.OK, 'repeat'} (this token requeued it already) | {C.NOT_FOUND}
@@ -49,7 +50,7 @@ h.e = 1  -- the last error is kept until the run succeeds
 h.ad = 1  -- admission again (a first start only is admitted otherwise)
 h.rq = token ~= '' and token or nil
 h.av = now_ms()
-set_status(K.index, id, h, 'queued')
+set_status(K, id, h, 'queued')
 save_run(id, h)
 redis.call('ZREM', K.expiry, id)
 redis.call('LPUSH', K.ready, id)

@@ -19,7 +19,7 @@
 local id = ARGV[1]
 local raw = redis.call('HGET', KEYS[1], id)
 if not raw then return {C.NOT_FOUND} end
-local h = cjson.decode(raw)
+local h = decode_run(raw)
 if is_terminal(h.s) then return {C.TERMINAL, h.s} end
 local w = resume_waiter({runs = KEYS[1], index = KEYS[3], waits = KEYS[4], waiters = KEYS[5], steps = KEYS[6],
   ready = KEYS[7], sched = KEYS[8], bell = KEYS[9]}, id, 'input', nil, 'input', ARGV[2], now_ms())

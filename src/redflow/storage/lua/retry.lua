@@ -12,7 +12,8 @@
 -- KEYS[8] mutexes
 -- KEYS[9] attempts
 -- KEYS[10] waiters      (read by plan only for a run that ends; declared so every helper's key is given)
--- KEYS[11..] queues    ready, sched, bell of each queue named in ARGV[6]
+-- KEYS[11] running
+-- KEYS[12..] queues    ready, sched, bell of each queue named in ARGV[6]
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] delay in ms
@@ -47,7 +48,7 @@ h.av = due
 h.e = 1  -- an error is stored: a later success clears it
 redis.call('HSET', K.errors, id, ARGV[4])
 if defer and h.a > 0 then h.rc = 1 end
-set_status(K.index, id, h, 'scheduled')
+set_status(K, id, h, 'scheduled')
 stop_running(id, h, p)
 save_run(id, h)
 schedule_at(K.queues[h.q].sched, K.queues[h.q].bell, id, due)

@@ -13,10 +13,8 @@
 if redis.call('HGET', K.leases, ARGV[1]) ~= ARGV[2] then
   return {C.STALE}
 end
--- The header is not decoded: '"s":"running"' can only appear in its JSON as the status field
--- (quotes inside strings are escaped).
 local header = redis.call('HGET', K.runs, ARGV[1])
-if not header or not string.find(header, '"s":"running"', 1, true) then
+if not header or decode_run(header).s ~= 'running' then
   return {C.WRONG_STATUS}
 end
 history_append(K.steps, ARGV[1], ARGV[3])

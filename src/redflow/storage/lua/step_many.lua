@@ -16,9 +16,8 @@ for at = 1, #ARGV, 3 do
   if redis.call('HGET', K.leases, id) ~= ARGV[at + 1] then
     code = C.STALE
   else
-    -- As in step.lua: '"s":"running"' can only appear in the header's JSON as the status field.
     local header = redis.call('HGET', K.runs, id)
-    if not header or not string.find(header, '"s":"running"', 1, true) then
+    if not header or decode_run(header).s ~= 'running' then
       code = C.WRONG_STATUS
     else
       history_append(K.steps, id, ARGV[at + 2])

@@ -17,7 +17,9 @@
 -- KEYS[12] limits
 -- KEYS[13] held
 -- KEYS[14] mutexes
--- KEYS[15..] queues    ready, sched, bell of each queue named in ARGV[12]
+-- KEYS[15] running
+-- KEYS[16] child_ends
+-- KEYS[17..] queues    ready, sched, bell of each queue named in ARGV[12]
 -- ARGV[1] run id
 -- ARGV[2] fencing token
 -- ARGV[3] step name
@@ -56,6 +58,13 @@ if kind == 'child' then
     local out = redis.call('HGET', outcome_key, w.ch) or 'null'
     resolve_wait(K.steps, id, w, h.a, child.s, out, now)
     return {C.RESOLVED, child.s, out}
+  end
+  -- A child in another partition that already ended has left its outcome here (child_ended).
+  local ended = not child and redis.call('HGET', K.child_ends, w.ch)
+  if ended then
+    local status, out = string.match(ended, '^(%a+)\n(.*)$')
+    resolve_wait(K.steps, id, w, h.a, status, out, now)
+    return {C.RESOLVED, status, out}
   end
 elseif kind == 'event' then
   local consumed = {}
@@ -102,7 +111,7 @@ if due >= 0 then
 else
   h.av = nil
 end
-set_status(K.index, id, h, 'scheduled')
+set_status(K, id, h, 'scheduled')
 stop_running(id, h, p)
 save_run(id, h)
 return {C.OK, due}

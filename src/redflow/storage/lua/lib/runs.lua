@@ -25,7 +25,7 @@ local function create_run(k, id, workflow, queue, input, max_attempts, run_at, p
     redis.call('LPUSH', k.ready, id)
     ring(k.bell)
   end
-  redis.call('HSET', k.runs, id, cjson.encode(h))
+  redis.call('HSET', k.runs, id, encode_run(h))
   redis.call('HSET', k.inputs, id, input)
   return h
 end
@@ -36,6 +36,6 @@ local function parent_canceled(runs_key, parent)
   if not parent or parent == '' then return false end
   local raw = redis.call('HGET', runs_key, parent)
   if not raw then return false end
-  local h = cjson.decode(raw)
+  local h = decode_run(raw)
   return h.cr ~= nil or h.s == 'canceled'
 end

@@ -9,11 +9,11 @@
 local function load_run(id)
   local raw = redis.call('HGET', K.runs, id)
   if not raw then return nil end
-  return cjson.decode(raw)
+  return decode_run(raw)
 end
 
 local function save_run(id, h)
-  redis.call('HSET', K.runs, id, cjson.encode(h))
+  redis.call('HSET', K.runs, id, encode_run(h))
 end
 
 -- True when the run's status is one of the arguments.
@@ -65,12 +65,6 @@ local function mutex_free_for(id, h)
   return not holder or holder == id
 end
 
-local function need_queues(missing)
-  local out = {C.NEED_QUEUES}
-  for _, q in ipairs(missing) do out[#out + 1] = q end
-  return out
-end
-
 -- What run `id` hands on when it stops running (opts.running: it was counted as running) or ends
 -- (opts.ends): the next waiter of its mutex, runs held for its workflow's capacity, the next run
 -- of its throttle queue (unless opts.keep_place: a run handed back keeps its place in that queue),
@@ -104,7 +98,7 @@ local function plan(id, h, opts)
   if opts.running then
     local limit = redis.call('HGET', K.limits, h.w)
     local free = 100  -- no limit any more: release what was held under the old one, in batches
-    if limit then free = tonumber(limit) - (running_count(K.index, h.w) - 1) end
+    if limit then free = tonumber(limit) - (running_count(K.running, h.w) - 1) end
     if free > 0 then
       for _, member in ipairs(held_first('c', h.w, free)) do move(member) end
     end
@@ -157,7 +151,7 @@ local function wake_throttled(member)
   local q = K.queues[r.q]
   if r.s == 'scheduled' then
     redis.call('ZREM', q.sched, mid)
-    set_status(K.index, mid, r, 'queued')
+    set_status(K, mid, r, 'queued')
     save_run(mid, r)
   end
   redis.call('RPUSH', q.ready, mid)
@@ -203,12 +197,13 @@ end
 -- The one place a run ends. Writes the status, the output or error, the attempt record (every
 -- ending but success, whose record is the run itself), the retention deadline and the done
 -- message; ends its stream; drops its wait and due time; hands on what it held (plan) and resumes
--- every parent waiting for it. opts: retention_ms, channel, keep_owner (on_failure pending).
+-- every parent waiting for it (a parent in another partition through the outbox). opts:
+-- retention_ms, channel, keep_owner (on_failure pending).
 local function end_run(id, h, status, payload, p, now, opts)
   local was = h.s
   h.f = now
   if status ~= 'succeeded' then attempt_record(id, h, status, payload, now) end
-  set_status(K.index, id, h, status)
+  set_status(K, id, h, status)
   if status == 'succeeded' then
     redis.call('HSET', K.results, id, payload)
     if h.e then
@@ -241,5 +236,10 @@ local function end_run(id, h, status, payload, p, now, opts)
     local q = K.queues[parent.q]
     resume_waiter({runs = K.runs, index = K.index, waits = K.waits, waiters = K.waiters, steps = K.steps,
       ready = q.ready, sched = q.sched, bell = q.bell}, parent.id, 'child', id, status, payload, now)
+  end
+  -- A parent in another partition learns of the end through this partition's outbox (child_ended).
+  local there = h.p and string.match(h.p, '%-p(%d+)$')
+  if there and there ~= string.match(id, '%-p(%d+)$') then
+    redis.call('ZADD', K.outbox, now, 'c' .. there .. ':' .. id)
   end
 end
