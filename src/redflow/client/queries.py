@@ -8,14 +8,13 @@ and then at most ``SEARCH_SCAN_LIMIT`` runs per call, returning a cursor to cont
 from __future__ import annotations
 
 import asyncio
-import heapq
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
 from ..encoding import decode
 from ..errors import ConfigurationError
-from ..storage.index import children_prefix, index_prefixes
+from ..storage.index import PageSource, children_prefix, index_prefixes, merge_pages
 from ..storage.records import decode_workflow_meta
 from ..types import (
     ListedRun,
@@ -96,17 +95,13 @@ class Queries:
     ) -> list[str]:
         """A page of ids over every partition, merged in id order. Ids sort alike in every partition
         (creation time, then randomness), so one id is a cursor valid in all of them; a page reads
-        ``limit`` ids from each partition. A parent's children are indexed in its own partition."""
+        about ``limit`` ids in all (``merge_pages``). A parent's children are indexed in its own partition."""
         stores = [self.store.of(parent)] if parent else self.store.partitions
-        pages = await asyncio.gather(*(
-            s.index.merged_page(prefixes, cursor, limit, descending, created_after, created_before,
-                                children=parent is not None)
-            for s in stores
-        ))
-        if len(pages) == 1:
-            return pages[0]
-        merged = heapq.merge(*pages, reverse=descending)
-        return [run_id for _, run_id in zip(range(limit), merged, strict=False)]
+
+        def source(s: Store) -> PageSource:
+            return lambda after, count: s.index.merged_page(prefixes, after, count, descending, created_after,
+                                                            created_before, children=parent is not None)
+        return await merge_pages([source(s) for s in stores], cursor, limit, descending)
 
     async def _listed(self, ids: list[str]) -> list[ListedRun]:
         if not ids:

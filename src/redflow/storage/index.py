@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+from collections.abc import Awaitable, Callable, Sequence
+from itertools import islice
 
 from .._redis.client import RedisClient
 from ..ids import _b32
@@ -31,6 +33,39 @@ def index_prefixes(status: str | None, workflow: str | None) -> list[bytes]:
     if workflow:
         return [f"ws:{tag(workflow)}{s}:".encode() for s in STATUSES]
     return [f"s:{s}:".encode() for s in STATUSES]
+
+
+PageSource = Callable[[str | None, int], Awaitable[list[str]]]
+"""Reads up to a count of ids past a cursor id from one id-ordered source."""
+
+
+async def merge_pages(sources: Sequence[PageSource], cursor: str | None, limit: int, descending: bool) -> list[str]:
+    """The first ``limit`` ids past ``cursor`` over several sources, each in id order. A source is
+    read a share of the page at first, then again only while the last id read from it is inside
+    the page (its unread ids could still belong there), and only for as many ids as follow that id
+    in the page: a page reads about ``limit`` ids, however many sources there are or ids they hold."""
+    if len(sources) == 1:
+        return await sources[0](cursor, limit)
+    read: list[list[str]] = [[] for _ in sources]
+    ended = [False] * len(sources)
+    asks = {i: min(limit, 2 * -(-limit // len(sources))) for i in range(len(sources))}
+    while True:
+        replies = await asyncio.gather(*(sources[i](read[i][-1] if read[i] else cursor, n) for i, n in asks.items()))
+        for (i, n), ids in zip(asks.items(), replies, strict=True):
+            read[i].extend(ids)
+            ended[i] = len(ids) < n
+        page = list(islice(heapq.merge(*read, reverse=descending), limit))
+        rank = {run_id: pos for pos, run_id in enumerate(page)}
+        asks = {}
+        for i, ids in enumerate(read):
+            if ended[i]:
+                continue
+            pos = rank.get(ids[-1])
+            # A source that did not end has its last id in the page whenever the page is short.
+            if pos is not None and pos < limit - 1:
+                asks[i] = limit - 1 - pos  # the ids after this one in the page are all it could displace
+        if not asks:
+            return page
 
 
 def children_prefix(parent_run_id: str) -> bytes:
@@ -125,15 +160,11 @@ class RunIndex:
         self, prefixes: list[bytes], cursor: str | None, limit: int, descending: bool,
         created_after: int | None = None, created_before: int | None = None, *, children: bool = False,
     ) -> list[str]:
-        """``page`` over several prefixes, merged in id order."""
-        pages = await asyncio.gather(*(
-            self.page(p, cursor, limit, descending, created_after, created_before, children=children)
-            for p in prefixes
-        ))
-        if len(pages) == 1:
-            return pages[0]
-        merged = heapq.merge(*pages, reverse=descending)
-        return [run_id for _, run_id in zip(range(limit), merged, strict=False)]
+        """``page`` over several prefixes, merged in id order (see ``merge_pages``)."""
+        def source(prefix: bytes) -> PageSource:
+            return lambda after, count: self.page(prefix, after, count, descending, created_after, created_before,
+                                                  children=children)
+        return await merge_pages([source(p) for p in prefixes], cursor, limit, descending)
 
     async def headers_and_errors(self, ids: list[str]) -> list[tuple[RunHeader | None, bytes | None]]:
         k = self.keys
