@@ -75,6 +75,11 @@ class Served:
         """Redis commands the dashboard's client has sent so far."""
         return int(self.client.store.redis.counters.commands)
 
+    @property
+    def by_name(self) -> dict[str, int]:
+        """Redis commands the dashboard's client has sent so far, by command name."""
+        return {str(k): int(v) for k, v in self.client.store.redis.counters.by_name.items()}
+
 
 async def serve_dashboard(client: RedflowClient, *, token: str | None = None) -> Served:
     from redflow.dashboard.app import create_app

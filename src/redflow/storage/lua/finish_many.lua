@@ -36,6 +36,7 @@ for _ in string.gmatch(ARGV[3], '[^\n]+') do queues = queues + 1 end
 local streams_at = 16 + 3 * queues
 local now = now_ms()
 local out = {C.OK}
+local later = new_later()
 for i = 1, (#ARGV - 3) / 5 do
   local at = 3 + (i - 1) * 5
   local id = ARGV[at + 1]
@@ -55,7 +56,7 @@ for i = 1, (#ARGV - 3) / 5 do
         end
         K.stream = KEYS[streams_at + i]
         end_run(id, h, status, payload, p, now, {retention_ms = ARGV[1], channel = ARGV[2] .. id,
-          keep_owner = hook and status == 'failed'})
+          keep_owner = hook and status == 'failed', later = later})
         code, detail = C.OK, status
       end
     end
@@ -63,4 +64,5 @@ for i = 1, (#ARGV - 3) / 5 do
   out[#out + 1] = code
   out[#out + 1] = detail
 end
+flush_later(later)
 return out

@@ -38,8 +38,10 @@ end
 -- the lexicographic index k.index, s:<status>:<id> and ws:<len>:<wf>:<status>:<id>; running runs
 -- have none and are counted per workflow in hash k.running instead (they are listed from the
 -- leases), so a claim and a finish each write two members, not four. Every change of status goes
--- through here (or claim's batched form of it), which keeps the count exact.
-local function set_status(k, id, h, status)
+-- through here (or claim's batched form of it), which keeps the count exact. With `index_later`
+-- (a list), the new members are appended to it as ZADD arguments instead of written: for a
+-- terminal status, whose members nothing later in the same call removes.
+local function set_status(k, id, h, status, index_later)
   local wf = wf_tag(h)
   if h.s == 'running' then
     if redis.call('HINCRBY', k.running, h.w, -1) <= 0 then redis.call('HDEL', k.running, h.w) end
@@ -48,6 +50,10 @@ local function set_status(k, id, h, status)
   end
   if status == 'running' then
     redis.call('HINCRBY', k.running, h.w, 1)
+  elseif index_later then
+    local n = #index_later
+    index_later[n + 1], index_later[n + 2] = 0, 's:' .. status .. ':' .. id
+    index_later[n + 3], index_later[n + 4] = 0, 'ws:' .. wf .. ':' .. status .. ':' .. id
   else
     redis.call('ZADD', k.index, 0, 's:' .. status .. ':' .. id, 0, 'ws:' .. wf .. ':' .. status .. ':' .. id)
   end

@@ -32,10 +32,28 @@ local function holds_lease(id, token)
   return redis.call('HGET', K.leases, id) == token
 end
 
+-- Deferred writes of a script that ends several runs in one call (opts.later): outputs, retention
+-- deadlines, owned-set removals and the index members of the ended runs, which nothing later in
+-- the call reads or removes, leave in one command each when the script calls flush_later.
+local function new_later()
+  return {results = {}, expiry = {}, owned = {}, index = {}}
+end
+
+local function flush_later(later)
+  each_slice(later.results, 1000, function(...) return redis.call('HSET', K.results, ...) end)
+  each_slice(later.expiry, 1000, function(...) return redis.call('ZADD', K.expiry, ...) end)
+  each_slice(later.index, 1000, function(...) return redis.call('ZADD', K.index, ...) end)
+  if K.owned then each_slice(later.owned, 1000, function(...) return redis.call('SREM', K.owned, ...) end) end
+end
+
 -- The run leaves its worker: no lease, not in the owned set the caller named.
-local function disown(id, h)
+local function disown(id, h, later)
   redis.call('HDEL', K.leases, id)
-  if K.owned then redis.call('SREM', K.owned, id) end
+  if later then
+    later.owned[#later.owned + 1] = id
+  elseif K.owned then
+    redis.call('SREM', K.owned, id)
+  end
   h.o = nil
 end
 
@@ -46,7 +64,12 @@ local function held_prefix(kind, group)
   return kind .. ':' .. tag(group)
 end
 
+-- Workflows found with no run held for capacity during this call (plan skips their reads until a
+-- run is held for one again).
+local none_held = {}
+
 local function held_add(kind, group, id)
+  if kind == 'c' then none_held[group] = nil end
   local member = held_prefix(kind, group) .. string.format('%013d', redis.call('INCR', K.seq)) .. ':' .. id
   redis.call('ZADD', K.held, 0, member)
   return member
@@ -95,12 +118,14 @@ local function plan(id, h, opts)
     local first = held_first('m', h.mf, 1)[1]
     if first then move(first) end
   end
-  if opts.running then
+  if opts.running and not none_held[h.w] then
     local limit = redis.call('HGET', K.limits, h.w)
     local free = 100  -- no limit any more: release what was held under the old one, in batches
     if limit then free = tonumber(limit) - (running_count(K.running, h.w) - 1) end
     if free > 0 then
-      for _, member in ipairs(held_first('c', h.w, free)) do move(member) end
+      local held = held_first('c', h.w, free)
+      if #held == 0 then none_held[h.w] = true end
+      for _, member in ipairs(held) do move(member) end
     end
   end
   if h.tq and not opts.keep_place then
@@ -160,8 +185,8 @@ end
 
 -- Applies a plan: the run stops running (or waiting, or being held) and hands on what it held.
 -- With keep_owner the lease and owned entry stay (a failure whose on_failure hook is pending).
-local function stop_running(id, h, p, keep_owner)
-  if not keep_owner then disown(id, h) end
+local function stop_running(id, h, p, keep_owner, later)
+  if not keep_owner then disown(id, h, later) end
   if p.free_mutex then redis.call('HDEL', K.mutexes, h.mf) end
   if h.hd then
     redis.call('ZREM', K.held, h.hd)
@@ -198,14 +223,20 @@ end
 -- ending but success, whose record is the run itself), the retention deadline and the done
 -- message; ends its stream; drops its wait and due time; hands on what it held (plan) and resumes
 -- every parent waiting for it (a parent in another partition through the outbox). opts:
--- retention_ms, channel, keep_owner (on_failure pending).
+-- retention_ms, channel, keep_owner (on_failure pending), later (see new_later).
 local function end_run(id, h, status, payload, p, now, opts)
   local was = h.s
   h.f = now
+  local later = opts.later
   if status ~= 'succeeded' then attempt_record(id, h, status, payload, now) end
-  set_status(K, id, h, status)
+  set_status(K, id, h, status, later and later.index)
   if status == 'succeeded' then
-    redis.call('HSET', K.results, id, payload)
+    if later then
+      later.results[#later.results + 1] = id
+      later.results[#later.results + 1] = payload
+    else
+      redis.call('HSET', K.results, id, payload)
+    end
     if h.e then
       redis.call('HDEL', K.errors, id)
       h.e = nil
@@ -219,9 +250,14 @@ local function end_run(id, h, status, payload, p, now, opts)
   end
   h.rc = nil
   if opts.keep_owner then h.h = 1 end
-  stop_running(id, h, p, opts.keep_owner)
+  stop_running(id, h, p, opts.keep_owner, later)
   save_run(id, h)
-  redis.call('ZADD', K.expiry, now + tonumber(opts.retention_ms), id)
+  if later then
+    later.expiry[#later.expiry + 1] = now + tonumber(opts.retention_ms)
+    later.expiry[#later.expiry + 1] = id
+  else
+    redis.call('ZADD', K.expiry, now + tonumber(opts.retention_ms), id)
+  end
   -- The message carries the outcome when it is small, so a waiting result() needs no read.
   if #payload <= 16384 then
     redis.call('PUBLISH', opts.channel, status .. '\n' .. payload)
