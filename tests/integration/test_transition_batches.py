@@ -14,7 +14,7 @@ import json
 import msgspec
 import pytest
 
-from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
+from redflow import ListRunsParams, RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
 from redflow.storage.batches import FinishRequest
 from redflow.storage.codes import Code
 from redflow.storage.records import ClaimedRun, StepRecord, encode_step
@@ -144,6 +144,50 @@ async def test_parents_waiting_on_children_finished_in_one_batch_are_all_resumed
     for p, out in zip(parents, outs, strict=True):
         assert [s.resolution for s in resumed[p.id].steps] == ["succeeded"]
         assert bytes(resumed[p.id].steps[0].output) == out
+
+
+async def test_runs_of_a_capped_workflow_ended_in_one_batch_release_as_many_held_runs(
+    client: RedflowClient, registry: WorkflowRegistry, calls: dict[str, int]
+) -> None:
+    """The running count drops once per call, but before a later run of the call reads it: two runs
+    of a workflow capped at 2 ending together hand both slots on, and every deferred write (output,
+    index members, retention deadline, owned set) is there after the call."""
+    capped = define_workflow("fb-cap2", handler=_noop, registry=registry, max_concurrency=2)
+    plain = define_workflow("fb-plain2", handler=_noop, registry=registry)
+    await client.sync_registry()
+    store = await _pinned(client, 0)  # with `capped`'s runs, in p0
+    await store.heartbeat("w", LONG, LONG, False)
+    running = [await client.enqueue_definition(capped, i) for i in range(2)]
+    other = await client.enqueue_definition(plain, "p")
+    tokens = {r.id: r.token for r in await _claim(store, "default", 10)}
+    assert set(tokens) == {r.id for r in (*running, other)}
+    held = [await client.run_by_name(capped.name, i, queue_override="default") for i in range(3)]
+    assert await _claim(store, "default", 10) == []
+    assert await client.redis.execute("ZCARD", store.keys.held) == 3
+    calls["many"] = calls["one"] = 0
+
+    replies = await asyncio.gather(*(
+        store.finish(r.id, tokens[r.id], "w", "succeeded", b"7", False, LONG, "default") for r in (*running, other)
+    ))
+    assert replies == [(Code.OK, "succeeded")] * 3
+    assert calls == {"many": 1, "one": 0}
+    assert await client.redis.execute("HGET", store.keys.running, capped.name) is None
+    assert await client.redis.execute("HGET", store.keys.running, plain.name) is None
+    # Each ending hands on what its slot frees as it sees the count: the first one slot, the second
+    # (the first no longer counted) two; the claim then starts two and holds the third again.
+    assert await client.redis.execute("ZCARD", store.keys.held) == 0
+    released = [m.decode() for m in await client.redis.execute("LRANGE", store.keys.ready("default"), 0, -1)]
+    assert sorted(released) == sorted(h.id for h in held)
+    assert len(await _claim(store, "default", 10)) == 2
+    assert await client.redis.execute("ZCARD", store.keys.held) == 1
+    assert await client.redis.execute("HGET", store.keys.running, capped.name) == b"2"
+    assert {m.decode() for m in await client.redis.execute("SMEMBERS", store.keys.owned("w"))} <= {h.id for h in held}
+    for r in (*running, other):
+        state = await client.get_run(r.id)
+        assert state is not None and state["status"] == "succeeded" and state["output"] == 7
+        assert await client.redis.execute("ZSCORE", store.keys.expiry, r.id) is not None
+    listed = await client.list_runs(ListRunsParams(status="succeeded", workflow=capped.name))
+    assert {r["id"] for r in listed} == {r.id for r in running}
 
 
 async def test_step_records_of_one_tick_are_decided_each_as_alone(

@@ -46,7 +46,7 @@ for i = 1, (#ARGV - 3) / 5 do
     if not h or not expect_status(h, 'running', 'queued') then
       code, detail = C.WRONG_STATUS, h and h.s or ''
     else
-      local p, missing = plan(id, h, {running = h.s == 'running', ends = true})
+      local p, missing = plan(id, h, {running = h.s == 'running', ends = true, later = later})
       if #missing > 0 then
         code, detail = C.NEED_QUEUES, table.concat(missing, '\n')
       else

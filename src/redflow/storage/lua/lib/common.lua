@@ -38,22 +38,25 @@ end
 -- the lexicographic index k.index, s:<status>:<id> and ws:<len>:<wf>:<status>:<id>; running runs
 -- have none and are counted per workflow in hash k.running instead (they are listed from the
 -- leases), so a claim and a finish each write two members, not four. Every change of status goes
--- through here (or claim's batched form of it), which keeps the count exact. With `index_later`
--- (a list), the new members are appended to it as ZADD arguments instead of written: for a
--- terminal status, whose members nothing later in the same call removes.
-local function set_status(k, id, h, status, index_later)
+-- through here (or claim's batched form of it), which keeps the count exact. With `later` (see
+-- transitions.lua's new_later), a run leaving running has its decrement counted in later.running
+-- and a run's new members are appended to later.index as ZADD arguments, both written at the end
+-- of the call: only for a terminal status, whose members nothing later in the same call removes.
+local function set_status(k, id, h, status, later)
   local wf = wf_tag(h)
-  if h.s == 'running' then
+  if h.s == 'running' and later then
+    later.running[h.w] = (later.running[h.w] or 0) + 1
+  elseif h.s == 'running' then
     if redis.call('HINCRBY', k.running, h.w, -1) <= 0 then redis.call('HDEL', k.running, h.w) end
   elseif h.s then
     redis.call('ZREM', k.index, 's:' .. h.s .. ':' .. id, 'ws:' .. wf .. ':' .. h.s .. ':' .. id)
   end
   if status == 'running' then
     redis.call('HINCRBY', k.running, h.w, 1)
-  elseif index_later then
-    local n = #index_later
-    index_later[n + 1], index_later[n + 2] = 0, 's:' .. status .. ':' .. id
-    index_later[n + 3], index_later[n + 4] = 0, 'ws:' .. wf .. ':' .. status .. ':' .. id
+  elseif later then
+    local m, n = later.index, #later.index
+    m[n + 1], m[n + 2] = 0, 's:' .. status .. ':' .. id
+    m[n + 3], m[n + 4] = 0, 'ws:' .. wf .. ':' .. status .. ':' .. id
   else
     redis.call('ZADD', k.index, 0, 's:' .. status .. ':' .. id, 0, 'ws:' .. wf .. ':' .. status .. ':' .. id)
   end

@@ -34,12 +34,30 @@ end
 
 -- Deferred writes of a script that ends several runs in one call (opts.later): outputs, retention
 -- deadlines, owned-set removals and the index members of the ended runs, which nothing later in
--- the call reads or removes, leave in one command each when the script calls flush_later.
+-- the call reads or removes, leave in one command each when the script calls flush_later; the
+-- running count of a workflow drops once per call, and before plan reads it (counted_running).
 local function new_later()
-  return {results = {}, expiry = {}, owned = {}, index = {}}
+  return {results = {}, expiry = {}, owned = {}, index = {}, running = {}}
+end
+
+-- Writes the running-count decrements of workflow `w` gathered in `later` (all when w is nil).
+local function drop_running(later, w)
+  for wf, n in pairs(later.running) do
+    if (w == nil or wf == w) and n > 0 then
+      if redis.call('HINCRBY', K.running, wf, -n) <= 0 then redis.call('HDEL', K.running, wf) end
+      later.running[wf] = 0
+    end
+  end
+end
+
+-- Runs of workflow `w` running now, decrements `later` gathered included.
+local function counted_running(w, later)
+  if later then drop_running(later, w) end
+  return running_count(K.running, w)
 end
 
 local function flush_later(later)
+  drop_running(later, nil)
   each_slice(later.results, 1000, function(...) return redis.call('HSET', K.results, ...) end)
   each_slice(later.expiry, 1000, function(...) return redis.call('ZADD', K.expiry, ...) end)
   each_slice(later.index, 1000, function(...) return redis.call('ZADD', K.index, ...) end)
@@ -91,7 +109,8 @@ end
 -- What run `id` hands on when it stops running (opts.running: it was counted as running) or ends
 -- (opts.ends): the next waiter of its mutex, runs held for its workflow's capacity, the next run
 -- of its throttle queue (unless opts.keep_place: a run handed back keeps its place in that queue),
--- and the parents waiting for it. Reads only. Returns the plan and the queues it needs that the
+-- and the parents waiting for it. Reads only, besides writing the running-count drops of runs
+-- ended before it in the call (opts.later). Returns the plan and the queues it needs that the
 -- caller did not name.
 local function plan(id, h, opts)
   local p = {moves = {}, parents = {}, keep_place = opts.keep_place}
@@ -121,7 +140,7 @@ local function plan(id, h, opts)
   if opts.running and not none_held[h.w] then
     local limit = redis.call('HGET', K.limits, h.w)
     local free = 100  -- no limit any more: release what was held under the old one, in batches
-    if limit then free = tonumber(limit) - (running_count(K.running, h.w) - 1) end
+    if limit then free = tonumber(limit) - (counted_running(h.w, opts.later) - 1) end
     if free > 0 then
       local held = held_first('c', h.w, free)
       if #held == 0 then none_held[h.w] = true end
@@ -229,7 +248,7 @@ local function end_run(id, h, status, payload, p, now, opts)
   h.f = now
   local later = opts.later
   if status ~= 'succeeded' then attempt_record(id, h, status, payload, now) end
-  set_status(K, id, h, status, later and later.index)
+  set_status(K, id, h, status, later)
   if status == 'succeeded' then
     if later then
       later.results[#later.results + 1] = id
