@@ -27,6 +27,7 @@ from redflow import (
     workflow,
 )
 from redflow.errors import ConfigurationError
+from redflow.ids import new_run_id
 from redflow.storage.keys import partition_index
 
 from ..partitioned import count, store_of, total
@@ -231,6 +232,15 @@ async def test_enqueue_many_is_one_command_per_chunk_and_safe_to_retry(
     assert len({h.id for h in handles}) == 2500
     retried = store_of(client, handles[0].id).enqueue_batch([handles[0].id], "batched", "default", [b"7"], 3, 0)
     assert await retried == 0  # a retry in the run's partition creates nothing
+    # A retried chunk beyond one read of the existing ids, with one id the first try did not create:
+    # that one alone is created, queued once.
+    store = store_of(client, handles[0].id)
+    same = [h.id for h in handles if store_of(client, h.id) is store]
+    fresh = new_run_id(store.keys.partition)
+    again = [*same, fresh, *same[:100]]
+    assert await store.enqueue_batch(again, "batched", "default", [b"7"] * len(again), 3, 0) == 1
+    assert (await client.get_run(fresh))["status"] == "queued"
+    assert await client.redis.execute("LPOS", store.keys.ready("default"), fresh, "COUNT", 0) == [0]
     keys_before = sorted(await client.redis.execute("KEYS", f"{client.prefix}:*"))
     index_before = await total(client, lambda k: ("ZCARD", k.index))
     with pytest.raises(PayloadEncodingError):

@@ -25,9 +25,13 @@ local h = {w = ARGV[1], q = ARGV[2], a = 0, m = tonumber(ARGV[3]), c = now, s = 
 local header = encode_run(h)
 local wf = wf_tag(h)
 local members, records, inputs, ids = {}, {}, {}, {}
+-- One HMGET per slice of ids, not one HEXISTS per id: which of them exist already.
+local asked = {}
+for i = 1, n do asked[i] = ARGV[5 + i] end
+local existing = each_slice(asked, 1000, function(...) return redis.call('HMGET', KEYS[1], ...) end)
 for i = 1, n do
   local id = ARGV[5 + i]
-  if redis.call('HEXISTS', KEYS[1], id) == 0 then
+  if not existing[i] then
     members[#members + 1] = 0
     members[#members + 1] = 's:' .. status .. ':' .. id
     members[#members + 1] = 0
