@@ -25,6 +25,16 @@
 --!include runs
 
 local id = ARGV[1]
+local k = {runs = KEYS[1], inputs = KEYS[2], index = KEYS[3], ready = KEYS[4], sched = KEYS[5],
+  bell = KEYS[6], children = KEYS[7]}
+if ARGV[8] == '' and tonumber(ARGV[7]) == 0 then
+  -- No parent, no idempotency key: creating the run if it is absent is the whole check.
+  local h = create_run(k, id, ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), '', '', now_ms(),
+    ARGV[9], true)
+  if h then return {C.CREATED, id, h.s} end
+  return {C.EXISTING, id, decode_run(redis.call('HGET', KEYS[1], id)).s}
+end
+
 local existing = redis.call('HGET', KEYS[1], id)
 if existing then
   return {C.EXISTING, id, decode_run(existing).s}
@@ -47,8 +57,6 @@ if ttl > 0 then
   redis.call('SET', KEYS[8], id, 'EX', ttl)
 end
 
-local k = {runs = KEYS[1], inputs = KEYS[2], index = KEYS[3], ready = KEYS[4], sched = KEYS[5],
-  bell = KEYS[6], children = KEYS[7]}
 local h = create_run(k, id, ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[8],
   '', now_ms(), ARGV[9])
 if ttl > 0 then
