@@ -123,21 +123,17 @@ def _req(run: ClaimedRun | Any, token: bytes, status: str = "succeeded", payload
 # --- a Lua error mid-call -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finish_many's deferred writes are lost when the call errors mid-way")
-async def test_an_error_later_in_the_call_loses_the_deferred_writes_of_runs_ended_before_it(
+async def test_an_error_later_in_the_call_keeps_the_deferred_writes_of_runs_ended_before_it(
     client: RedflowClient, registry: WorkflowRegistry
 ) -> None:
-    """BUG. Redis does not roll back a script that fails after writing. Before the change a run ended
-    earlier in a finish_many call was completely written when a later run's writes raised (as with
-    finish.lua one run at a time: the first call is complete, only the failing one is cut short). Now
-    its status, header, lease removal and parent resume are written at once, but its output, its
-    retention deadline, its index members, its owned-set removal and its workflow's running-count
-    drop wait for flush_later, which never runs. Its lease is gone, so a retried finish is STALE and
-    nothing ever repairs it: the succeeded run has no output, is listed under no status, is never
-    cleaned up, stays in the worker's owned set, and its max_concurrency slot is lost for good (the
-    next run of the workflow is held forever). Here the later run's error is a WRONGTYPE on its
-    stream key (XADD), standing in for any error raised after a run of the call was written
-    (a bad key type, a Lua runtime error, a cluster redirect)."""
+    """Redis does not roll back a script that fails after writing. A run ended earlier in a
+    finish_many call must be as completely written as finish.lua one run at a time leaves it: its
+    output, retention deadline, index members, owned-set removal and its workflow's running-count
+    drop (all deferred to the end of the call) are written before the later run's error is raised.
+    Otherwise its lease is gone, a retried finish is STALE and nothing repairs it (no output, listed
+    under no status, never cleaned up, a max_concurrency slot lost for good). Here the later run's
+    error is a WRONGTYPE on its stream key (XADD), standing in for any error raised after a run of
+    the call was written (a bad key type, a Lua runtime error, a cluster redirect)."""
     capped = define_workflow("rv-err-cap", handler=_noop, registry=registry, max_concurrency=1)
     plain = define_workflow("rv-err-plain", handler=_noop, registry=registry)
     await client.sync_registry()

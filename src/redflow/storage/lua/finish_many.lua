@@ -37,32 +37,37 @@ local streams_at = 16 + 3 * queues
 local now = now_ms()
 local out = {C.OK}
 local later = new_later()
-for i = 1, (#ARGV - 3) / 5 do
-  local at = 3 + (i - 1) * 5
-  local id = ARGV[at + 1]
-  local code, detail = C.STALE, ''
-  if holds_lease(id, ARGV[at + 2]) then
-    local h = load_run(id)
-    if not h or not expect_status(h, 'running', 'queued') then
-      code, detail = C.WRONG_STATUS, h and h.s or ''
-    else
-      local p, missing = plan(id, h, {running = h.s == 'running', ends = true, later = later})
-      if #missing > 0 then
-        code, detail = C.NEED_QUEUES, table.concat(missing, '\n')
+-- A run ended before an error in the call (Redis keeps what a script wrote before it failed)
+-- still gets its deferred writes: the error is raised again once they are written.
+local ok, err = pcall(function()
+  for i = 1, (#ARGV - 3) / 5 do
+    local at = 3 + (i - 1) * 5
+    local id = ARGV[at + 1]
+    local code, detail = C.STALE, ''
+    if holds_lease(id, ARGV[at + 2]) then
+      local h = load_run(id)
+      if not h or not expect_status(h, 'running', 'queued') then
+        code, detail = C.WRONG_STATUS, h and h.s or ''
       else
-        local status, payload, hook = ARGV[at + 3], ARGV[at + 4], ARGV[at + 5] == '1'
-        if h.cr then
-          status, payload, hook = 'canceled', canceled_error(id, h, h.cx or ''), false
+        local p, missing = plan(id, h, {running = h.s == 'running', ends = true, later = later})
+        if #missing > 0 then
+          code, detail = C.NEED_QUEUES, table.concat(missing, '\n')
+        else
+          local status, payload, hook = ARGV[at + 3], ARGV[at + 4], ARGV[at + 5] == '1'
+          if h.cr then
+            status, payload, hook = 'canceled', canceled_error(id, h, h.cx or ''), false
+          end
+          K.stream = KEYS[streams_at + i]
+          end_run(id, h, status, payload, p, now, {retention_ms = ARGV[1], channel = ARGV[2] .. id,
+            keep_owner = hook and status == 'failed', later = later})
+          code, detail = C.OK, status
         end
-        K.stream = KEYS[streams_at + i]
-        end_run(id, h, status, payload, p, now, {retention_ms = ARGV[1], channel = ARGV[2] .. id,
-          keep_owner = hook and status == 'failed', later = later})
-        code, detail = C.OK, status
       end
     end
+    out[#out + 1] = code
+    out[#out + 1] = detail
   end
-  out[#out + 1] = code
-  out[#out + 1] = detail
-end
+end)
 flush_later(later)
+if not ok then error(err, 0) end
 return out
