@@ -28,6 +28,8 @@ class _Pair:
     server: asyncio.StreamWriter
     frozen: bool = False
     drop_replies: bool = False
+    holding: bool = False  # replies are kept, in order, until release_replies
+    held_replies: list[bytes] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -79,6 +81,25 @@ class FaultProxy:
         n = self.freeze()
         self.detached += self.pairs
         self.pairs = []
+        return n
+
+    def hold_replies(self) -> int:
+        """Keep every reply of the open connections (requests still go through) until
+        ``release_replies``: the server works on, its answers wait; returns how many connections."""
+        for pair in self.pairs:
+            pair.holding = True
+        return len(self.pairs)
+
+    def release_replies(self) -> int:
+        """Deliver the replies ``hold_replies`` kept, in order, and forward again; returns how many."""
+        n = 0
+        for pair in self.pairs:
+            pair.holding = False
+            for data in pair.held_replies:
+                if not pair.client.is_closing():
+                    pair.client.write(data)
+                    n += 1
+            pair.held_replies.clear()
         return n
 
     def drop_replies(self) -> int:
@@ -155,6 +176,8 @@ class FaultProxy:
         def deliver(data: bytes) -> None:
             if pair.frozen:
                 held.append(data)  # never delivered: the peer looks alive but silent
+            elif replies and pair.holding:
+                pair.held_replies.append(data)
             elif not (replies and pair.drop_replies) and not dst.is_closing():
                 dst.write(data)
 

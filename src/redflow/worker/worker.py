@@ -435,7 +435,9 @@ class Worker:
         observability.set_gauge("redis_rtt", loop.time() - sent)
         self.outage.succeeded()
         state, leader = beat.state, beat.leader
-        self._last_renewal = loop.time()
+        # The server renewed the lease at some time after `sent`, perhaps long before this reply was
+        # read (the process paused or starved in between): the lease is as old as the request.
+        self._last_renewal = sent
         if self._lease_guard is not None:
             self._lease_guard.cancel()
         # Runs must stop before the lease can lapse: after that the reaper may hand them to another worker.
