@@ -210,11 +210,11 @@ async def test_embedded_server_killed_and_restarted_keeps_a_scheduled_run(tmp_pa
             await wait_until(lambda: client.get_workflow_meta("sup-plain"), timeout_s=20, what="worker registered")
             handle = await client.run_by_name("sup-plain", {}, run_at=datetime.now() + timedelta(seconds=4))
             await asyncio.sleep(2)  # appendfsync everysec: let the enqueue reach the AOF on disk
-            server = next(p for p in psutil.Process(sup.pid).children() if "valkey" in p.name())
+            server = _embedded_servers(sup.pid)[0]
             server.kill()
 
             async def restarted() -> bool:
-                kids = [p for p in psutil.Process(sup.pid).children() if "valkey" in p.name()]
+                kids = _embedded_servers(sup.pid)
                 return bool(kids) and kids[0].pid != server.pid
 
             await wait_until(restarted, timeout_s=20, what="embedded server restarted")
@@ -255,3 +255,16 @@ async def test_run_budget_recycles_a_worker_without_losing_runs(
         assert await counter(client, f"body:{h.id}") == 1
     sup.send_signal(signal.SIGTERM)
     assert sup.wait(timeout=30) == 0
+
+
+def _embedded_servers(pid: int) -> list[psutil.Process]:
+    """The supervisor's embedded server processes; a child that exits while they are listed (a
+    worker restarting, the killed server being reaped) is left out instead of failing the read."""
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if "valkey" in child.name():
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
