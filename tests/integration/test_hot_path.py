@@ -56,8 +56,13 @@ async def test_one_step_run_costs_at_most_three_worker_commands(
     counters = worker.store.redis.counters
     await wait_until(lambda: not worker.active and _all_done(client, handles), timeout_s=60, what="drain")
     per_run = counters.commands / n
+    # The worker runs on (heartbeats, claims): a call it counted may not have reached the server when
+    # INFO is read, and one may leave after; so may a claim of the idle worker cut by its stop.
+    counted_before = n + idle_evalsha + counters.by_name["EVALSHA"]
     evalsha_server = await _evalsha_calls(client) - evalsha_before
-    assert evalsha_server == n + idle_evalsha + counters.by_name["EVALSHA"], "server and client counts disagree"
+    counted_after = n + idle_evalsha + counters.by_name["EVALSHA"]
+    assert counted_before - 2 * parts <= evalsha_server <= counted_after, (
+        f"server and client counts disagree: {evalsha_server} on the server, {counted_before}-{counted_after} sent")
     assert per_run <= 3.0, f"{per_run:.3f} worker commands per run ({dict(counters.by_name)})"
     # Step records and finishes of one loop tick share a call (step_many, finish_many), and the
     # calls of a tick share a socket write: far fewer writes than runs (beyond the start's).
