@@ -21,7 +21,7 @@ from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, cre
 from redflow.storage.keys import PartitionKeys, partition_of
 
 from ..cluster_harness import LocalCluster, key_slot, prefix_slot
-from ..conftest import WorkerFactory
+from ..conftest import WorkerFactory, wait_until
 
 
 @pytest.mark.usefixtures("one_partition")  # one prefix, one slot
@@ -172,3 +172,50 @@ async def test_one_queue_of_a_partitioned_prefix_spreads_over_every_master(
         assert (await c.get_stats())["by_status"]["succeeded"] == 96
     finally:
         await c.close()
+
+
+async def test_a_late_relayed_end_message_does_not_answer_a_retried_run(
+    cluster: LocalCluster, client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory,
+) -> None:
+    """A cluster relays PUBLISH between nodes late, so result() can hear the end of an attempt an
+    operator has since retried. The message here is the one the cancel published, sent again from
+    the run's node after result() subscribed; a probe sent after it on the same node proves it was
+    delivered before the worker starts."""
+    async def echo(ctx: WorkflowHandlerContext) -> Any:
+        return ctx.input
+
+    define_workflow("cluster-late-end", handler=echo, registry=registry)
+    handle = await client.run_by_name("cluster-late-end", 7)
+    assert await client.cancel_run(handle.id)
+    await client.retry_run(handle.id)
+    assert (await handle.get_state() or {}).get("status") == "queued"
+
+    keys = client.store.of(handle.id).keys
+    channel = keys.done_channel(handle.id)
+    run_node = cluster.node_for_key(keys.runs)
+    waiting = asyncio.ensure_future(handle.result(timeout_ms=20_000))
+
+    def subscribed() -> str | None:
+        n = sum(m.execute("PUBSUB", "NUMSUB", channel)[1] for m in cluster.masters())
+        return None if n else "result() has not subscribed yet"
+
+    await wait_until(lambda: subscribed() is None, what="result() subscribes")
+    probe_heard = asyncio.Event()
+    probe = f"{keys.base}:probe".encode()
+    subscriber = client._subscriber
+    assert subscriber is not None
+    def on_probe(_payload: bytes | None) -> None:
+        probe_heard.set()
+
+    await subscriber.subscribe(probe, on_probe)
+    try:
+        run_node.execute("PUBLISH", channel, b'canceled\n{"name":"CanceledError","message":"stale"}')
+        run_node.execute("PUBLISH", probe, b"after")
+        await asyncio.wait_for(probe_heard.wait(), 10)
+        done, _ = await asyncio.wait({waiting}, timeout=0.5)  # the stale message, if trusted, ends it
+        assert not done, f"result() answered from a stale message: {waiting.exception()!r}"
+        await make_worker()
+        assert await waiting == 7
+    finally:
+        subscriber.unsubscribe(probe, on_probe)
+        waiting.cancel()
