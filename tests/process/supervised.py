@@ -20,8 +20,11 @@ Start = Callable[..., subprocess.Popen[str]]
 
 
 @pytest.fixture
-def start_supervisor(redis_url: str, prefix: str) -> Iterator[Start]:
+def start_supervisor(redis_url: str, prefix: str, tmp_path: Path) -> Iterator[Start]:
+    """Starts supervisors; each one's stderr goes to a file (a pipe nobody reads would block it once
+    full), whose tail is printed at teardown so a failing test shows what the supervisor said."""
     procs: list[subprocess.Popen[str]] = []
+    logs: list[Path] = []
 
     os.environ["SUP_TEST_URL"], os.environ["SUP_TEST_PREFIX"] = redis_url, prefix
 
@@ -29,11 +32,14 @@ def start_supervisor(redis_url: str, prefix: str) -> Iterator[Start]:
         env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
         if cron:
             env["SUP_TEST_CRON"] = "1"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "redflow.supervisor", "--import", "tests.process.sup_apps", "--url", redis_url,
-             "--prefix", prefix, "--lease-ms", "1500", *args],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
+        log = tmp_path / f"supervisor-{len(logs)}.log"
+        logs.append(log)
+        with log.open("w") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "redflow.supervisor", "--import", "tests.process.sup_apps", "--url",
+                 redis_url, "--prefix", prefix, "--lease-ms", "1500", *args],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+            )
         procs.append(proc)
         return proc
 
@@ -44,8 +50,8 @@ def start_supervisor(redis_url: str, prefix: str) -> Iterator[Start]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+    for log in logs:
+        print(f"--- {log.name} (last 4000 characters)\n{log.read_text()[-4000:]}")
 
 
 def _children(pid: int) -> list[psutil.Process]:

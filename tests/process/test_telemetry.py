@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from pathlib import Path
 from typing import Any
 
 from redflow import RedflowClient
@@ -86,6 +87,29 @@ async def test_a_blocked_worker_is_reported_stale(client: RedflowClient, start_s
     assert (await gauge("redflow_worker_status_age_seconds") or 0) > 1.0
     sup.send_signal(signal.SIGKILL)
     sup.wait(timeout=30)
+
+
+async def test_a_metrics_file_being_created_does_not_fail_the_scrape(
+    client: RedflowClient, start_supervisor: Start
+) -> None:
+    """A worker's multiprocess file is empty for a moment when the worker first records a kind of
+    metric; a scrape landing then still answers, with every other sample (it failed with the
+    connection closed and no response)."""
+    port = free_port()
+    sup = start_supervisor("--procs", "1", "--http-port", str(port))
+    (worker,) = await _workers(sup, 1)
+    handle = await client.run_by_name("sup-plain", None)
+    assert (await handle.result(timeout_ms=20_000))["pid"] == worker.pid
+    mapped = [Path(m.path) for m in worker.memory_maps() if m.path.endswith(".db")]  # the worker's metric files
+    assert mapped, "the worker maps no metric file"
+    metrics_dir = mapped[0].parent
+    (metrics_dir / "histogram_4194304.db").touch()  # created, not yet sized: no header to read
+    (metrics_dir / "counter_4194305.db").write_bytes(b"\x10\x00\x00\x00")  # shorter than its header
+    families = await _families(port)
+    assert families["redflow_worker_processes"].samples[0].value == 1
+    assert "redflow_runs" in families, sorted(families)
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(timeout=30) == 0
 
 
 async def _equals(value: Any, expected: float) -> bool:

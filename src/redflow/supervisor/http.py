@@ -8,13 +8,21 @@ workers whose status is fresh count: a worker with a blocked event loop stops re
 from __future__ import annotations
 
 import json
+import logging
 import selectors
+import struct
 import time
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from prometheus_client import Metric
+
     from .tree import Supervisor
+
+log = logging.getLogger("redflow.supervisor")
 
 FRESH_S = 5.0
 
@@ -59,12 +67,41 @@ def readiness(supervisor: Supervisor) -> tuple[bool, dict[str, Any]]:
     return ready, {"ready": ready, "workers": fresh, "expected_workers": len(supervisor.slots), "leader": leader}
 
 
+class _WorkerSamples:
+    """The samples of the workers' multiprocess files. A worker creates its file when it first
+    records a kind of metric, and the file is empty or shorter than its header for a moment: such a
+    file is left out of this scrape (the next one has it) rather than failing the whole response."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def collect(self) -> Iterable[Metric]:
+        from prometheus_client import multiprocess
+
+        files = sorted(str(f) for f in self.path.glob("*.db"))
+        try:
+            return list(multiprocess.MultiProcessCollector.merge(files))  # type: ignore[no-untyped-call]
+        except (OSError, ValueError, struct.error):
+            readable = [f for f in files if _readable(f)]
+            return list(multiprocess.MultiProcessCollector.merge(readable))  # type: ignore[no-untyped-call]
+
+
+def _readable(file: str) -> bool:
+    from prometheus_client import multiprocess
+
+    try:
+        multiprocess.MultiProcessCollector.merge([file])  # type: ignore[no-untyped-call]
+    except (OSError, ValueError, struct.error):
+        return False
+    return True
+
+
 def metrics_text(supervisor: Supervisor) -> str:
     """The workers' Prometheus samples merged across processes, plus the supervisor's own."""
-    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+    from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(supervisor.metrics_dir))  # type: ignore[no-untyped-call]
+    registry.register(_WorkerSamples(supervisor.metrics_dir))
     merged = generate_latest(registry).decode()
     statuses = fresh_statuses(supervisor)
     lines = [
@@ -121,6 +158,13 @@ def _handler_class(supervisor: Supervisor) -> type[BaseHTTPRequestHandler]:
         timeout = REQUEST_TIMEOUT_S
 
         def do_GET(self) -> None:
+            try:
+                self._route()
+            except Exception:  # an answer, not a dropped connection a scraper cannot tell from a crash
+                log.exception("the status endpoint failed to answer %s", self.path)
+                self._send(500, {"error": f"internal error answering {self.path}"})
+
+        def _route(self) -> None:
             if self.path == "/healthz":
                 # Alive while some worker process turns its event loop (Redis being down does not count:
                 # the workers retry; readiness says whether they work).
