@@ -48,7 +48,7 @@ def test_decode_step_history(benchmark) -> None:  # type: ignore[no-untyped-def]
 
 def test_parse_claim_batch_of_100(benchmark) -> None:  # type: ignore[no-untyped-def]
     reply = _claim_reply(100)
-    _, runs = benchmark(parse_claim, reply)
+    _, runs, _ = benchmark(parse_claim, reply)
     assert len(runs) == 100
 
 

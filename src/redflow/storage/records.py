@@ -144,10 +144,15 @@ class ClaimedRun(msgspec.Struct):
     error: bytes
 
 
-def parse_claim(reply: list[Any]) -> tuple[int, list[ClaimedRun]]:
-    """(ms until the next scheduled run or -1, claimed runs) from a claim.lua reply."""
+def parse_claim(reply: list[Any]) -> tuple[int, list[ClaimedRun], list[tuple[str, str]]]:
+    """(ms until the next scheduled run or -1, claimed runs, (id, error) of runs put back unread)
+    from a claim.lua reply."""
     runs = []
+    unclaimable = []
     for i in range(2, len(reply), 7):
+        if reply[i + 1] == b"unclaimable":
+            unclaimable.append((reply[i].decode(), reply[i + 6].decode(errors="replace")))
+            continue
         runs.append(
             ClaimedRun(
                 id=reply[i].decode(),
@@ -159,7 +164,7 @@ def parse_claim(reply: list[Any]) -> tuple[int, list[ClaimedRun]]:
                 error=reply[i + 6],
             )
         )
-    return int(reply[1]), runs
+    return int(reply[1]), runs, unclaimable
 
 
 # --- events ------------------------------------------------------------------------------------------

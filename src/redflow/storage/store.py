@@ -272,7 +272,10 @@ class Store:
         code = Code(reply[0])
         if code is not Code.OK:
             return code, -1, []
-        next_due, runs = parse_claim(reply)
+        next_due, runs, unclaimable = parse_claim(reply)
+        for run_id, error in unclaimable:
+            log.error("run %s could not be claimed and was put back in its queue (ready or scheduled): %s; "
+                      "its header or a key of its partition is damaged", run_id, error)
         return code, next_due, runs
 
     @_routed

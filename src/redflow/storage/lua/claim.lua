@@ -33,7 +33,9 @@
 -- RETURNS {C.STALE_WORKER} when the worker's liveness lease lapsed
 --       | {C.OK, ms until the next scheduled run (-1: none), then 7 fields per run:
 --          id, kind ('run'|'hook'|'admit'), token, header (MessagePack), input JSON, steps ('' for a first
---          attempt that never ran), error JSON (hooks only, else '')}
+--          attempt that never ran), error JSON (hooks only, else '')
+--          then the same 7 fields for each run the call could not read or write: id, 'unclaimable',
+--          four '', and the error raised (the run was put back: ready at the back, due in a minute)}
 --!include common
 --!include transitions
 
@@ -57,6 +59,76 @@ local function needs_admission(w)
   if admission_cache[w] == nil then admission_cache[w] = redis.call('HEXISTS', K.admission, w) == 1 end
   return admission_cache[w]
 end
+-- What this claim does with queued run `id` (header `raw`): hold it (written here, returns nothing),
+-- or hand it out as (kind, header as claimed, fresh, steps, error). Writes nothing else, so a run
+-- it raises on is left as it was; the caller batches the writes of the runs handed out.
+local function take(id, raw)
+  local h = decode_run(raw)
+  if h.o then return nil end
+  local queued = h.s == 'queued' and not h.hd
+  local limit = false
+  if queued then limit = limit_of(h.w) end
+  local kind, fresh = nil, false
+  if limit and running_count(K.running, h.w) + (started[h.w] or 0) >= tonumber(limit) then
+    h.hd = held_add('c', h.w, id)
+    save_run(id, h)
+    return nil
+  elseif queued and not mutex_free_for(id, h) then
+    h.hd = held_add('m', h.mf, id)
+    save_run(id, h)
+    return nil
+  elseif queued and (h.a == 0 or h.ad) and not h.rc and needs_admission(h.w) then
+    kind = 'admit'
+  elseif queued then
+    kind = 'run'
+    if h.rc then
+      h.rc = nil
+    else
+      fresh = h.a == 0 and not h.rf  -- a first attempt has no history, unless it replays a run
+      h.a = h.a + 1
+      h.x = nil
+      h.ad = nil
+    end
+    h.st = now
+    if not h.sa then h.sa = now end
+    -- set_status(K, id, h, 'running') in batched form: the caller removes the index members once
+    -- for the whole claim and grows the running count once per workflow; until then the runs
+    -- started here are counted in `started`, so max_concurrency sees them.
+    h.s = 'running'
+  elseif h.s == 'failed' and h.h then
+    kind = 'hook'
+  else
+    return nil
+  end
+  local steps = fresh and '' or history_read(K.steps, id)
+  local err = kind == 'hook' and (redis.call('HGET', K.errors, id) or '') or ''
+  if kind == 'run' and h.mf then redis.call('HSET', K.mutexes, h.mf, id) end  -- the last write: nothing raises after it
+  h.o = ARGV[1]
+  return kind, h, fresh, steps, err
+end
+local unclaimable = {}  -- {ready list (false: left scheduled), id, error} of runs a step here raised on
+
+-- A due scheduled run becomes queued (its durable wait, if any, resolved as 'timeout'); a failed run
+-- whose on_failure hook was deferred goes back to its ready list.
+local function promote_due(id, ready)
+  local h = load_run(id)
+  if h and h.s == 'scheduled' then
+    local wraw = redis.call('HGET', K.waits, id)
+    if wraw then
+      local w = cjson.decode(wraw)
+      resolve_wait(K.steps, id, w, h.a, 'timeout', 'null', now)
+      if w.m then redis.call('ZREM', K.waiters, w.m) end
+      redis.call('HDEL', K.waits, id)
+      h.rc = 1
+    end
+    set_status(K, id, h, 'queued')
+    save_run(id, h)
+    redis.call('RPUSH', ready, id)
+  elseif h and h.s == 'failed' and h.h and not h.o then
+    redis.call('RPUSH', ready, id)
+  end
+end
+
 local promote = tonumber(ARGV[3])
 local out = {C.OK, -1}
 local next_due = nil
@@ -66,22 +138,12 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
   local ready, sched, bell = K.queues[queue].ready, K.queues[queue].sched, K.queues[queue].bell
   local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, promote)
   for _, id in ipairs(due) do
-    redis.call('ZREM', sched, id)
-    local h = load_run(id)
-    if h and h.s == 'scheduled' then
-      local wraw = redis.call('HGET', K.waits, id)
-      if wraw then
-        local w = cjson.decode(wraw)
-        resolve_wait(K.steps, id, w, h.a, 'timeout', 'null', now)
-        if w.m then redis.call('ZREM', K.waiters, w.m) end
-        redis.call('HDEL', K.waits, id)
-        h.rc = 1
-      end
-      set_status(K, id, h, 'queued')
-      save_run(id, h)
-      redis.call('RPUSH', ready, id)
-    elseif h and h.s == 'failed' and h.h and not h.o then
-      redis.call('RPUSH', ready, id)  -- a deferred on_failure hook
+    local ok, err = pcall(promote_due, id, ready)
+    if ok then
+      redis.call('ZREM', sched, id)
+    else  -- tried again in a minute; the worker logs the error
+      redis.call('ZADD', sched, now + 60000, id)
+      unclaimable[#unclaimable + 1] = {false, id, tostring(err)}
     end
   end
   while got < want do
@@ -91,49 +153,23 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
     local raws = redis.call('HMGET', K.runs, unpack(ids))
     for i, id in ipairs(ids) do
       -- An id listed twice is taken once: its header here predates this claim's writes.
-      local h = not seen[id] and raws[i] and decode_run(raws[i])
+      local raw = not seen[id] and raws[i]
       seen[id] = true
-      if h and not h.o then
-        local kind = nil
-        local fresh = false
-        local queued = h.s == 'queued' and not h.hd
-        local limit = false
-        if queued then limit = limit_of(h.w) end
-        if limit and running_count(K.running, h.w) + (started[h.w] or 0) >= tonumber(limit) then
-          h.hd = held_add('c', h.w, id)
-          save_run(id, h)
-        elseif queued and not mutex_free_for(id, h) then
-          h.hd = held_add('m', h.mf, id)
-          save_run(id, h)
-        elseif queued and (h.a == 0 or h.ad) and not h.rc and needs_admission(h.w) then
-          kind = 'admit'
-        elseif queued then
-          kind = 'run'
-          if h.mf then redis.call('HSET', K.mutexes, h.mf, id) end
-          if h.rc then
-            h.rc = nil
-          else
-            fresh = h.a == 0 and not h.rf  -- a first attempt has no history, unless it replays a run
-            h.a = h.a + 1
-            h.x = nil
-            h.ad = nil
+      if raw then
+        local ok, kind, h, fresh, steps, err = pcall(take, id, raw)
+        if not ok then
+          -- A run this call cannot read or write (a corrupt header, a key of the wrong type) goes to
+          -- the back of its queue once the batch is done, so it neither blocks the queue nor is lost;
+          -- the worker logs the error.
+          unclaimable[#unclaimable + 1] = {ready, id, tostring(kind)}
+        elseif kind then
+          if kind == 'run' then
+            local wf = wf_tag(h)
+            unindexed[#unindexed + 1] = 's:queued:' .. id
+            unindexed[#unindexed + 1] = 'ws:' .. wf .. ':queued:' .. id
+            started[h.w] = (started[h.w] or 0) + 1
           end
-          h.st = now
-          if not h.sa then h.sa = now end
-          -- set_status(K, id, h, 'running') in batched form: the index members leave once for the
-          -- whole claim and the running count grows once per workflow; until then the runs started
-          -- here are counted in `started`, so max_concurrency sees them.
-          local wf = wf_tag(h)
-          unindexed[#unindexed + 1] = 's:' .. h.s .. ':' .. id
-          unindexed[#unindexed + 1] = 'ws:' .. wf .. ':' .. h.s .. ':' .. id
-          h.s = 'running'
-          started[h.w] = (started[h.w] or 0) + 1
-        elseif h.s == 'failed' and h.h then
-          kind = 'hook'
-        end
-        if kind then
           local token = ARGV[5] .. '.' .. got
-          h.o = ARGV[1]
           local encoded = encode_run(h)
           headers[#headers + 1] = id
           headers[#headers + 1] = encoded
@@ -145,8 +181,8 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
           out[#out + 1] = token
           out[#out + 1] = encoded
           out[#out + 1] = false  -- the input, read below for the whole claim
-          out[#out + 1] = fresh and '' or history_read(K.steps, id)
-          out[#out + 1] = kind == 'hook' and (redis.call('HGET', K.errors, id) or '') or ''
+          out[#out + 1] = steps
+          out[#out + 1] = err
           got = got + 1
         end
       end
@@ -158,6 +194,17 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
     local at = tonumber(head[2])
     if not next_due or at < next_due then next_due = at end
   end
+end
+for i = #unclaimable, 1, -1 do
+  local u = unclaimable[i]
+  if u[1] then redis.call('LPUSH', u[1], u[2]) end
+  out[#out + 1] = u[2]
+  out[#out + 1] = 'unclaimable'
+  out[#out + 1] = ''
+  out[#out + 1] = ''
+  out[#out + 1] = ''
+  out[#out + 1] = ''
+  out[#out + 1] = u[3]
 end
 if #leases > 0 then
   each_slice(headers, 1000, function(...) return redis.call('HSET', K.runs, ...) end)
