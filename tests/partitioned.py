@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from redflow import RedflowClient
+from redflow.storage.handoffs import Outbox
 from redflow.storage.keys import PartitionKeys, partition_index, partition_name
 from redflow.storage.store import Store
 from redflow.worker.worker import Worker
@@ -70,3 +71,8 @@ def pin_spread(client: RedflowClient, index: int = 0) -> int:
     chosen = range(len(client.store.partitions))[index]
     client.store.placement.spread = lambda: chosen  # type: ignore[method-assign]
     return chosen
+
+
+async def outboxes_empty(client: RedflowClient) -> bool:
+    """Whether every partition's outbox has applied all its hand-offs."""
+    return all([await Outbox(s).pending() == 0 for s in client.store.partitions])

@@ -7,7 +7,6 @@ comes before the parent waits, an applier that never applies, and retention of w
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -17,7 +16,6 @@ from redflow import (
     SearchRunsParams,
     WorkflowHandlerContext,
     WorkflowRegistry,
-    create_client,
     define_workflow,
 )
 from redflow.errors import CanceledError
@@ -27,26 +25,16 @@ from redflow.storage.keys import partition_of
 from redflow.storage.store import Store
 
 from ..conftest import WorkerFactory, wait_until
+from ..partitioned import outboxes_empty
+from .conftest import PARTED
 
 pytestmark = pytest.mark.timeout(90)
 
-P = 4
+P = PARTED
 
 
-@pytest.fixture
-async def parted(
-    redis_url: str, prefix: str, registry: WorkflowRegistry, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[RedflowClient]:
-    monkeypatch.delenv("REDFLOW_PARTITIONS", raising=False)  # this module pins its own count
-    c = create_client(url=redis_url, prefix=prefix, partitions=P)
-    c.registry = registry
-    await c.store.ensure_ready()
-    yield c
-    await c.close()
 
 
-async def _outboxes_empty(client: RedflowClient) -> bool:
-    return all([await Outbox(s).pending() == 0 for s in client.store.partitions])
 
 
 def _limited_echo(registry: WorkflowRegistry, name: str, running: list[int] | None = None) -> Any:
@@ -80,7 +68,7 @@ async def test_a_limited_child_lives_in_p0_and_resumes_its_parent_in_any_partiti
         assert len(kids) == 1 and partition_of(kids[0]["id"]) == "p0"
         child = await parted.get_run(kids[0]["id"])
         assert child is not None and child["status"] == "succeeded" and child["parent_run_id"] == h.id
-    await wait_until(lambda: _outboxes_empty(parted), what="every hand-off applied and removed")
+    await wait_until(lambda: outboxes_empty(parted), what="every hand-off applied and removed")
 
 
 async def test_the_end_of_a_child_that_ended_before_its_parent_waits_is_found_by_the_wait(
@@ -98,7 +86,7 @@ async def test_the_end_of_a_child_that_ended_before_its_parent_waits_is_found_by
         child_id = kwargs.get("child_id") or ""
         if child_id:  # the child ends, and its end is applied to this partition, before the wait starts
             await wait_until(lambda: _ended(parted, child_id), timeout_s=20, what="the child ended")
-            await wait_until(lambda: _outboxes_empty(parted), timeout_s=20, what="its end applied")
+            await wait_until(lambda: outboxes_empty(parted), timeout_s=20, what="its end applied")
         return await real_suspend(self, run_id, *args, **kwargs)
 
     monkeypatch.setattr(Store, "suspend", late_suspend)
@@ -132,7 +120,7 @@ async def test_a_childs_end_its_worker_never_applied_is_applied_by_the_leader(
     assert await asyncio.gather(*(h.result(timeout_ms=30_000) for h in handles)) == [5] * P
     remote = [h for h in handles if partition_of(h.id) != "p0"]
     assert len(applied) >= len(remote)  # each remote parent's child skipped the eager apply ...
-    await wait_until(lambda: _outboxes_empty(parted), what="the leader applied every end")  # ... and was applied
+    await wait_until(lambda: outboxes_empty(parted), what="the leader applied every end")  # ... and was applied
 
 
 async def _parent_in(client: RedflowClient, registry: WorkflowRegistry, index: int, name: str) -> str:
@@ -174,7 +162,7 @@ async def test_a_parent_canceled_before_its_child_is_created_gets_no_live_child(
     assert await parted.cancel_run(parent_id)  # the cascade finds the indexed child, not yet created
     assert await Outbox(parted.store.of(parent_id)).apply(parted.retention_ms, members=[member]) == 1
     assert await parted.get_run(child_id) is None  # never created for a canceled parent
-    assert await _outboxes_empty(parted)
+    assert await outboxes_empty(parted)
     # A child started after the cancel is refused in the parent's partition, atomically.
     home = parted.store.of(parent_id)
     reply = await home.scripts.run("start_child_elsewhere", ("x-p0", parent_id, 0, "n0:x-p0", b"", ""),
@@ -239,7 +227,7 @@ async def test_canceling_a_parent_cancels_its_child_in_p0_and_retention_leaves_n
             await h.result(timeout_ms=20_000)
     for kid_id in kid_ids:
         await wait_until(lambda k=kid_id: _status(parted, k, "canceled"), what="the child canceled")
-    await wait_until(lambda: _outboxes_empty(parted), what="every hand-off applied")
+    await wait_until(lambda: outboxes_empty(parted), what="every hand-off applied")
     assert await parted.cleanup_expired_runs_now(reference_time_ms=10**13) >= 2 * P
     for s in parted.store.partitions:  # nothing of the crossings is left
         assert await parted.redis.execute("HLEN", s.keys.child_ends) == 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -29,10 +28,11 @@ from redflow.storage.handoffs import Outbox
 from redflow.storage.keys import PartitionKeys, partition_of
 
 from ..conftest import WorkerFactory, wait_until
+from .conftest import PARTED
 
 pytestmark = pytest.mark.timeout(90)
 
-P = 4
+P = PARTED
 
 
 @pytest.fixture(autouse=True)
@@ -42,14 +42,6 @@ def _counts_pinned_here(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REDFLOW_PARTITIONS", raising=False)
 
 
-@pytest.fixture
-async def parted(redis_url: str, prefix: str, registry: WorkflowRegistry) -> AsyncIterator[RedflowClient]:
-    """A client that creates the test's prefix with four partitions (workers adopt the count)."""
-    c = create_client(url=redis_url, prefix=prefix, partitions=P)
-    c.registry = registry
-    await c.store.ensure_ready()
-    yield c
-    await c.close()
 
 
 def _echo(registry: WorkflowRegistry, name: str = "part-echo", **options: Any) -> Any:

@@ -17,52 +17,17 @@ from typing import Any
 import msgspec
 import pytest
 
-from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
+from redflow import RedflowClient, WorkflowRegistry, define_workflow
 from redflow.ids import new_run_id
 from redflow.storage.batches import FinishRequest
 from redflow.storage.codes import Code
 from redflow.storage.records import ClaimedRun
 from redflow.storage.store import Store
 
-from ..partitioned import pin_spread
+from ..batch_helpers import claim_batch, noop, pinned
 
 LONG = 600_000
 TERMINAL = {"succeeded", "failed", "canceled"}
-
-
-async def _noop(ctx: WorkflowHandlerContext) -> None:
-    return None
-
-
-async def _claim(store: Store, queue: str, n: int) -> list[ClaimedRun]:
-    code, _, runs = await store.claim("w", [queue], n, 10)
-    assert code is Code.OK
-    return runs
-
-
-async def _pinned(client: RedflowClient, index: int) -> Store:
-    await client.store.ensure_ready()
-    return client.store.at(pin_spread(client, index))
-
-
-@pytest.fixture
-async def calls(client: RedflowClient, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    seen = {"many": 0, "one": 0}
-    await client.store.ensure_ready()
-    for store in client.store.partitions:
-        many, one = store.finish_many, store.finish_one
-
-        async def counted_many(requests, many=many):  # type: ignore[no-untyped-def]
-            seen["many"] += 1
-            return await many(requests)
-
-        async def counted_one(request, one=one):  # type: ignore[no-untyped-def]
-            seen["one"] += 1
-            return await one(request)
-
-        monkeypatch.setattr(store, "finish_many", counted_many)
-        monkeypatch.setattr(store, "finish_one", counted_one)
-    return seen
 
 
 def _s(v: Any) -> str:
@@ -134,14 +99,14 @@ async def test_an_error_later_in_the_call_keeps_the_deferred_writes_of_runs_ende
     under no status, never cleaned up, a max_concurrency slot lost for good). Here the later run's
     error is a WRONGTYPE on its stream key (XADD), standing in for any error raised after a run of
     the call was written (a bad key type, a Lua runtime error, a cluster redirect)."""
-    capped = define_workflow("rv-err-cap", handler=_noop, registry=registry, max_concurrency=1)
-    plain = define_workflow("rv-err-plain", handler=_noop, registry=registry)
+    capped = define_workflow("rv-err-cap", handler=noop, registry=registry, max_concurrency=1)
+    plain = define_workflow("rv-err-plain", handler=noop, registry=registry)
     await client.sync_registry()
-    store = await _pinned(client, 0)
+    store = await pinned(client, 0)
     await store.heartbeat("w", LONG, LONG, False)
     a = await client.enqueue_definition(capped, "a")
     b = await client.enqueue_definition(plain, "b")
-    tokens = {r.id: r.token for r in await _claim(store, "default", 10)}
+    tokens = {r.id: r.token for r in await claim_batch(store, "default", 10)}
     assert set(tokens) == {a.id, b.id}
     await client.redis.execute("SET", store.keys.stream(b.id), "not a stream")
 
@@ -156,7 +121,7 @@ async def test_an_error_later_in_the_call_keeps_the_deferred_writes_of_runs_ende
     await client.redis.execute("DEL", store.keys.stream(b.id))
     assert await _inconsistencies(store) == []
     nxt = await client.enqueue_definition(capped, "next")
-    assert [r.id for r in await _claim(store, "default", 10)] == [nxt.id]  # the slot `a` freed
+    assert [r.id for r in await claim_batch(store, "default", 10)] == [nxt.id]  # the slot `a` freed
 
 
 async def test_an_error_in_finish_one_at_a_time_leaves_the_earlier_run_complete(
@@ -165,14 +130,14 @@ async def test_an_error_in_finish_one_at_a_time_leaves_the_earlier_run_complete(
     """The reference for the test above: finish.lua run by run, the same failure on the second run.
     The first run is complete; the second is cut short after its header, output, index members,
     deadline and count were written (only the stream end and what follows are missing)."""
-    capped = define_workflow("rv-err1-cap", handler=_noop, registry=registry, max_concurrency=1)
-    plain = define_workflow("rv-err1-plain", handler=_noop, registry=registry)
+    capped = define_workflow("rv-err1-cap", handler=noop, registry=registry, max_concurrency=1)
+    plain = define_workflow("rv-err1-plain", handler=noop, registry=registry)
     await client.sync_registry()
-    store = await _pinned(client, 0)
+    store = await pinned(client, 0)
     await store.heartbeat("w", LONG, LONG, False)
     a = await client.enqueue_definition(capped, "a")
     b = await client.enqueue_definition(plain, "b")
-    tokens = {r.id: r.token for r in await _claim(store, "default", 10)}
+    tokens = {r.id: r.token for r in await claim_batch(store, "default", 10)}
     await client.redis.execute("SET", store.keys.stream(b.id), "not a stream")
     assert await store.finish_one(_req(a, tokens[a.id], payload=b"7")) == (Code.OK, "succeeded")
     with pytest.raises(Exception, match="WRONGTYPE"):
@@ -181,7 +146,7 @@ async def test_an_error_in_finish_one_at_a_time_leaves_the_earlier_run_complete(
     await client.redis.execute("DEL", store.keys.stream(b.id))
     assert await _inconsistencies(store) == []
     nxt = await client.enqueue_definition(capped, "next")
-    assert [r.id for r in await _claim(store, "default", 10)] == [nxt.id]
+    assert [r.id for r in await claim_batch(store, "default", 10)] == [nxt.id]
 
 
 # --- batches decided as one at a time -------------------------------------------------------------
@@ -190,12 +155,12 @@ async def test_an_error_in_finish_one_at_a_time_leaves_the_earlier_run_complete(
 async def test_the_same_run_twice_in_one_call(client: RedflowClient, registry: WorkflowRegistry) -> None:
     """A run listed twice is ended once (the second is STALE, or WRONG_STATUS after a failure whose
     hook keeps the lease), and nothing is written twice: one pair of index members, one decrement."""
-    capped = define_workflow("rv-twice", handler=_noop, registry=registry, max_concurrency=3)
+    capped = define_workflow("rv-twice", handler=noop, registry=registry, max_concurrency=3)
     await client.sync_registry()
-    store = await _pinned(client, 0)
+    store = await pinned(client, 0)
     await store.heartbeat("w", LONG, LONG, False)
     a, b, c = [await client.enqueue_definition(capped, i) for i in range(3)]
-    tokens = {r.id: r.token for r in await _claim(store, "default", 10)}
+    tokens = {r.id: r.token for r in await claim_batch(store, "default", 10)}
     held = await client.run_by_name(capped.name, "h", queue_override="default")  # not held: 3 slots
     replies = await store.finish_many([
         _req(a, tokens[a.id], payload=b"1"), _req(a, tokens[a.id], payload=b"2"),
@@ -219,19 +184,19 @@ async def test_capped_workflow_with_held_runs_and_a_run_needing_another_queue_mi
     call did not name (NEED_QUEUES, after the first's count drop was flushed early for its read), and so
     does the third. Both are finished alone afterwards. The count, held set and ready lists end exactly
     as when the three end one by one, and the call's deferred writes for the first are all there."""
-    capped = define_workflow("rv-cap3", handler=_noop, registry=registry, max_concurrency=3)
-    plain = define_workflow("rv-cap3-plain", handler=_noop, registry=registry)
+    capped = define_workflow("rv-cap3", handler=noop, registry=registry, max_concurrency=3)
+    plain = define_workflow("rv-cap3-plain", handler=noop, registry=registry)
     await client.sync_registry()
-    store = await _pinned(client, 0)
+    store = await pinned(client, 0)
     await store.heartbeat("w", LONG, LONG, False)
     runs = [await client.enqueue_definition(capped, i) for i in range(3)]
     other = await client.enqueue_definition(plain, "p")
-    tokens = {r.id: r.token for r in await _claim(store, "default", 10)}
+    tokens = {r.id: r.token for r in await claim_batch(store, "default", 10)}
     assert len(tokens) == 4
     h1 = await client.run_by_name(capped.name, "h1", queue_override="default")
     h2 = await client.run_by_name(capped.name, "h2", queue_override="other")
-    assert await _claim(store, "default", 10) == []
-    assert await _claim(store, "other", 10) == []
+    assert await claim_batch(store, "default", 10) == []
+    assert await claim_batch(store, "other", 10) == []
     assert await client.redis.execute("ZCARD", store.keys.held) == 2
     calls["many"] = calls["one"] = 0
 
@@ -247,8 +212,8 @@ async def test_capped_workflow_with_held_runs_and_a_run_needing_another_queue_mi
     assert [_s(m) for m in await client.redis.execute("LRANGE", store.keys.ready("default"), 0, -1)] == [h1.id]
     assert [_s(m) for m in await client.redis.execute("LRANGE", store.keys.ready("other"), 0, -1)] == [h2.id]
     assert await _inconsistencies(store) == []
-    assert len(await _claim(store, "default", 10)) == 1
-    assert len(await _claim(store, "other", 10)) == 1
+    assert len(await claim_batch(store, "default", 10)) == 1
+    assert len(await claim_batch(store, "other", 10)) == 1
     assert await client.redis.execute("HGET", store.keys.running, capped.name) == b"2"
     assert await _inconsistencies(store) == []
 
@@ -259,14 +224,14 @@ async def test_capped_runs_with_a_cancel_request_and_a_hook_in_one_call_release_
     """Capped at 2, two held: a cancel-requested run and a failure with an on_failure hook (it stays
     owned) end together. As one at a time: the first hands on one slot, the second (the first no longer
     counted) two, so all three held runs go to the ready list (the claim holds the third again)."""
-    capped = define_workflow("rv-cap-cr", handler=_noop, registry=registry, max_concurrency=2)
+    capped = define_workflow("rv-cap-cr", handler=noop, registry=registry, max_concurrency=2)
     await client.sync_registry()
-    store = await _pinned(client, 0)
+    store = await pinned(client, 0)
     await store.heartbeat("w", LONG, LONG, False)
     a, b = [await client.enqueue_definition(capped, i) for i in range(2)]
-    tokens = {r.id: r.token for r in await _claim(store, "default", 10)}
+    tokens = {r.id: r.token for r in await claim_batch(store, "default", 10)}
     held = [await client.run_by_name(capped.name, i, queue_override="default") for i in range(3)]
-    assert await _claim(store, "default", 10) == []
+    assert await claim_batch(store, "default", 10) == []
     assert await client.cancel_run(a.id) is True
     replies = await store.finish_many([
         _req(a, tokens[a.id], payload=b"1"), _req(b, tokens[b.id], "failed", b'{"message":"x"}', hook=True),
@@ -276,7 +241,7 @@ async def test_capped_runs_with_a_cancel_request_and_a_hook_in_one_call_release_
     ready = [_s(m) for m in await client.redis.execute("LRANGE", store.keys.ready("default"), 0, -1)]
     assert sorted(ready) == sorted(h.id for h in held)
     assert await _inconsistencies(store) == []
-    assert len(await _claim(store, "default", 10)) == 2
+    assert len(await claim_batch(store, "default", 10)) == 2
     assert await client.redis.execute("ZCARD", store.keys.held) == 1
     assert await _inconsistencies(store) == []
 
@@ -286,16 +251,16 @@ async def test_parent_and_child_in_one_call_either_order(
 ) -> None:
     """A running parent and its child end in one call, in both orders, next to a child whose parent
     waits for it (resumed: scheduled -> queued, index members moved at once, not deferred)."""
-    parent = define_workflow("rv-parent", handler=_noop, registry=registry)
-    child = define_workflow("rv-child", handler=_noop, queue="kids", registry=registry)
-    store = await _pinned(client, -1)
+    parent = define_workflow("rv-parent", handler=noop, registry=registry)
+    child = define_workflow("rv-child", handler=noop, queue="kids", registry=registry)
+    store = await pinned(client, -1)
     await store.heartbeat("w", LONG, LONG, False)
     p1, p2, p3 = [await client.enqueue_definition(parent, i) for i in range(3)]
-    ptok = {r.id: r.token for r in await _claim(store, "default", 3)}
+    ptok = {r.id: r.token for r in await claim_batch(store, "default", 3)}
     k1, k2, k3 = [await client.run_by_name(child.name, i, parent_run_id=p.id) for i, p in enumerate((p1, p2, p3))]
     code, _, _ = await store.suspend(p3.id, ptok[p3.id], "w", "default", "kid", 1, "child", child_id=k3.id)
     assert code is Code.OK
-    ktok = {r.id: r.token for r in await _claim(store, "kids", 3)}
+    ktok = {r.id: r.token for r in await claim_batch(store, "kids", 3)}
     assert len(ktok) == 3
     calls["many"] = calls["one"] = 0
     replies = await asyncio.gather(
@@ -311,7 +276,7 @@ async def test_parent_and_child_in_one_call_either_order(
     assert calls == {"many": 1, "one": 0}
     assert await _inconsistencies(store) == []
     assert (await client.get_run(p3.id))["status"] == "queued"  # type: ignore[index]
-    resumed = await _claim(store, "default", 10)
+    resumed = await claim_batch(store, "default", 10)
     assert [r.id for r in resumed] == [p3.id]
     assert bytes(resumed[0].steps[0].output) == json.dumps({"k": 3}).encode()
     assert await _inconsistencies(store) == []
@@ -322,17 +287,17 @@ async def test_many_workflows_and_none_held_in_one_full_batch(
 ) -> None:
     """A hundred runs of four workflows (two capped, one with held runs) end in one call; every
     capped run's plan after the first finds none held or reads a count with the earlier drops."""
-    cap1 = define_workflow("rv-big-c1", handler=_noop, registry=registry, max_concurrency=40)
-    cap2 = define_workflow("rv-big-c2", handler=_noop, registry=registry, max_concurrency=30)
-    pl = define_workflow("rv-big-p", handler=_noop, registry=registry)
+    cap1 = define_workflow("rv-big-c1", handler=noop, registry=registry, max_concurrency=40)
+    cap2 = define_workflow("rv-big-c2", handler=noop, registry=registry, max_concurrency=30)
+    pl = define_workflow("rv-big-p", handler=noop, registry=registry)
     await client.sync_registry()
-    store = await _pinned(client, 0)
+    store = await pinned(client, 0)
     await store.heartbeat("w", LONG, LONG, False)
     runs = [await client.enqueue_definition(d, i) for i, d in enumerate([cap1] * 40 + [cap2] * 30 + [pl] * 30)]
-    tokens = {r.id: r.token for r in await _claim(store, "default", 200)}
+    tokens = {r.id: r.token for r in await claim_batch(store, "default", 200)}
     assert len(tokens) == 100
     held = [await client.run_by_name(cap2.name, i, queue_override="default") for i in range(5)]
-    assert await _claim(store, "default", 10) == []
+    assert await claim_batch(store, "default", 10) == []
     order = sorted(runs, key=lambda r: hash(r.id))
     replies = await store.finish_many([_req(r, tokens[r.id], payload=str(i).encode()) for i, r in enumerate(order)])
     assert replies == [(Code.OK, "succeeded")] * 100
@@ -352,8 +317,8 @@ async def test_enqueue_retried_after_a_lost_reply_creates_nothing_more(
     """The HSETNX path: a retried enqueue (same id) while queued, while running and after it ended
     returns EXISTING with the current status and writes nothing (no second ready entry, no queued
     index member for a run that is not queued any more, input unchanged)."""
-    define_workflow("rv-enq", handler=_noop, registry=registry)
-    store = await _pinned(client, 0)
+    define_workflow("rv-enq", handler=noop, registry=registry)
+    store = await pinned(client, 0)
     await store.heartbeat("w", LONG, LONG, False)
     rid = new_run_id(store.keys.partition)
     first = await store.enqueue(rid, "rv-enq", "default", b'"a"', 3, 0, None, 0, None)
@@ -361,7 +326,7 @@ async def test_enqueue_retried_after_a_lost_reply_creates_nothing_more(
     assert await store.enqueue(rid, "rv-enq", "default", b'"b"', 3, 0, None, 0, None) == (Code.EXISTING, rid, "queued")
     assert await client.redis.execute("LPOS", store.keys.ready("default"), rid, "COUNT", 0) == [0]
     assert await client.redis.execute("HGET", store.keys.inputs, rid) == b'"a"'
-    [claimed] = await _claim(store, "default", 10)
+    [claimed] = await claim_batch(store, "default", 10)
     assert await store.enqueue(rid, "rv-enq", "default", b'"b"', 3, 0, None, 0, None) == (Code.EXISTING, rid,
                                                                                           "running")
     assert await client.redis.execute("LLEN", store.keys.ready("default")) == 0
@@ -378,13 +343,13 @@ async def test_enqueue_batch_retried_with_existing_and_new_ids_across_slices(
 ) -> None:
     """2,500 ids where every third exists already (some claimed and running, some ended), across the
     1,000-id HMGET slices: exactly the new ones are created, each once, and nothing existing changes."""
-    define_workflow("rv-eb", handler=_noop, registry=registry)
-    store = await _pinned(client, 0)
+    define_workflow("rv-eb", handler=noop, registry=registry)
+    store = await pinned(client, 0)
     await store.heartbeat("w", LONG, LONG, False)
     ids = [new_run_id(store.keys.partition) for _ in range(2500)]
     old = ids[::3]
     assert await store.enqueue_batch(old, "rv-eb", "default", [b"1"] * len(old), 3, 0) == len(old)
-    claimed = await _claim(store, "default", 50)
+    claimed = await claim_batch(store, "default", 50)
     for r in claimed[:25]:
         assert (await store.finish_one(_req(r, r.token)))[0] is Code.OK
     before = await _headers(store)
@@ -405,16 +370,16 @@ async def test_mutex_holders_ended_in_one_call_hand_their_mutexes_on(
     """Runs given a mutex field by hand (as admission would): the holder of `k` and of `j` end in one
     call with a plain run; the waiter of `k` leaves the held set for the ready list, no mutex stays
     taken, and the batch's deferred writes are all there."""
-    plain = define_workflow("rv-mx", handler=_noop, registry=registry)
+    plain = define_workflow("rv-mx", handler=noop, registry=registry)
     await client.sync_registry()
-    store = await _pinned(client, 0)
+    store = await pinned(client, 0)
     await store.heartbeat("w", LONG, LONG, False)
     m1, m2, m3, p = [await client.enqueue_definition(plain, i) for i in range(4)]
     for run, field in ((m1, "1:k:"), (m2, "1:k:"), (m3, "1:j:")):
         h = msgspec.msgpack.decode(await client.redis.execute("HGET", store.keys.runs, run.id))
         h["mf"] = field
         await client.redis.execute("HSET", store.keys.runs, run.id, msgspec.msgpack.encode(h))
-    tokens = {r.id: r.token for r in await _claim(store, "default", 10)}
+    tokens = {r.id: r.token for r in await claim_batch(store, "default", 10)}
     assert set(tokens) == {m1.id, m3.id, p.id}
     assert await client.redis.execute("ZCARD", store.keys.held) == 1
     replies = await store.finish_many([_req(m1, tokens[m1.id]), _req(p, tokens[p.id]), _req(m3, tokens[m3.id])])
@@ -423,4 +388,4 @@ async def test_mutex_holders_ended_in_one_call_hand_their_mutexes_on(
     assert await client.redis.execute("ZCARD", store.keys.held) == 0
     assert [_s(m) for m in await client.redis.execute("LRANGE", store.keys.ready("default"), 0, -1)] == [m2.id]
     assert await _inconsistencies(store) == []
-    assert [r.id for r in await _claim(store, "default", 10)] == [m2.id]
+    assert [r.id for r in await claim_batch(store, "default", 10)] == [m2.id]

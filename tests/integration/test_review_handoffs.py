@@ -8,7 +8,6 @@ Each test compares with what the same program does when parent and child share a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ from redflow import (
     WorkflowHandlerContext,
     WorkflowRateLimitOptions,
     WorkflowRegistry,
-    create_client,
     define_workflow,
 )
 from redflow.leader.duties import LeaderDuties
@@ -27,26 +25,16 @@ from redflow.storage.handoffs import ChildRecord, Outbox
 from redflow.storage.keys import partition_of
 
 from ..conftest import WorkerFactory, wait_until
+from ..partitioned import outboxes_empty
+from .conftest import PARTED
 
 pytestmark = pytest.mark.timeout(90)
 
-P = 4
+P = PARTED
 
 
-@pytest.fixture
-async def parted(
-    redis_url: str, prefix: str, registry: WorkflowRegistry, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[RedflowClient]:
-    monkeypatch.delenv("REDFLOW_PARTITIONS", raising=False)
-    c = create_client(url=redis_url, prefix=prefix, partitions=P)
-    c.registry = registry
-    await c.store.ensure_ready()
-    yield c
-    await c.close()
 
 
-async def _outboxes_empty(client: RedflowClient) -> bool:
-    return all([await Outbox(s).pending() == 0 for s in client.store.partitions])
 
 
 async def _enqueue_in(client: RedflowClient, wf: Any, index: int, data: Any = None) -> str:
@@ -138,7 +126,7 @@ async def test_a_key_bound_to_a_child_deleted_by_retention_is_rebound(
     a_id = await _enqueue_in(parted, wf, where, "first")
     worker = await make_worker(concurrency=4)
     assert await parted.make_run_handle(a_id).result(timeout_ms=15_000) == "first"
-    await wait_until(lambda: _outboxes_empty(parted), what="every hand-off applied")
+    await wait_until(lambda: outboxes_empty(parted), what="every hand-off applied")
     await worker.stop(grace_period_ms=0)
     assert await parted.cleanup_expired_runs_now(reference_time_ms=10**13) >= 2  # A, its child (and the rest)
     b_id = await _enqueue_in(parted, wf, where, "second")
@@ -302,7 +290,7 @@ async def test_two_appliers_of_one_creation_and_one_end_create_once_and_resume_o
     for pid in ids:
         assert await parted.make_run_handle(pid).result(timeout_ms=20_000) == [0, 1, 2]
     assert len(ran) == len(set(ran)) == 9
-    await wait_until(lambda: _outboxes_empty(parted), what="outboxes empty")
+    await wait_until(lambda: outboxes_empty(parted), what="outboxes empty")
 
 
 async def test_a_timed_out_wait_cancels_the_remote_child_and_its_late_end_resumes_nothing(
@@ -329,7 +317,7 @@ async def test_a_timed_out_wait_cancels_the_remote_child_and_its_late_end_resume
     await make_worker(concurrency=4)
     assert await parted.make_run_handle(pid).result(timeout_ms=20_000) == "fast"
     gate.set()
-    await wait_until(lambda: _outboxes_empty(parted), what="outboxes empty")
+    await wait_until(lambda: outboxes_empty(parted), what="outboxes empty")
 
 
 # --- cancel, then retry, before the child is created ----------------------------------------------
@@ -427,7 +415,7 @@ async def test_parents_canceled_while_their_children_cross_leave_no_live_child(
     await wait_until(done_point, timeout_s=20, what="the 'done' parents canceled once their child exists")
     for pid in ids:
         await wait_until(lambda p=pid: _status(parted, p, "canceled"), timeout_s=20, what="parent canceled")
-    await wait_until(lambda: _outboxes_empty(parted), timeout_s=20, what="outboxes empty")
+    await wait_until(lambda: outboxes_empty(parted), timeout_s=20, what="outboxes empty")
     for pid in ids:
         for kid_id in await parted.store.children_of(pid):
             run = await parted.get_run(kid_id)

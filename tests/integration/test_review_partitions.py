@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
 
@@ -25,10 +24,11 @@ from redflow.storage.keys import partition_of
 from redflow.types import WorkflowDebounceOptions
 
 from ..conftest import WorkerFactory, wait_until
+from .conftest import PARTED
 
 pytestmark = pytest.mark.timeout(90)
 
-P = 4
+P = PARTED
 
 
 @pytest.fixture(autouse=True)
@@ -45,11 +45,6 @@ async def _client(redis_url: str, prefix: str, registry: WorkflowRegistry | None
     return c
 
 
-@pytest.fixture
-async def parted(redis_url: str, prefix: str, registry: WorkflowRegistry) -> AsyncIterator[RedflowClient]:
-    c = await _client(redis_url, prefix, registry, P)
-    yield c
-    await c.close()
 
 
 def _echo(registry: WorkflowRegistry, name: str, **options: Any) -> Any:

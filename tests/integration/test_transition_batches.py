@@ -14,69 +14,30 @@ import json
 import msgspec
 import pytest
 
-from redflow import ListRunsParams, RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
+from redflow import ListRunsParams, RedflowClient, WorkflowRegistry, define_workflow
 from redflow.storage.batches import FinishRequest
 from redflow.storage.codes import Code
-from redflow.storage.records import ClaimedRun, StepRecord, encode_step
-from redflow.storage.store import Store
+from redflow.storage.records import StepRecord, encode_step
 
-from ..partitioned import pin_spread
+from ..batch_helpers import claim_batch, noop, pinned
 
 LONG = 600_000
-
-
-async def _noop(ctx: WorkflowHandlerContext) -> None:
-    return None
-
-
-async def _claim(store: Store, queue: str, n: int) -> list[ClaimedRun]:
-    code, _, runs = await store.claim("w", [queue], n, 10)
-    assert code is Code.OK
-    return runs
-
-
-async def _pinned(client: RedflowClient, index: int) -> Store:
-    """The store of the partition every spread run of this test goes to."""
-    await client.store.ensure_ready()
-    return client.store.at(pin_spread(client, index))
-
-
-@pytest.fixture
-async def calls(client: RedflowClient, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """How many finish_many and finish script calls the stores made, over every partition (the real
-    calls are made)."""
-    seen = {"many": 0, "one": 0}
-    await client.store.ensure_ready()
-    for store in client.store.partitions:
-        many, one = store.finish_many, store.finish_one
-
-        async def counted_many(requests, many=many):  # type: ignore[no-untyped-def]
-            seen["many"] += 1
-            return await many(requests)
-
-        async def counted_one(request, one=one):  # type: ignore[no-untyped-def]
-            seen["one"] += 1
-            return await one(request)
-
-        monkeypatch.setattr(store, "finish_many", counted_many)
-        monkeypatch.setattr(store, "finish_one", counted_one)
-    return seen
 
 
 async def test_every_run_of_a_batch_ends_as_it_would_alone(
     client: RedflowClient, registry: WorkflowRegistry, calls: dict[str, int]
 ) -> None:
-    plain = define_workflow("fb-plain", handler=_noop, registry=registry)
-    capped = define_workflow("fb-capped", handler=_noop, registry=registry, max_concurrency=1)
+    plain = define_workflow("fb-plain", handler=noop, registry=registry)
+    capped = define_workflow("fb-capped", handler=noop, registry=registry, max_concurrency=1)
     await client.sync_registry()
-    store = await _pinned(client, 0)  # with `capped`'s runs, in p0
+    store = await pinned(client, 0)  # with `capped`'s runs, in p0
     await store.heartbeat("w", LONG, LONG, False)
     ok, stale, ended, canceled, hooked, streamed = [await client.enqueue_definition(plain, i) for i in range(6)]
     first = await client.enqueue_definition(capped, "first")
-    tokens = {r.id: r.token for r in await _claim(store, "default", 10)}
+    tokens = {r.id: r.token for r in await claim_batch(store, "default", 10)}
     assert len(tokens) == 7
     second = await client.run_by_name(capped.name, "second", queue_override="other")
-    assert await _claim(store, "other", 1) == []  # held: its workflow's one slot is taken by `first`
+    assert await claim_batch(store, "other", 1) == []  # held: its workflow's one slot is taken by `first`
     assert await client.redis.execute("ZCARD", store.keys.held) == 1
 
     assert await store.finish_one(FinishRequest(ended.id, tokens[ended.id], "w", "succeeded", b"1", False, LONG,
@@ -119,19 +80,19 @@ async def test_every_run_of_a_batch_ends_as_it_would_alone(
 async def test_parents_waiting_on_children_finished_in_one_batch_are_all_resumed(
     client: RedflowClient, registry: WorkflowRegistry, calls: dict[str, int]
 ) -> None:
-    parent = define_workflow("fb-parent", handler=_noop, registry=registry)
-    child = define_workflow("fb-child", handler=_noop, queue="kids", registry=registry)
-    store = await _pinned(client, -1)  # the children are created in their parents' partition
+    parent = define_workflow("fb-parent", handler=noop, registry=registry)
+    child = define_workflow("fb-child", handler=noop, queue="kids", registry=registry)
+    store = await pinned(client, -1)  # the children are created in their parents' partition
     await store.heartbeat("w", LONG, LONG, False)
     parents = [await client.enqueue_definition(parent, i) for i in range(3)]
-    ptokens = {r.id: r.token for r in await _claim(store, "default", 3)}
+    ptokens = {r.id: r.token for r in await claim_batch(store, "default", 3)}
     kids = []
     for p in parents:
         kid = await client.run_by_name(child.name, None, parent_run_id=p.id)
         code, _, _ = await store.suspend(p.id, ptokens[p.id], "w", "default", "kid", 1, "child", child_id=kid.id)
         assert code is Code.OK
         kids.append(kid)
-    ktokens = {r.id: r.token for r in await _claim(store, "kids", 3)}
+    ktokens = {r.id: r.token for r in await claim_batch(store, "kids", 3)}
     outs = [json.dumps({"kid": i}).encode() for i in range(3)]
     replies = await asyncio.gather(*(
         store.finish(kid.id, ktokens[kid.id], "w", "succeeded", out, False, LONG, "kids")
@@ -139,7 +100,7 @@ async def test_parents_waiting_on_children_finished_in_one_batch_are_all_resumed
     ))
     assert replies == [(Code.OK, "succeeded")] * 3
     assert calls["many"] == 1
-    resumed = {r.id: r for r in await _claim(store, "default", 10)}
+    resumed = {r.id: r for r in await claim_batch(store, "default", 10)}
     assert set(resumed) == {p.id for p in parents}
     for p, out in zip(parents, outs, strict=True):
         assert [s.resolution for s in resumed[p.id].steps] == ["succeeded"]
@@ -152,17 +113,17 @@ async def test_runs_of_a_capped_workflow_ended_in_one_batch_release_as_many_held
     """The running count drops once per call, but before a later run of the call reads it: two runs
     of a workflow capped at 2 ending together hand both slots on, and every deferred write (output,
     index members, retention deadline, owned set) is there after the call."""
-    capped = define_workflow("fb-cap2", handler=_noop, registry=registry, max_concurrency=2)
-    plain = define_workflow("fb-plain2", handler=_noop, registry=registry)
+    capped = define_workflow("fb-cap2", handler=noop, registry=registry, max_concurrency=2)
+    plain = define_workflow("fb-plain2", handler=noop, registry=registry)
     await client.sync_registry()
-    store = await _pinned(client, 0)  # with `capped`'s runs, in p0
+    store = await pinned(client, 0)  # with `capped`'s runs, in p0
     await store.heartbeat("w", LONG, LONG, False)
     running = [await client.enqueue_definition(capped, i) for i in range(2)]
     other = await client.enqueue_definition(plain, "p")
-    tokens = {r.id: r.token for r in await _claim(store, "default", 10)}
+    tokens = {r.id: r.token for r in await claim_batch(store, "default", 10)}
     assert set(tokens) == {r.id for r in (*running, other)}
     held = [await client.run_by_name(capped.name, i, queue_override="default") for i in range(3)]
-    assert await _claim(store, "default", 10) == []
+    assert await claim_batch(store, "default", 10) == []
     assert await client.redis.execute("ZCARD", store.keys.held) == 3
     calls["many"] = calls["one"] = 0
 
@@ -178,7 +139,7 @@ async def test_runs_of_a_capped_workflow_ended_in_one_batch_release_as_many_held
     assert await client.redis.execute("ZCARD", store.keys.held) == 0
     released = [m.decode() for m in await client.redis.execute("LRANGE", store.keys.ready("default"), 0, -1)]
     assert sorted(released) == sorted(h.id for h in held)
-    assert len(await _claim(store, "default", 10)) == 2
+    assert len(await claim_batch(store, "default", 10)) == 2
     assert await client.redis.execute("ZCARD", store.keys.held) == 1
     assert await client.redis.execute("HGET", store.keys.running, capped.name) == b"2"
     assert {m.decode() for m in await client.redis.execute("SMEMBERS", store.keys.owned("w"))} <= {h.id for h in held}
@@ -193,8 +154,8 @@ async def test_runs_of_a_capped_workflow_ended_in_one_batch_release_as_many_held
 async def test_step_records_of_one_tick_are_decided_each_as_alone(
     client: RedflowClient, registry: WorkflowRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    wf = define_workflow("fb-steps", handler=_noop, registry=registry)
-    store = await _pinned(client, -1)
+    wf = define_workflow("fb-steps", handler=noop, registry=registry)
+    store = await pinned(client, -1)
     batches = []
     many = store.record_steps
 
@@ -205,7 +166,7 @@ async def test_step_records_of_one_tick_are_decided_each_as_alone(
     monkeypatch.setattr(store, "record_steps", counted)
     await store.heartbeat("w", LONG, LONG, False)
     a, b, hooked = [await client.enqueue_definition(wf, i) for i in range(3)]
-    tokens = {r.id: r.token for r in await _claim(store, "default", 3)}
+    tokens = {r.id: r.token for r in await claim_batch(store, "default", 3)}
     assert await store.finish(hooked.id, tokens[hooked.id], "w", "failed", b'{"message":"x"}', True, LONG,
                               "default") == (Code.OK, "failed")  # keeps its lease until its hook ran
 
@@ -228,11 +189,11 @@ async def test_step_records_of_one_tick_are_decided_each_as_alone(
 async def test_a_record_too_big_to_batch_keeps_its_place_in_the_history(
     client: RedflowClient, registry: WorkflowRegistry
 ) -> None:
-    wf = define_workflow("fb-big", handler=_noop, registry=registry)
-    store = await _pinned(client, -1)
+    wf = define_workflow("fb-big", handler=noop, registry=registry)
+    store = await pinned(client, -1)
     await store.heartbeat("w", LONG, LONG, False)
     handle = await client.enqueue_definition(wf, None)
-    token = (await _claim(store, "default", 1))[0].token
+    token = (await claim_batch(store, "default", 1))[0].token
     big = "x" * 100_000  # over a quarter of a batch's byte budget: it goes in a call of its own
 
     def line(name: str, position: int, output: bytes = b"null") -> bytes:

@@ -197,7 +197,8 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
 end
 for i = #unclaimable, 1, -1 do
   local u = unclaimable[i]
-  if u[1] then redis.call('LPUSH', u[1], u[2]) end
+  local ready = u[1]
+  if ready then redis.call('LPUSH', ready, u[2]) end
   out[#out + 1] = u[2]
   out[#out + 1] = 'unclaimable'
   out[#out + 1] = ''
