@@ -3,8 +3,7 @@ takes back the dead worker's runs in that partition, nothing is lost, every run 
 output, and no step whose execution a surviving process finished runs again.
 
 Worker processes are this module: ``python -m tests.chaos.test_partitions_crash URL PREFIX LOGDIR``.
-Each step body appends ``start``/``end`` lines (pid, run, step) to a log of its process, so the test
-knows which executions a kill may repeat (those of the killed process) and which it may not.
+Their step bodies log each execution (``step_log``).
 """
 
 from __future__ import annotations
@@ -13,15 +12,13 @@ import asyncio
 import os
 import signal
 import sys
-import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from redflow import (
-    RedflowClient,
     StartWorkerOptions,
     WorkflowHandlerContext,
     WorkflowRegistry,
@@ -32,6 +29,8 @@ from redflow import (
 from redflow.storage.keys import partition_of
 
 from ..conftest import wait_until
+from . import step_log
+from .step_log import ended_at_least, executions, logged_step
 from .worker_procs import WorkerProcs
 
 pytestmark = pytest.mark.timeout(180)
@@ -40,25 +39,14 @@ P = 4
 RUNS = 240
 PC = WorkflowRegistry()
 STEPS = ("a", "b", "c")
-
-
-def _log(line: str) -> None:
-    with open(Path(os.environ["PC_LOG_DIR"]) / f"{os.getpid()}.log", "a") as f:
-        f.write(line + "\n")
-
-
-async def _body(ctx: WorkflowHandlerContext, step: str) -> str:
-    _log(f"start {time.time():.6f} {os.getpid()} {ctx.run.id} {step}")
-    await asyncio.sleep(0.015)
-    _log(f"end {time.time():.6f} {os.getpid()} {ctx.run.id} {step}")
-    return f"{ctx.input}:{step}"
+PAUSE = 0.015  # seconds a step takes
 
 
 async def pc_steps(ctx: WorkflowHandlerContext) -> list[str]:
-    out = [await ctx.step.run("a", _body, ctx, "a")]
+    out = [await ctx.step.run("a", logged_step, ctx, "a", PAUSE)]
     await ctx.step.wait_for("nap", "20ms")
-    out.append(await ctx.step.run("b", _body, ctx, "b"))
-    out.append(await ctx.step.run("c", _body, ctx, "c"))
+    out.append(await ctx.step.run("b", logged_step, ctx, "b", PAUSE))
+    out.append(await ctx.step.run("c", logged_step, ctx, "c", PAUSE))
     return out
 
 
@@ -66,7 +54,7 @@ define_workflow("pc-steps", handler=pc_steps, registry=PC)
 
 
 async def _worker_main(url: str, prefix: str, logs: str) -> None:
-    os.environ["PC_LOG_DIR"] = logs
+    os.environ[step_log.ENV] = logs
     worker = await start_worker(StartWorkerOptions(
         app="pc", url=url, prefix=prefix, registry=PC, concurrency=12, lease_ms=1200, grace_period_ms=2000,
         blmove_timeout_sec=1.0, watchdog_stalled_for_ms=1000,
@@ -77,23 +65,6 @@ async def _worker_main(url: str, prefix: str, logs: str) -> None:
     print("ready", flush=True)
     await stop.wait()
     await worker.stop()
-
-
-def _executions(logs: Path) -> dict[tuple[str, str], list[tuple[float, str, int]]]:
-    """(run, step) -> [(time, phase, pid)] in time order (one machine's clock)."""
-    out: dict[tuple[str, str], list[tuple[float, str, int]]] = defaultdict(list)
-    for path in logs.glob("*.log"):
-        if not path.stem.isdigit():
-            continue
-        for line in path.read_text().splitlines():
-            phase, at, pid, run_id, step = line.split()
-            out[(run_id, step)].append((float(at), phase, int(pid)))
-    return {key: sorted(events) for key, events in out.items()}
-
-
-async def _ended(client: RedflowClient, ids: list[str]) -> int:
-    headers = await client.store.read_headers(ids)
-    return sum(1 for h in headers if h is not None and h.status in ("succeeded", "failed", "canceled"))
 
 
 async def test_killed_workers_lose_nothing_in_any_partition(redis_url: str, prefix: str, tmp_path: Path) -> None:
@@ -109,13 +80,13 @@ async def test_killed_workers_lose_nothing_in_any_partition(redis_url: str, pref
         second = await procs.start(str(tmp_path))
         killed: list[int] = []
         for victim, after in ((first, RUNS // 5), (second, RUNS // 2)):
-            await wait_until(lambda n=after: _ended_at_least(client, ids, n), timeout_s=60,
+            await wait_until(lambda n=after: ended_at_least(client, ids, n), timeout_s=60,
                              what=f"{after} runs ended")
             victim.send_signal(signal.SIGKILL)
             victim.wait()
             killed.append(victim.pid)
             await procs.start(str(tmp_path))
-        await wait_until(lambda: _ended_at_least(client, ids, RUNS), timeout_s=90, what="every run ended")
+        await wait_until(lambda: ended_at_least(client, ids, RUNS), timeout_s=90, what="every run ended")
 
         headers = await client.store.read_headers(ids)
         outputs = await asyncio.gather(*(h.result(timeout_ms=5000) for h in handles))
@@ -125,7 +96,7 @@ async def test_killed_workers_lose_nothing_in_any_partition(redis_url: str, pref
         assert stats["by_status"]["succeeded"] == RUNS and stats["total"] == RUNS
 
         repeated = 0
-        for (run_id, step), events in _executions(tmp_path).items():
+        for (run_id, step), events in executions(tmp_path).items():
             starts = [pid for _, phase, pid in events if phase == "start"]
             if len(starts) > 1:
                 repeated += 1
@@ -136,10 +107,6 @@ async def test_killed_workers_lose_nothing_in_any_partition(redis_url: str, pref
     finally:
         procs.close()
         await client.close()
-
-
-async def _ended_at_least(client: RedflowClient, ids: list[str], n: int) -> bool:
-    return await _ended(client, ids) >= n
 
 
 def _main(argv: list[str]) -> Any:

@@ -10,14 +10,13 @@ import os
 import signal
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from redflow import (
-    RedflowClient,
     StartWorkerOptions,
     WorkflowHandlerContext,
     WorkflowRegistry,
@@ -28,6 +27,8 @@ from redflow import (
 from redflow.storage.keys import partition_of
 
 from ..conftest import wait_until
+from . import step_log
+from .step_log import ended_at_least, executions, logged_step
 from .worker_procs import WorkerProcs
 
 pytestmark = pytest.mark.timeout(150)
@@ -36,24 +37,13 @@ P = 4
 RUNS = 160
 RS = WorkflowRegistry()
 STEPS = ("a", "b", "c")
-
-
-def _log(line: str) -> None:
-    with open(Path(os.environ["RS_LOG_DIR"]) / f"{os.getpid()}.log", "a") as f:
-        f.write(line + "\n")
-
-
-async def _body(ctx: WorkflowHandlerContext, step: str) -> str:
-    _log(f"start {time.time():.6f} {os.getpid()} {ctx.run.id} {step}")
-    await asyncio.sleep(0.03)
-    _log(f"end {time.time():.6f} {os.getpid()} {ctx.run.id} {step}")
-    return f"{ctx.input}:{step}"
+PAUSE = 0.03  # seconds a step takes
 
 
 async def rs_steps(ctx: WorkflowHandlerContext) -> list[str]:
-    out = [await ctx.step.run("a", _body, ctx, "a")]
-    out.append(await ctx.step.run("b", _body, ctx, "b"))
-    out.append(await ctx.step.run("c", _body, ctx, "c"))
+    out = [await ctx.step.run("a", logged_step, ctx, "a", PAUSE)]
+    out.append(await ctx.step.run("b", logged_step, ctx, "b", PAUSE))
+    out.append(await ctx.step.run("c", logged_step, ctx, "c", PAUSE))
     return out
 
 
@@ -61,7 +51,7 @@ define_workflow("rs-steps", handler=rs_steps, registry=RS)
 
 
 async def _worker_main(url: str, prefix: str, logs: str) -> None:
-    os.environ["RS_LOG_DIR"] = logs
+    os.environ[step_log.ENV] = logs
     worker = await start_worker(StartWorkerOptions(
         app="rs", url=url, prefix=prefix, registry=RS, concurrency=8, lease_ms=1200, grace_period_ms=2000,
         blmove_timeout_sec=1.0, watchdog_stalled_for_ms=1000,
@@ -72,22 +62,6 @@ async def _worker_main(url: str, prefix: str, logs: str) -> None:
     print("ready", flush=True)
     await stop.wait()
     await worker.stop()
-
-
-def _executions(logs: Path) -> dict[tuple[str, str], list[tuple[float, str, int]]]:
-    out: dict[tuple[str, str], list[tuple[float, str, int]]] = defaultdict(list)
-    for path in logs.glob("*.log"):
-        if not path.stem.isdigit():
-            continue
-        for line in path.read_text().splitlines():
-            phase, at, pid, run_id, step = line.split()
-            out[(run_id, step)].append((float(at), phase, int(pid)))
-    return {key: sorted(events) for key, events in out.items()}
-
-
-async def _ended(client: RedflowClient, ids: list[str]) -> int:
-    headers = await client.store.read_headers(ids)
-    return sum(1 for h in headers if h is not None and h.status in ("succeeded", "failed", "canceled"))
 
 
 async def test_a_paused_worker_loses_its_runs_in_every_partition_and_repeats_nothing_after_resume(
@@ -101,12 +75,12 @@ async def test_a_paused_worker_loses_its_runs_in_every_partition_and_repeats_not
         handles = await client.enqueue_many(RS.get("rs-steps"), list(range(RUNS)))  # type: ignore[arg-type]
         ids = [h.id for h in handles]
         victim = await procs.start(str(tmp_path))
-        await wait_until(lambda: _ended_at(client, ids, 16), timeout_s=60, what="16 runs ended")
+        await wait_until(lambda: ended_at_least(client, ids, 16), timeout_s=60, what="16 runs ended")
         survivor = await procs.start(str(tmp_path))
         victim.send_signal(signal.SIGSTOP)
         stopped_at = time.time()
         await asyncio.sleep(0)
-        await wait_until(lambda: _ended_at(client, ids, RUNS // 2), timeout_s=60, what="half the runs ended")
+        await wait_until(lambda: ended_at_least(client, ids, RUNS // 2), timeout_s=60, what="half the runs ended")
 
         async def reaped() -> bool:  # the paused worker's runs in every partition were taken back
             hs = await client.store.read_headers(ids)
@@ -116,7 +90,7 @@ async def test_a_paused_worker_loses_its_runs_in_every_partition_and_repeats_not
         await wait_until(reaped, timeout_s=30, what="the paused worker's runs taken back")
         victim.send_signal(signal.SIGCONT)
         cont_at = time.time()
-        await wait_until(lambda: _ended_at(client, ids, RUNS), timeout_s=90, what="every run ended")
+        await wait_until(lambda: ended_at_least(client, ids, RUNS), timeout_s=90, what="every run ended")
         headers = await client.store.read_headers(ids)
         assert Counter(h.status for h in headers if h is not None) == {"succeeded": RUNS}
         outputs = await asyncio.gather(*(h.result(timeout_ms=5000) for h in handles))
@@ -125,7 +99,7 @@ async def test_a_paused_worker_loses_its_runs_in_every_partition_and_repeats_not
         assert stats["by_status"]["succeeded"] == RUNS and stats["total"] == RUNS
         bad = []
         repeated = 0
-        for (run_id, step), events in _executions(tmp_path).items():
+        for (run_id, step), events in executions(tmp_path).items():
             starts = [(at, pid) for at, phase, pid in events if phase == "start"]
             if len(starts) > 1:
                 repeated += 1
@@ -144,10 +118,6 @@ async def test_a_paused_worker_loses_its_runs_in_every_partition_and_repeats_not
     finally:
         procs.close()
         await client.close()
-
-
-async def _ended_at(client: RedflowClient, ids: list[str], n: int) -> bool:
-    return await _ended(client, ids) >= n
 
 
 def _main(argv: list[str]) -> Any:
