@@ -44,6 +44,26 @@ local alive = redis.call('ZSCORE', K.workers, ARGV[1])
 if not alive or tonumber(alive) < now then
   return {C.STALE_WORKER}
 end
+-- The keys written outside take's pcall (promotion's RPUSH, the batched writes, the bell) must hold
+-- their type before anything is popped or promoted: a WRONGTYPE after the RPOP would abort the call
+-- with the popped runs out of their list (Redis keeps a script's writes made before it raised).
+do
+  local expected = {{K.runs, 'hash'}, {K.inputs, 'hash'}, {K.leases, 'hash'}, {K.owned, 'set'},
+    {K.index, 'zset'}, {K.running, 'hash'}}
+  for queue in string.gmatch(ARGV[4], '[^\n]+') do
+    local q = K.queues[queue]
+    expected[#expected + 1] = {q.ready, 'list'}
+    expected[#expected + 1] = {q.sched, 'zset'}
+    expected[#expected + 1] = {q.bell, 'list'}
+  end
+  for _, e in ipairs(expected) do
+    local t = redis.call('TYPE', e[1]).ok
+    if t ~= 'none' and t ~= e[2] then
+      return redis.error_reply('WRONGTYPE claim: key ' .. e[1] .. ' holds a ' .. t .. ', not a ' .. e[2] ..
+        '; nothing was claimed')
+    end
+  end
+end
 
 local want = tonumber(ARGV[2])
 -- Per-call caches and batched writes: one HSET of leases, one SADD.
