@@ -5,19 +5,19 @@ writes touch has the wrong type, and when a poison run sits in a queue that keep
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
 import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 import pytest
-from redflow._redis.errors import ResponseError
 
 from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
+from redflow._redis.errors import ResponseError
 from redflow.storage.store import Store
 
 from ..batch_helpers import claim_batch, noop
-from ..conftest import WorkerFactory, wait_until
+from ..conftest import WorkerFactory
 from ..partitioned import keys_of
 
 pytestmark = pytest.mark.usefixtures("one_partition")
@@ -139,3 +139,95 @@ async def test_a_due_run_of_a_clobbered_ready_list_stays_scheduled(
         await store.claim("w", ["default"], 10, 10)
     assert (await _headers(store))[run.id]["s"] == "scheduled"
     assert await store.redis.execute("ZSCORE", k.scheduled("default"), run.id) is not None
+
+
+async def test_an_idle_worker_with_a_poison_run_neither_spins_nor_floods_the_log(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    define_workflow("rc-idle", handler=_echo, registry=registry)
+    bad = await client.run_by_name("rc-idle", 0)
+    keys = keys_of(client, bad.id)
+    await client.redis.execute("HSET", keys.runs, bad.id, DAMAGED)
+    claims = 0
+    real = Store.claim
+
+    async def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal claims
+        claims += 1
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "claim", counted)
+    with caplog.at_level(logging.ERROR, logger="redflow.storage"):
+        await make_worker(blmove_timeout_sec=1.0)
+        await asyncio.sleep(3.5)
+    assert claims <= 6, claims  # one claim per block timeout, not a spin
+    lines = [r for r in caplog.records if bad.id in r.getMessage()]
+    assert 1 <= len(lines) <= 6, len(lines)
+
+
+async def test_a_poison_run_in_a_moving_queue_is_not_logged_at_every_claim(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """New runs are pushed behind the poison run, so every claim that drains the queue pops it again:
+    a trickle of N runs logged it N times."""
+    define_workflow("rc-trickle", handler=_echo, registry=registry)
+    bad = await client.run_by_name("rc-trickle", 0)
+    keys = keys_of(client, bad.id)
+    await client.redis.execute("HSET", keys.runs, bad.id, DAMAGED)
+    with caplog.at_level(logging.ERROR, logger="redflow.storage"):
+        await make_worker()
+        for n in range(1, 31):
+            h = await client.run_by_name("rc-trickle", n)
+            assert await h.result(timeout_ms=10_000) == n
+    lines = [r for r in caplog.records if bad.id in r.getMessage()]
+    assert 1 <= len(lines) <= 3, len(lines)
+
+
+async def test_many_unclaimable_runs_are_not_all_popped_and_logged_by_one_claim(
+    client: RedflowClient, registry: WorkflowRegistry, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A clobbered key every run reads (here `admission`, read for every first attempt) makes every run
+    raise: one claim for one run popped, tried and pushed back the whole queue, and logged a line each."""
+    plain = define_workflow("rc-many", handler=noop, registry=registry)
+    await client.sync_registry()
+    store = await _store(client)
+    for i in range(300):
+        await client.enqueue_definition(plain, i)
+    await store.redis.execute("SET", store.keys.admission, "clobbered")
+    with caplog.at_level(logging.ERROR, logger="redflow.storage"):
+        reply = await store.scripts.run("claim", ("w", 1, 10, "n"), queues=["default"], owned=store.keys.owned("w"))
+        await store.claim("w", ["default"], 1, 10)
+    unclaimable = [reply[i] for i in range(2, len(reply), 7) if reply[i + 1] == b"unclaimable"]
+    assert await store.redis.execute("LLEN", store.keys.ready("default")) == 300
+    assert len(unclaimable) <= 100, len(unclaimable)
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]  # one line for the call
+    assert await store.redis.execute("LLEN", store.keys.bell("default")) <= 1
+
+
+async def test_good_runs_behind_many_poison_runs_start_without_a_spin(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    define_workflow("rc-behind", handler=_echo, registry=registry)
+    await client.store.ensure_ready()
+    k = client.store.at(0).keys
+    poison = [await client.run_by_name("rc-behind", -1) for _ in range(250)]
+    for p in poison:
+        await client.redis.execute("HSET", k.runs, p.id, DAMAGED)
+    good = [await client.run_by_name("rc-behind", n) for n in range(5)]
+    claims = 0
+    real = Store.claim
+
+    async def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal claims
+        claims += 1
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "claim", counted)
+    await make_worker(blmove_timeout_sec=1.0)
+    assert [await h.result(timeout_ms=15_000) for h in good] == list(range(5))
+    claims = 0
+    await asyncio.sleep(3.5)
+    assert claims <= 8, claims
+    assert await client.redis.execute("LLEN", k.ready("default")) == 250  # nothing lost

@@ -43,6 +43,8 @@ from .scripts import ScriptRunner
 
 log = logging.getLogger("redflow.storage")
 
+UNCLAIMABLE_LOG_EVERY_S = 60.0  # a run a claim cannot take is logged at most this often (see Store.claim)
+
 BULK_JOB_TTL_S = 7 * 86_400  # how long a bulk action can be resumed
 EXPLAIN_SCAN = 10_000  # how far explain_run looks for a run in its ready list
 
@@ -116,6 +118,7 @@ class Store:
         )
         self._ready: asyncio.Future[None] | None = None
         self._is_ready = False
+        self._unclaimable_logged: dict[str, float] = {}  # run id -> when a claim last logged it
 
     async def ensure_ready(self) -> None:
         """Check the storage layout and load the scripts, once per store."""
@@ -273,10 +276,29 @@ class Store:
         if code is not Code.OK:
             return code, -1, []
         next_due, runs, unclaimable = parse_claim(reply)
-        for run_id, error in unclaimable:
-            log.error("run %s could not be claimed and was put back in its queue (ready or scheduled): %s; "
-                      "its header or a key of its partition is damaged", run_id, error)
+        if unclaimable:
+            self._log_unclaimable(unclaimable)
         return code, next_due, runs
+
+    def _log_unclaimable(self, unclaimable: list[tuple[str, str]]) -> None:
+        """One line for the runs a claim put back that were not logged in the last minute: a poison run
+        stays at the head of a moving queue (new runs go behind it), so every claim pops it again."""
+        now = asyncio.get_running_loop().time()
+        logged = self._unclaimable_logged
+        if len(logged) > 10_000:
+            for run_id in [r for r, at in logged.items() if now - at >= UNCLAIMABLE_LOG_EVERY_S]:
+                del logged[run_id]
+        fresh = [(r, e) for r, e in unclaimable
+                 if now - logged.get(r, -UNCLAIMABLE_LOG_EVERY_S) >= UNCLAIMABLE_LOG_EVERY_S]
+        if not fresh:
+            return
+        for run_id, _ in fresh:
+            logged[run_id] = now
+        shown = "; ".join(f"run {r}: {e}" for r, e in fresh[:5])
+        more = f" (and {len(fresh) - 5} more)" if len(fresh) > 5 else ""
+        log.error("%d run(s) could not be claimed and were put back in their queue (ready or scheduled), each "
+                  "logged at most once a minute: %s%s; a run's header or a key of its partition is damaged",
+                  len(fresh), shown, more)
 
     @_routed
     async def record_step(self, run_id: str, token: bytes, line: bytes) -> Code:

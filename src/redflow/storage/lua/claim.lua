@@ -127,6 +127,7 @@ local function take(id, raw)
   return kind, h, fresh, steps, err
 end
 local unclaimable = {}  -- {ready list (false: left scheduled), id, error} of runs a step here raised on
+local UNCLAIMABLE_MAX = 100
 
 -- A due scheduled run becomes queued (its durable wait, if any, resolved as 'timeout'); a failed run
 -- whose on_failure hook was deferred goes back to its ready list.
@@ -166,7 +167,10 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
       unclaimable[#unclaimable + 1] = {false, id, tostring(err)}
     end
   end
-  while got < want do
+  -- At most UNCLAIMABLE_MAX runs of a queue are tried and put back per call: a clobbered key every
+  -- run reads makes each one raise, and the call would pop, try and push back the whole queue.
+  local put_back = #unclaimable
+  while got < want and #unclaimable - put_back < UNCLAIMABLE_MAX do
     -- One RPOP and one HMGET per batch, in the order single pops would take them.
     local ids = redis.call('RPOP', ready, math.min(want - got, 500))
     if not ids then break end
@@ -208,7 +212,9 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
       end
     end
   end
-  if redis.call('LLEN', ready) > 0 then ring(bell) end
+  -- Not when the call stopped at UNCLAIMABLE_MAX: the rest may be runs that raise too, and a worker
+  -- woken for them would spin through them (the next claim, at the next bell or poll, goes on).
+  if #unclaimable - put_back < UNCLAIMABLE_MAX and redis.call('LLEN', ready) > 0 then ring(bell) end
   local head = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
   if head[2] then
     local at = tonumber(head[2])
