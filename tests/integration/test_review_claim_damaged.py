@@ -14,6 +14,7 @@ import pytest
 
 from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
 from redflow._redis.errors import ResponseError
+from redflow.storage.codes import Code
 from redflow.storage.store import Store
 
 from ..batch_helpers import claim_batch, noop
@@ -35,6 +36,12 @@ async def _store(client: RedflowClient) -> Store:
     store = client.store.at(0)
     await store.heartbeat("w", LONG, LONG, False)
     return store
+
+
+async def claim_batch_of(store: Store, queues: list[str]) -> list[Any]:
+    code, _, runs = await store.claim("w", queues, 10, 10)
+    assert code is Code.OK
+    return runs
 
 
 async def _headers(store: Store) -> dict[str, dict[str, Any]]:
@@ -231,3 +238,20 @@ async def test_good_runs_behind_many_poison_runs_start_without_a_spin(
     await asyncio.sleep(3.5)
     assert claims <= 8, claims
     assert await client.redis.execute("LLEN", k.ready("default")) == 250  # nothing lost
+
+
+async def test_claimed_inputs_stay_aligned_across_queues_with_runs_put_back_between(
+    client: RedflowClient, registry: WorkflowRegistry
+) -> None:
+    plain = define_workflow("rc-align", handler=noop, registry=registry)
+    await client.sync_registry()
+    store = await _store(client)
+    a = [await client.enqueue_definition(plain, {"a": i}) for i in range(4)]
+    b = [await client.enqueue_definition(plain, {"b": i}, queue_override="other") for i in range(4)]
+    for h in (a[0], a[2], b[1]):
+        await store.redis.execute("HSET", store.keys.runs, h.id, DAMAGED)
+    claimed = await claim_batch_of(store, ["default", "other"])
+    assert sorted(r.id for r in claimed) == sorted(h.id for h in (a[1], a[3], b[0], b[2], b[3]))
+    for r in claimed:
+        assert r.input == await store.redis.execute("HGET", store.keys.inputs, r.id), r.id
+    await consistent(store)
