@@ -35,7 +35,10 @@
 --          id, kind ('run'|'hook'|'admit'), token, header (MessagePack), input JSON, steps ('' for a first
 --          attempt that never ran), error JSON (hooks only, else '')
 --          then the same 7 fields for each run the call could not read or write: id, 'unclaimable',
---          four '', and the error raised (the run was put back: ready at the back, due in a minute)}
+--          four '', and the error raised (the run was put back: ready at the back, due in a minute;
+--          at most UNCLAIMABLE_MAX of a queue's ready runs per call)}
+--       | an error reply 'WRONGTYPE claim: ...' (nothing written) when a key written outside a run's
+--          pcall holds another type
 --!include common
 --!include transitions
 
