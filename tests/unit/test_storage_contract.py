@@ -91,7 +91,7 @@ def test_no_script_builds_key_names() -> None:
                 continue
             # KEYS[i], or a local bound to KEYS entries (queue triples, a table of KEYS, a chosen key)
             assert target.startswith(
-                ("KEYS[", "K.", "ready", "sched", "bell", "q[", "q.", "k.", "index_key", "bell_key", "steps_key",
+                ("KEYS[", "K.", "ready", "sched", "bell", "q[", "q.", "k.", "k[", "index_key", "bell_key", "steps_key",
                  "waits_key", "waiters_key", "outcome_key", "counter", "runs_key", "sched_key")
             ), (
                 f"{name}: {call[0]} on {target} is not a key from KEYS"

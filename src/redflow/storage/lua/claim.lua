@@ -6,7 +6,9 @@
 -- admit.lua. A due run that was waiting durably has its wait resolved as 'timeout' (the end of a
 -- sleep, or a wait's deadline) and resumes on its own attempt. A queued run starts a new attempt
 -- unless it was handed back or recovered (h.rc); a failed run with a pending hook (h.h) is claimed
--- to run on_failure.
+-- to run on_failure. A run the call cannot read or write is put back and reported ('unclaimable');
+-- a key of the partition or of a queue holding another type fails the call with a 'WRONGTYPE claim:'
+-- error before it writes anything.
 -- KEYS[1] runs
 -- KEYS[2] inputs
 -- KEYS[3] steps
@@ -37,8 +39,6 @@
 --          then the same 7 fields for each run the call could not read or write: id, 'unclaimable',
 --          four '', and the error raised (the run was put back: ready at the back, due in a minute;
 --          at most UNCLAIMABLE_MAX of a queue's ready runs per call)}
---       | an error reply 'WRONGTYPE claim: ...' (nothing written) when a key written outside a run's
---          pcall holds another type
 --!include common
 --!include transitions
 
@@ -48,9 +48,13 @@ if not alive or tonumber(alive) < now then
   return {C.STALE_WORKER}
 end
 -- The keys written outside take's pcall (promotion's RPUSH, the batched writes, the bell) must hold
--- their type before anything is popped or promoted: a WRONGTYPE after the RPOP would abort the call
--- with the popped runs out of their list (Redis keeps a script's writes made before it raised).
-do
+-- their type before the call writes anything: a WRONGTYPE after the RPOP would abort the call with
+-- the popped runs out of their list (Redis keeps a script's writes made before it raised). Checked
+-- once, just before the first write, so a claim that finds nothing to do costs no TYPE calls.
+local checked = false
+local function wrong_type()
+  if checked then return nil end
+  checked = true
   local expected = {{K.runs, 'hash'}, {K.inputs, 'hash'}, {K.leases, 'hash'}, {K.owned, 'set'},
     {K.index, 'zset'}, {K.running, 'hash'}}
   for queue in string.gmatch(ARGV[4], '[^\n]+') do
@@ -59,13 +63,13 @@ do
     expected[#expected + 1] = {q.sched, 'zset'}
     expected[#expected + 1] = {q.bell, 'list'}
   end
-  for _, e in ipairs(expected) do
-    local t = redis.call('TYPE', e[1]).ok
-    if t ~= 'none' and t ~= e[2] then
-      return redis.error_reply('WRONGTYPE claim: key ' .. e[1] .. ' holds a ' .. t .. ', not a ' .. e[2] ..
-        '; nothing was claimed')
+  for _, k in ipairs(expected) do  -- {key from KEYS, type}
+    local t = redis.call('TYPE', k[1]).ok
+    if t ~= 'none' and t ~= k[2] then
+      return 'WRONGTYPE claim: key ' .. k[1] .. ' holds a ' .. t .. ', not a ' .. k[2] .. '; nothing was claimed'
     end
   end
+  return nil
 end
 
 local want = tonumber(ARGV[2])
@@ -161,6 +165,10 @@ local got = 0
 for queue in string.gmatch(ARGV[4], '[^\n]+') do
   local ready, sched, bell = K.queues[queue].ready, K.queues[queue].sched, K.queues[queue].bell
   local due = redis.call('ZRANGEBYSCORE', sched, '-inf', now, 'LIMIT', 0, promote)
+  if #due > 0 then
+    local wrong = wrong_type()
+    if wrong then return redis.error_reply(wrong) end
+  end
   for _, id in ipairs(due) do
     local ok, err = pcall(promote_due, id, ready)
     if ok then
@@ -177,6 +185,14 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
     -- One RPOP and one HMGET per batch, in the order single pops would take them.
     local ids = redis.call('RPOP', ready, math.min(want - got, 500))
     if not ids then break end
+    local wrong = wrong_type()
+    if wrong then
+      -- Only this pop has written: its runs go back where they were, in their order.
+      local back = {}
+      for i = #ids, 1, -1 do back[#back + 1] = ids[i] end
+      redis.call('RPUSH', ready, unpack(back))
+      return redis.error_reply(wrong)
+    end
     local raws = redis.call('HMGET', K.runs, unpack(ids))
     for i, id in ipairs(ids) do
       -- An id listed twice is taken once: its header here predates this claim's writes.
@@ -224,7 +240,7 @@ for queue in string.gmatch(ARGV[4], '[^\n]+') do
     if not next_due or at < next_due then next_due = at end
   end
 end
-for i = #unclaimable, 1, -1 do
+for i = 1, #unclaimable do  -- LPUSHed in the order popped: the first popped is the first claimed again
   local u = unclaimable[i]
   local ready = u[1]
   if ready then redis.call('LPUSH', ready, u[2]) end
