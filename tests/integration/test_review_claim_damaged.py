@@ -81,6 +81,19 @@ async def consistent(store: Store) -> None:
             raise AssertionError(f"{member!r}: run is {headers[parts[2]]['s']}")
 
 
+def _count_claims(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A one-item counter of Store.claim calls (the real calls are made)."""
+    claims = [0]
+    real = Store.claim
+
+    async def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        claims[0] += 1
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "claim", counted)
+    return claims
+
+
 async def test_mixed_batch_keeps_counts_holds_and_inputs_aligned(
     client: RedflowClient, registry: WorkflowRegistry
 ) -> None:
@@ -159,19 +172,11 @@ async def test_an_idle_worker_with_a_poison_run_neither_spins_nor_floods_the_log
     bad = await client.run_by_name("rc-idle", 0)
     keys = keys_of(client, bad.id)
     await client.redis.execute("HSET", keys.runs, bad.id, DAMAGED)
-    claims = 0
-    real = Store.claim
-
-    async def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        nonlocal claims
-        claims += 1
-        return await real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Store, "claim", counted)
+    claims = _count_claims(monkeypatch)
     with caplog.at_level(logging.ERROR, logger="redflow.storage"):
         await make_worker(blmove_timeout_sec=1.0)
-        await asyncio.sleep(3.5)
-    assert claims <= 6, claims  # one claim per block timeout, not a spin
+        await asyncio.sleep(3.5)  # a window in which a spinning worker would claim many times
+    assert claims[0] <= 6, claims  # one claim per block timeout, not a spin
     lines = [r for r in caplog.records if bad.id in r.getMessage()]
     assert 1 <= len(lines) <= 6, len(lines)
 
@@ -226,20 +231,12 @@ async def test_good_runs_behind_many_poison_runs_start_without_a_spin(
     for p in poison:
         await client.redis.execute("HSET", k.runs, p.id, DAMAGED)
     good = [await client.run_by_name("rc-behind", n) for n in range(5)]
-    claims = 0
-    real = Store.claim
-
-    async def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        nonlocal claims
-        claims += 1
-        return await real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Store, "claim", counted)
+    claims = _count_claims(monkeypatch)
     await make_worker(blmove_timeout_sec=1.0)
     assert [await h.result(timeout_ms=15_000) for h in good] == list(range(5))
-    claims = 0
-    await asyncio.sleep(3.5)
-    assert claims <= 8, claims
+    claims[0] = 0
+    await asyncio.sleep(3.5)  # a window in which a spinning worker would claim many times
+    assert claims[0] <= 8, claims
     assert await client.redis.execute("LLEN", k.ready("default")) == 250  # nothing lost
 
 
