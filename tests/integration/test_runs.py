@@ -241,6 +241,12 @@ async def test_enqueue_many_is_one_command_per_chunk_and_safe_to_retry(
     assert await store.enqueue_batch(again, "batched", "default", [b"7"] * len(again), 3, 0) == 1
     assert (await client.get_run(fresh))["status"] == "queued"
     assert await client.redis.execute("LPOS", store.keys.ready("default"), fresh, "COUNT", 0) == [0]
+    # Fresh ids listed twice in one call: each is created once, queued once, with its first input.
+    twice = [new_run_id(store.keys.partition) for _ in range(2)]
+    ready_before = await client.redis.execute("LLEN", store.keys.ready("default"))
+    assert await store.enqueue_batch([*twice, *twice], "batched", "default", [b"1", b"2", b"3", b"4"], 3, 0) == 2
+    assert await client.redis.execute("LLEN", store.keys.ready("default")) == ready_before + 2
+    assert [(await client.get_run(i))["input"] for i in twice] == [1, 2]
     keys_before = sorted(await client.redis.execute("KEYS", f"{client.prefix}:*"))
     index_before = await total(client, lambda k: ("ZCARD", k.index))
     with pytest.raises(PayloadEncodingError):

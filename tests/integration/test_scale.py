@@ -38,8 +38,10 @@ async def _server_usage(client: RedflowClient) -> tuple[int, int]:
 
 
 async def _fill(client: RedflowClient, wf, n: int) -> None:  # type: ignore[no-untyped-def]
+    """n queued runs, through the batched enqueue: a page reads index members, which both enqueue
+    paths write alike, and one command per chunk fills 100k runs in a fraction of the time."""
     for start in range(0, n, 5000):
-        await asyncio.gather(*(client.enqueue_definition(wf, {"i": i}) for i in range(start, min(n, start + 5000))))
+        await client.enqueue_many(wf, [{"i": i} for i in range(start, min(n, start + 5000))])
 
 
 async def _page_cost(client: RedflowClient, rounds: int = 20) -> tuple[float, float]:

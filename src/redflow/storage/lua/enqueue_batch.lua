@@ -1,6 +1,7 @@
 -- enqueue_batch: create many runs of one workflow in one call, queued now or all scheduled for
 -- ARGV[5]. Ids are fresh (made by the client for this call); an id that exists already is skipped,
--- so retrying a batch is safe. No idempotency keys: use enqueue for those.
+-- so retrying a batch is safe, and an id listed twice is created once. No idempotency keys: use
+-- enqueue for those.
 -- KEYS[1] runs
 -- KEYS[2] inputs
 -- KEYS[3] index
@@ -29,9 +30,11 @@ local members, records, inputs, ids = {}, {}, {}, {}
 local asked = {}
 for i = 1, n do asked[i] = ARGV[5 + i] end
 local existing = each_slice(asked, 1000, function(...) return redis.call('HMGET', KEYS[1], ...) end)
+local taken = {}  -- an id listed twice in the call is created once, with its first input
 for i = 1, n do
   local id = ARGV[5 + i]
-  if not existing[i] then
+  if not existing[i] and not taken[id] then
+    taken[id] = true
     members[#members + 1] = 0
     members[#members + 1] = 's:' .. status .. ':' .. id
     members[#members + 1] = 0
