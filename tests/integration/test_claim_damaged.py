@@ -5,6 +5,7 @@ and nothing requeues a queued run that is in no list)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRegistry, define_workflow
+from redflow import RedflowClient, WorkflowHandlerContext, WorkflowRateLimitOptions, WorkflowRegistry, define_workflow
 
 from ..conftest import WorkerFactory, wait_until
 from ..partitioned import keys_of
@@ -67,3 +68,78 @@ async def test_a_damaged_due_run_stays_scheduled_and_other_due_runs_start(
     due = await client.redis.execute("ZSCORE", keys.scheduled("default"), bad.id)
     assert due is not None and float(due) > time.time() * 1000 + 30_000  # tried again in a minute
     assert await client.redis.execute("LLEN", keys.ready("default")) == 0
+
+
+@pytest.mark.parametrize("limit", ["max_concurrency", "mutex"])
+async def test_a_damaged_held_run_neither_fails_the_run_handing_on_nor_blocks_its_group(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory, caplog: pytest.LogCaptureFixture,
+    limit: str,
+) -> None:
+    """The finish of a run reads the runs it hands on to: a damaged one failed that finish (the run
+    stayed running, its slot or mutex taken for good). It now goes aside to the queue, where claims
+    report it, and the next run held behind it starts."""
+    gate = asyncio.Event()
+
+    async def gated(ctx: WorkflowHandlerContext) -> Any:
+        if ctx.input == 0:
+            await gate.wait()
+        return ctx.input
+
+    options: dict[str, Any] = {"max_concurrency": 1} if limit == "max_concurrency" else {"mutex": lambda _: "one"}
+    define_workflow("damaged-held", handler=gated, registry=registry, **options)
+    first = await client.run_by_name("damaged-held", 0)
+    keys = keys_of(client, first.id)
+    await make_worker(concurrency=5)
+    await wait_until(lambda: _status(client, first.id, "running"), what="the first run running")
+    bad, good = [await client.run_by_name("damaged-held", n) for n in (1, 2)]
+    await wait_until(lambda: _zcard(client, keys.held, 2), what="both later runs held")
+    await client.redis.execute("HSET", keys.runs, bad.id, DAMAGED)
+    with caplog.at_level(logging.ERROR, logger="redflow.storage"):
+        gate.set()
+        assert await first.result(timeout_ms=15_000) == 0
+        assert await good.result(timeout_ms=15_000) == 2
+        await wait_until(lambda: any(bad.id in r.getMessage() for r in caplog.records), what="the damaged run logged")
+    assert await client.redis.execute("ZCARD", keys.held) == 0
+    assert await client.redis.execute("LRANGE", keys.ready("default"), 0, -1) == [bad.id.encode()]
+    assert await client.redis.execute("HGET", keys.runs, bad.id) == DAMAGED  # left as it was
+    later = await client.run_by_name("damaged-held", 3)  # the group goes on
+    assert await later.result(timeout_ms=15_000) == 3
+
+
+async def _status(client: RedflowClient, run_id: str, status: str) -> bool:
+    return (await client.get_run(run_id))["status"] == status
+
+
+async def _zcard(client: RedflowClient, key: str, n: int) -> bool:
+    return bool(await client.redis.execute("ZCARD", key) == n)
+
+
+async def test_a_damaged_run_in_a_throttle_queue_does_not_stop_the_runs_behind_it(
+    client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory,
+) -> None:
+    """A run leaving the head of a throttle queue wakes the next one: when that one is damaged, it is
+    moved aside and the next readable run is woken instead."""
+    define_workflow("damaged-throttle", handler=_echo, registry=registry,
+                    throttle=WorkflowRateLimitOptions(key=lambda _: "k", limit=1, period="1s"))
+    handles = [await client.run_by_name("damaged-throttle", n) for n in range(4)]
+    keys = keys_of(client, handles[0].id)
+
+    async def in_line() -> list[bytes]:
+        members = await client.redis.execute("ZRANGEBYLEX", keys.held, "[t:", "[t:\xff")
+        return [m for m in members if not m.endswith(handles[0].id.encode())]
+
+    await make_worker(concurrency=5)
+    await wait_until(lambda: _count(in_line(), 3), what="three runs in the throttle queue")
+    first_in_line, second = (await in_line())[:2]
+    bad = next(h for h in handles if second.endswith(h.id.encode()))
+    await client.redis.execute("HSET", keys.runs, bad.id, DAMAGED)
+    head = next(h for h in handles if first_in_line.endswith(h.id.encode()))
+    rest = [h for h in handles if h is not bad]
+    assert [await h.result(timeout_ms=15_000) for h in rest] == [handles.index(h) for h in rest]
+    assert head in rest
+    await wait_until(lambda: _count(in_line(), 0), what="the throttle queue empty")
+    assert await client.redis.execute("HGET", keys.runs, bad.id) == DAMAGED
+
+
+async def _count(members: Any, n: int) -> bool:
+    return len(await members) == n

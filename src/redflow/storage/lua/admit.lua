@@ -101,24 +101,23 @@ end
 -- A run queued under a throttle that has changed since (another key, or none) leaves that queue,
 -- handing its head on as any run leaving it does.
 local group = ARGV[11]
-local old_next = nil
+local old_next, old_damaged = nil, {}
 if h.tq and h.tg ~= group then
-  local two = held_first('t', h.tg, 2)
-  if two[1] == h.tq and two[2] then
-    old_next = two[2]
-    local r = load_run(id_of(old_next))
-    if r and not K.queues[r.q] then return need_queues({r.q}) end
-  end
+  local q
+  old_next, old_damaged, q = next_in_line(h.tg, h.tq)
+  if q and not K.queues[q] then return need_queues({q}) end
+  if #old_damaged > 0 and not K.queues[h.q] then return need_queues({h.q}) end
 end
 local function leave_old_queue()
   if h.tq and h.tg ~= group then
     redis.call('ZREM', K.held, h.tq)
     h.tq, h.tg = nil, nil
+    for _, m in ipairs(old_damaged) do move_aside(m, h.q) end
     if old_next then wake_throttled(old_next) end
   end
 end
 
-local next_throttled = nil
+local next_throttled, damaged_next = nil, {}
 if throttle_limit > 0 then
   local mine = h.tg == group and h.tq or nil
   local two = held_first('t', group, 2)
@@ -144,10 +143,11 @@ if throttle_limit > 0 then
     save_run(id, h)
     return {C.THROTTLED, wait and h.av or -1}
   end
-  if mine and two[2] then
-    next_throttled = two[2]
-    local r = load_run(id_of(next_throttled))
-    if r and not K.queues[r.q] then return need_queues({r.q}) end
+  if mine then
+    local q
+    next_throttled, damaged_next, q = next_in_line(group, mine)
+    if q and not K.queues[q] then return need_queues({q}) end
+    if #damaged_next > 0 and not K.queues[h.q] then return need_queues({h.q}) end
   end
 end
 
@@ -161,6 +161,7 @@ if h.tq then
   redis.call('ZREM', K.held, h.tq)
   h.tq, h.tg = nil, nil
 end
+for _, m in ipairs(damaged_next) do move_aside(m, h.q) end
 if next_throttled then wake_throttled(next_throttled) end
 if h.mf then redis.call('HSET', K.mutexes, h.mf, id) end
 h.a, h.ad = h.a + 1, nil

@@ -112,6 +112,44 @@ end
 -- and the parents waiting for it. Reads only, besides writing the running-count drops of runs
 -- ended before it in the call (opts.later). Returns the plan and the queues it needs that the
 -- caller did not name.
+-- The header of run `id` for a hand-on: the header, false when the run is gone, nil when it cannot
+-- be read (not MessagePack, or no queue). A damaged run must neither fail the call handing on to it
+-- nor keep its place at the head of a group, where it would block every run behind it.
+local function readable_run(id)
+  local ok, r = pcall(load_run, id)
+  if not ok or (r and type(r.q) ~= 'string') then return nil end
+  return r or false
+end
+
+-- Damaged held runs a plan moves aside, at most, besides the runs it hands on.
+local DAMAGED_MAX = 10
+
+-- A damaged held run leaves its group for the ready list of `queue`, where a claim reports it.
+local function move_aside(member, queue)
+  redis.call('ZREM', K.held, member)
+  local q = K.queues[queue]
+  redis.call('RPUSH', q.ready, id_of(member))
+  ring(q.bell)
+end
+
+-- When `member` heads throttle queue `group`: the run after it that can be read (or is gone: waking
+-- it clears its member) and that run's queue, and the damaged runs between them, which the caller
+-- moves aside (move_aside), so they neither fail its call nor block the line.
+local function next_in_line(group, member)
+  local line = held_first('t', group, 2 + DAMAGED_MAX)
+  local damaged = {}
+  if line[1] ~= member then return nil, damaged, nil end
+  for i = 2, #line do
+    local r = readable_run(id_of(line[i]))
+    if r == nil then
+      damaged[#damaged + 1] = line[i]
+    else
+      return line[i], damaged, r and r.q or nil
+    end
+  end
+  return nil, damaged, nil
+end
+
 local function plan(id, h, opts)
   local p = {moves = {}, parents = {}, keep_place = opts.keep_place}
   local missing, asked = {}, {}
@@ -121,46 +159,55 @@ local function plan(id, h, opts)
       missing[#missing + 1] = q
     end
   end
+  -- Plans moving held run `member` to its queue; returns false when it is damaged: it then goes to
+  -- the ready list of this run's queue (its own is unknown), where a claim reports it unclaimable.
   local function move(member)
     local mid = id_of(member)
-    local r = load_run(mid)
+    local r = readable_run(mid)
     if r then
       p.moves[#p.moves + 1] = {member = member, id = mid, q = r.q}
       need(r.q)
-    else
+    elseif r == false then
       p.moves[#p.moves + 1] = {member = member}
+    else
+      p.moves[#p.moves + 1] = {member = member, id = mid, q = h.q, damaged = true}
+      return false
     end
+    return true
+  end
+  -- Moves the first n runs of a held group that can be read, and the damaged ones before them.
+  local function move_first(kind, group, n)
+    local held = held_first(kind, group, n + DAMAGED_MAX)
+    local moved = 0
+    for _, member in ipairs(held) do
+      if moved >= n then break end
+      if move(member) then moved = moved + 1 end
+    end
+    return #held
   end
   need(h.q)
   if h.mf and redis.call('HGET', K.mutexes, h.mf) == id then
     p.free_mutex = true
-    local first = held_first('m', h.mf, 1)[1]
-    if first then move(first) end
+    move_first('m', h.mf, 1)
   end
   if opts.running and not none_held[h.w] then
     local limit = redis.call('HGET', K.limits, h.w)
     local free = 100  -- no limit any more: release what was held under the old one, in batches
     if limit then free = tonumber(limit) - (counted_running(h.w, opts.later) - 1) end
-    if free > 0 then
-      local held = held_first('c', h.w, free)
-      if #held == 0 then none_held[h.w] = true end
-      for _, member in ipairs(held) do move(member) end
-    end
+    if free > 0 and move_first('c', h.w, free) == 0 then none_held[h.w] = true end
   end
   if h.tq and not opts.keep_place then
     -- Leaving a throttle queue at its head hands the head to the next run in it.
-    local two = held_first('t', h.tg, 2)
-    if two[1] == h.tq and two[2] then
-      p.next_throttled = two[2]
-      local r = load_run(id_of(two[2]))
-      if r then need(r.q) end
-    end
+    local nxt, damaged, q = next_in_line(h.tg, h.tq)
+    for _, m in ipairs(damaged) do p.moves[#p.moves + 1] = {member = m, id = id_of(m), q = h.q, damaged = true} end
+    p.next_throttled = nxt
+    if q then need(q) end
   end
   if opts.ends then
     local prefix = 'c:' .. id .. ':'
     for _, member in ipairs(redis.call('ZRANGEBYLEX', K.waiters, '[' .. prefix, '[' .. prefix .. '\255')) do
       local parent = string.sub(member, #prefix + 1)
-      local r = load_run(parent)
+      local r = readable_run(parent)  -- a damaged parent cannot resume: it is left waiting
       if r then
         p.parents[#p.parents + 1] = {id = parent, q = r.q}
         need(r.q)
@@ -174,6 +221,7 @@ end
 local function unhold(mv)
   redis.call('ZREM', K.held, mv.member)
   if not mv.id then return end
+  if mv.damaged then return move_aside(mv.member, mv.q) end
   local r = load_run(mv.id)
   if r and r.hd == mv.member then
     r.hd = nil
