@@ -80,6 +80,12 @@ async def test_successes_log_at_debug_unless_asked(
     assert await loud.result(timeout_ms=10_000) == 1
     lines = await wait_until(lambda: _lines_when(caplog, loud.id, 1), what="the success line")
     assert [r.levelname for r in lines] == ["INFO"]
+    # The logger at INFO: asked-for successes are still logged.
+    caplog.set_level(logging.INFO, logger="redflow.runs")
+    at_info = await client.enqueue_definition(wf, None)
+    assert await at_info.result(timeout_ms=10_000) == 1
+    lines = await wait_until(lambda: _lines_when(caplog, at_info.id, 1), what="the success line at INFO")
+    assert [r.levelname for r in lines] == ["INFO"]
 
 
 def test_an_outage_logs_when_it_starts_a_summary_and_when_it_ends(caplog: pytest.LogCaptureFixture) -> None:

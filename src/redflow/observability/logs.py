@@ -32,6 +32,8 @@ def log_outcome(
 ) -> None:
     """The one line a run outcome logs."""
     if outcome == "succeeded":
+        if not runs_log.isEnabledFor(logging.INFO):  # DEBUG and INFO both off: no environment read per run
+            return
         level = logging.INFO if os.environ.get("REDFLOW_LOG_SUCCESSES") == "1" else logging.DEBUG
     else:
         level = _LEVELS.get(outcome, logging.INFO)
