@@ -93,6 +93,7 @@ async def test_a_damaged_held_run_neither_fails_the_run_handing_on_nor_blocks_it
     await wait_until(lambda: _status(client, first.id, "running"), what="the first run running")
     bad, good = [await client.run_by_name("damaged-held", n) for n in (1, 2)]
     await wait_until(lambda: _zcard(client, keys.held, 2), what="both later runs held")
+    header = await client.redis.execute("HGET", keys.runs, bad.id)
     await client.redis.execute("HSET", keys.runs, bad.id, DAMAGED)
     with caplog.at_level(logging.ERROR, logger="redflow.storage"):
         gate.set()
@@ -104,6 +105,9 @@ async def test_a_damaged_held_run_neither_fails_the_run_handing_on_nor_blocks_it
     assert await client.redis.execute("HGET", keys.runs, bad.id) == DAMAGED  # left as it was
     later = await client.run_by_name("damaged-held", 3)  # the group goes on
     assert await later.result(timeout_ms=15_000) == 3
+    await client.redis.execute("HSET", keys.runs, bad.id, header)  # the operator restores it
+    await client.redis.execute("LPUSH", keys.bell("default"), "1")  # (the next poll would find it too)
+    assert await bad.result(timeout_ms=15_000) == 1
 
 
 async def _status(client: RedflowClient, run_id: str, status: str) -> bool:
@@ -132,6 +136,7 @@ async def test_a_damaged_run_in_a_throttle_queue_does_not_stop_the_runs_behind_i
     await wait_until(lambda: _count(in_line(), 3), what="three runs in the throttle queue")
     first_in_line, second = (await in_line())[:2]
     bad = next(h for h in handles if second.endswith(h.id.encode()))
+    header = await client.redis.execute("HGET", keys.runs, bad.id)
     await client.redis.execute("HSET", keys.runs, bad.id, DAMAGED)
     head = next(h for h in handles if first_in_line.endswith(h.id.encode()))
     rest = [h for h in handles if h is not bad]
@@ -139,6 +144,9 @@ async def test_a_damaged_run_in_a_throttle_queue_does_not_stop_the_runs_behind_i
     assert head in rest
     await wait_until(lambda: _count(in_line(), 0), what="the throttle queue empty")
     assert await client.redis.execute("HGET", keys.runs, bad.id) == DAMAGED
+    await client.redis.execute("HSET", keys.runs, bad.id, header)  # the operator restores it: it is admitted anew
+    await client.redis.execute("LPUSH", keys.bell("default"), "1")
+    assert await bad.result(timeout_ms=15_000) == handles.index(bad)
 
 
 async def _count(members: Any, n: int) -> bool:

@@ -92,6 +92,13 @@ end
 local function take(id, raw)
   local h = decode_run(raw)
   if h.o then return nil end
+  -- A held run moved aside while its header was damaged (move_aside in transitions.lua), and restored
+  -- since, still names the member it left: it is held no more, or no longer in its throttle line.
+  if h.hd and not redis.call('ZSCORE', K.held, h.hd) then h.hd = nil end
+  if h.s == 'scheduled' and h.tq and not redis.call('ZSCORE', K.held, h.tq) then
+    h.tq, h.tg = nil, nil
+    set_status(K, id, h, 'queued')
+  end
   local queued = h.s == 'queued' and not h.hd
   local limit = false
   if queued then limit = limit_of(h.w) end
