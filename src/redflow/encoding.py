@@ -46,8 +46,12 @@ def decode(data: bytes | str) -> Any:
     return _decoder.decode(data)
 
 
+# One encoder for every user value: json.dumps with these options builds a new one per call.
+_strict_encoder = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def _strict_json(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    return _strict_encoder.encode(value).encode()
 
 
 def _step(path: str, key: Any) -> str:
