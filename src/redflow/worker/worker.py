@@ -351,7 +351,8 @@ class Worker:
             self._early_cancels.discard(ex.claimed.id)
             ex.cancel_requested = True
         self.active[ex.claimed.id] = ex
-        observability.set_gauge("inflight", self.inflight())
+        if observability.enabled():  # no per-run sum over the group when metrics are off
+            observability.set_gauge("inflight", self.inflight())
         ex.task = asyncio.get_running_loop().create_task(self._execute(ex))
 
     async def _execute(self, ex: Execution) -> None:
@@ -368,7 +369,8 @@ class Worker:
             if not ex.settled and not self._stopping:
                 self._to_release[ex.claimed.id] = ex
             self.active.pop(ex.claimed.id, None)
-            observability.set_gauge("inflight", self.inflight())
+            if observability.enabled():
+                observability.set_gauge("inflight", self.inflight())
             self.runs_done += 1
             for w in self.primary.group:  # the slot is the group's
                 w._slot_freed.set()
