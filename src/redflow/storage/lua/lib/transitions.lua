@@ -113,12 +113,15 @@ end
 -- ended before it in the call (opts.later). Returns the plan and the queues it needs that the
 -- caller did not name.
 -- The header of run `id` for a hand-on: the header, false when the run is gone, nil when it cannot
--- be read (not MessagePack, or no queue). A damaged run must neither fail the call handing on to it
--- nor keep its place at the head of a group, where it would block every run behind it.
+-- be read (not MessagePack, not a map, or no queue). A damaged run must neither fail the call
+-- handing on to it nor keep its place at the head of a group, where it would block every run behind
+-- it. A header that decodes to nil (MessagePack nil) is damaged, not gone: the run is still there.
 local function readable_run(id)
-  local ok, r = pcall(load_run, id)
-  if not ok or (r and type(r.q) ~= 'string') then return nil end
-  return r or false
+  local raw = redis.call('HGET', K.runs, id)
+  if not raw then return false end
+  local ok, r = pcall(decode_run, raw)
+  if not ok or type(r) ~= 'table' or type(r.q) ~= 'string' then return nil end
+  return r
 end
 
 -- Damaged held runs a plan moves aside, at most, besides the runs it hands on.
