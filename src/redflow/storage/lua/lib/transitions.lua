@@ -93,9 +93,14 @@ local function held_add(kind, group, id)
   return member
 end
 
-local function held_first(kind, group, n)
+-- At most n members of a held group, from its start, or after member `after`.
+local function held_page(kind, group, n, after)
   local p = held_prefix(kind, group)
-  return redis.call('ZRANGEBYLEX', K.held, '[' .. p, '[' .. p .. '\255', 'LIMIT', 0, n)
+  return redis.call('ZRANGEBYLEX', K.held, after and '(' .. after or '[' .. p, '[' .. p .. '\255', 'LIMIT', 0, n)
+end
+
+local function held_first(kind, group, n)
+  return held_page(kind, group, n)
 end
 
 -- Mutexes: hash `mutexes` maps <tag(key)> (h.mf) to the run holding it, only while it runs; a key
@@ -124,7 +129,10 @@ local function readable_run(id)
   return r
 end
 
--- Damaged held runs a plan moves aside, at most, besides the runs it hands on.
+-- Damaged held runs read per page while a plan looks for the runs it hands on. Every damaged run it
+-- finds before them is moved aside (once: it leaves the group), however many there are: a bound
+-- would leave the readable runs behind them held with their slot, mutex or turn free, and nothing
+-- else hands them on.
 local DAMAGED_MAX = 10
 
 -- A damaged held run leaves its group for the ready list of `queue`, where a claim reports it.
@@ -142,12 +150,18 @@ local function next_in_line(group, member)
   local line = held_first('t', group, 2 + DAMAGED_MAX)
   local damaged = {}
   if line[1] ~= member then return nil, damaged, nil end
-  for i = 2, #line do
+  local size, i = 2 + DAMAGED_MAX, 2
+  while line[i] do
     local r = readable_run(id_of(line[i]))
-    if r == nil then
-      damaged[#damaged + 1] = line[i]
+    if r ~= nil then return line[i], damaged, r and r.q or nil end
+    damaged[#damaged + 1] = line[i]
+    if line[i + 1] then
+      i = i + 1
+    elseif #line == size then  -- only damaged runs so far: the next page
+      size, i = DAMAGED_MAX, 1
+      line = held_page('t', group, size, line[#line])
     else
-      return line[i], damaged, r and r.q or nil
+      break
     end
   end
   return nil, damaged, nil
@@ -180,13 +194,18 @@ local function plan(id, h, opts)
   end
   -- Moves the first n runs of a held group that can be read, and the damaged ones before them.
   local function move_first(kind, group, n)
-    local held = held_first(kind, group, n + DAMAGED_MAX)
-    local moved = 0
-    for _, member in ipairs(held) do
-      if moved >= n then break end
-      if move(member) then moved = moved + 1 end
+    local size = n + DAMAGED_MAX
+    local held = held_first(kind, group, size)
+    local found, moved = #held, 0
+    while true do
+      for _, member in ipairs(held) do
+        if moved >= n then return found end
+        if move(member) then moved = moved + 1 end
+      end
+      if moved >= n or #held < size then return found end
+      size = n - moved + DAMAGED_MAX  -- only damaged runs so far: the next page
+      held = held_page(kind, group, size, held[#held])
     end
-    return #held
   end
   need(h.q)
   if h.mf and redis.call('HGET', K.mutexes, h.mf) == id then
