@@ -111,12 +111,6 @@ local function mutex_free_for(id, h)
   return not holder or holder == id
 end
 
--- What run `id` hands on when it stops running (opts.running: it was counted as running) or ends
--- (opts.ends): the next waiter of its mutex, runs held for its workflow's capacity, the next run
--- of its throttle queue (unless opts.keep_place: a run handed back keeps its place in that queue),
--- and the parents waiting for it. Reads only, besides writing the running-count drops of runs
--- ended before it in the call (opts.later). Returns the plan and the queues it needs that the
--- caller did not name.
 -- The header of run `id` for a hand-on: the header, false when the run is gone, nil when it cannot
 -- be read (not MessagePack, not a map, or no queue). A damaged run must neither fail the call
 -- handing on to it nor keep its place at the head of a group, where it would block every run behind
@@ -167,6 +161,12 @@ local function next_in_line(group, member)
   return nil, damaged, nil
 end
 
+-- What run `id` hands on when it stops running (opts.running: it was counted as running) or ends
+-- (opts.ends): the next waiter of its mutex, runs held for its workflow's capacity, the next run
+-- of its throttle queue (unless opts.keep_place: a run handed back keeps its place in that queue),
+-- and the parents waiting for it. Reads only, besides writing the running-count drops of runs
+-- ended before it in the call (opts.later). Returns the plan and the queues it needs that the
+-- caller did not name.
 local function plan(id, h, opts)
   local p = {moves = {}, parents = {}, keep_place = opts.keep_place}
   local missing, asked = {}, {}
