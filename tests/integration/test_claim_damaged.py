@@ -27,14 +27,16 @@ async def _echo(ctx: WorkflowHandlerContext) -> Any:
     return ctx.input
 
 
+@pytest.mark.parametrize("damaged", [DAMAGED, b"\x80", b"\x07"], ids=["not-msgpack", "empty-map", "integer"])
 async def test_a_damaged_ready_run_goes_to_the_back_and_its_batch_is_claimed(
     client: RedflowClient, registry: WorkflowRegistry, make_worker: WorkerFactory, caplog: pytest.LogCaptureFixture,
+    damaged: bytes,
 ) -> None:
     define_workflow("damaged-ready", handler=_echo, registry=registry)
     handles = [await client.run_by_name("damaged-ready", n) for n in range(5)]
     bad = handles[2]
     keys = keys_of(client, bad.id)
-    await client.redis.execute("HSET", keys.runs, bad.id, DAMAGED)
+    await client.redis.execute("HSET", keys.runs, bad.id, damaged)
     with caplog.at_level(logging.ERROR, logger="redflow.storage"):
         await make_worker()
         for n, h in enumerate(handles):
@@ -44,7 +46,7 @@ async def test_a_damaged_ready_run_goes_to_the_back_and_its_batch_is_claimed(
     later = await client.run_by_name("damaged-ready", 9)  # the queue still moves past the damaged run
     assert await later.result(timeout_ms=15_000) == 9
     assert await client.redis.execute("LRANGE", keys.ready("default"), 0, -1) == [bad.id.encode()]
-    assert await client.redis.execute("HGET", keys.runs, bad.id) == DAMAGED  # left as it was
+    assert await client.redis.execute("HGET", keys.runs, bad.id) == damaged  # left as it was
     assert await client.redis.execute("HEXISTS", keys.leases, bad.id) == 0
     message = next(r.getMessage() for r in caplog.records if bad.id in r.getMessage())
     assert "could not be claimed" in message and "damaged" in message, message

@@ -91,6 +91,10 @@ end
 -- it raises on is left as it was; the caller batches the writes of the runs handed out.
 local function take(id, raw)
   local h = decode_run(raw)
+  -- A header without the fields every run has is damaged too: reported, never silently dropped.
+  if type(h) ~= 'table' or type(h.s) ~= 'string' or type(h.q) ~= 'string' or type(h.w) ~= 'string' then
+    error('not a run header')
+  end
   if h.o then return nil end
   -- A held run moved aside while its header was damaged (move_aside in transitions.lua), and restored
   -- since, still names the member it left: it is held no more, or no longer in its throttle line.
